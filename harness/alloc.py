@@ -1,0 +1,183 @@
+"""Experiment A: the same generation under several allocators, interleaved, every run verified."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from harness.allocators import Allocator
+from harness.results import ResultsDir, ResultsError
+from harness.runners.base import ProbeOutcome, ProbeRequest, Runner
+
+RUNS_FILE = "alloc/runs.jsonl"
+CONFIG_FILE = "alloc/config.json"
+
+
+@dataclass(frozen=True)
+class AllocConfig:
+    model: str
+    device: str
+    allocators: list[Allocator]
+    runs: int
+    warm_gens: int
+    max_new_tokens: int
+    warmup_runs: int = 1
+    dtype: str = "auto"
+    threads: int = 0
+    seed: int = 0
+    timeout_s: float = 1800.0
+    runner: str = "local"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["allocators"] = [a.to_dict() for a in self.allocators]
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed directory must share with the one it continues."""
+        return {"model": self.model, "device": self.device, "allocators": [a.name for a in self.allocators],
+                "warm_gens": self.warm_gens, "max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    round: int  # negative rounds are warm-up rounds, not counted
+    position: int
+    allocator: Allocator
+
+    @property
+    def warmup(self) -> bool:
+        return self.round < 0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.round, self.allocator.name)
+
+
+def plan(config: AllocConfig) -> list[PlannedRun]:
+    """Warm-up rounds first, then measured rounds; the order rotates every round so drift
+    (thermal, page cache, background load) hits each allocator equally."""
+    runs: list[PlannedRun] = []
+    k = len(config.allocators)
+    for r in range(-config.warmup_runs, config.runs):
+        shift = r % k
+        order = config.allocators[shift:] + config.allocators[:shift]
+        runs.extend(PlannedRun(r, i, a) for i, a in enumerate(order))
+    return runs
+
+
+def verify(allocator: Allocator, probe: dict[str, Any]) -> str | None:
+    """None when the probe's process really used `allocator`; otherwise the reason it did not."""
+    loaded = probe.get("allocator") or {}
+    got = loaded.get("name")
+    lib = loaded.get("malloc_library")
+    if allocator.name == "glibc":
+        if got != "glibc":
+            return f"expected glibc malloc, but malloc resolved to {lib} ({got})"
+        return None
+    wanted = {allocator.library, os.path.realpath(allocator.library or "")}
+    if got != allocator.name or lib not in wanted:
+        return (f"{allocator.name} library {allocator.library} was not loaded: malloc resolved to {lib} "
+                f"(LD_PRELOAD={loaded.get('ld_preload')!r})")
+    return None
+
+
+def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_at: str,
+                 outcome: ProbeOutcome, runner_name: str) -> dict[str, Any]:
+    probe = outcome.probe
+    failure = outcome.error
+    if probe is not None and failure is None:
+        failure = verify(run.allocator, probe)
+    ok = probe is not None and failure is None
+    gpu = (probe or {}).get("gpu") or {}
+    container = outcome.container or {}
+    return {
+        "schema": "alloc-run/1",
+        "run_index": run_index,
+        "round": run.round,
+        "position": run.position,
+        "warmup": run.warmup,
+        "allocator": run.allocator.name,
+        "requested_library": run.allocator.library,
+        "allocator_env": run.allocator.env,
+        "runner": runner_name,
+        "model": config.model,
+        "device": (probe or {}).get("device", config.device),
+        "started_at": started_at,
+        "status": "ok" if ok else "failed",
+        "failure": failure,
+        "verified": ok,
+        "loaded_allocator": (probe or {}).get("allocator"),
+        "exit_code": outcome.exit_code,
+        "wall_real_s": outcome.wall_real_s,
+        "gen_latency_s": (probe or {}).get("gen_latency_s"),
+        "cold_latency_s": ((probe or {}).get("cold") or {}).get("latency_s"),
+        "ttft_s": (probe or {}).get("ttft_s"),
+        "tpot_s": (probe or {}).get("tpot_s"),
+        "load_s": (probe or {}).get("load_s"),
+        "import_s": (probe or {}).get("import_s"),
+        "rss_mb": (probe or {}).get("peak_rss_mb"),
+        "parent_maxrss_mb": outcome.parent_maxrss_mb,
+        "gpu_peak_allocated_mb": gpu.get("peak_allocated_mb"),
+        "gpu_peak_reserved_mb": gpu.get("peak_reserved_mb"),
+        "container_peak_mb": container.get("peak_mb"),
+        "container_working_set_peak_mb": container.get("working_set_peak_mb"),
+        "container": outcome.container,
+        "log_tail": outcome.log_tail,
+        "probe": probe,
+    }
+
+
+def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool) -> list[dict[str, Any]]:
+    """Checks the directory and returns the runs already recorded (resume) or none."""
+    results.ensure_writable()
+    existing = results.read_jsonl(RUNS_FILE)
+    if existing and not resume:
+        raise ResultsError(f"{results.root / RUNS_FILE} already holds {len(existing)} runs: "
+                           "pass --resume to continue it or choose another --out")
+    if resume:
+        saved = results.read_json(CONFIG_FILE)
+        if saved is None:
+            raise ResultsError(f"nothing to resume in {results.root}: no {CONFIG_FILE}")
+        if saved.get("identity") != config.identity():
+            raise ResultsError(f"--resume with different settings than {results.root / CONFIG_FILE}: "
+                               f"saved {saved.get('identity')}, now {config.identity()}")
+    results.write_json(CONFIG_FILE, {"identity": config.identity(), "config": config.to_dict()})
+    return existing
+
+
+def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bool = False,
+            on_run: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
+            on_start: Callable[[PlannedRun], None] | None = None) -> list[dict[str, Any]]:
+    """Runs what is left of the plan, appending each record as it finishes. Returns all records."""
+    records = prepare_dir(results, config, resume)
+    done = {(r["round"], r["allocator"]) for r in records}
+    for run in plan(config):
+        if run.key in done:
+            continue
+        if on_start:
+            on_start(run)
+        request = ProbeRequest(allocator=run.allocator, model=config.model, device=config.device,
+                               warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
+                               dtype=config.dtype, seed=config.seed, threads=config.threads,
+                               timeout_s=config.timeout_s)
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        outcome = runner.run_probe(request)
+        record = build_record(config, run, len(records), started, outcome, runner.name)
+        results.append(RUNS_FILE, record)
+        records.append(record)
+        if on_run:
+            on_run(run, record)
+        if _first_round_all_failed(records, config):
+            break  # the same failure every time: repeating it teaches nothing
+    return records
+
+
+def _first_round_all_failed(records: list[dict[str, Any]], config: AllocConfig) -> bool:
+    first = min(-config.warmup_runs, 0)
+    firsts = [r for r in records if r["round"] == first]
+    return len(firsts) == len(config.allocators) and all(r["status"] == "failed" for r in firsts)

@@ -1,0 +1,187 @@
+"""The probe: one fresh process, one model load, one cold and K warm `generate` calls.
+
+Run as `python -m harness.probe --model synthetic:tiny ...`. Prints exactly one line starting with
+RESULT_MARKER followed by a JSON object (or ERROR_MARKER on failure). Imports nothing of the driver:
+only this sub-package, the standard library, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Any
+
+T_PROCESS_START = time.perf_counter()
+
+RESULT_MARKER = "HARNESS_PROBE_RESULT "
+ERROR_MARKER = "HARNESS_PROBE_ERROR "
+DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
+
+
+class TokenClock:
+    """A generation streamer that timestamps every `put`: the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: Any) -> None:  # transformers calls put(prompt) then put(token) per step
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process: the peak resident set size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def timed_generate(model, inputs: dict, max_new_tokens: int, device: str) -> dict[str, Any]:
+    clock = TokenClock()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+        streamer=clock, pad_token_id=model.generation_config.pad_token_id,
+    )
+    _sync(device)
+    t1 = time.perf_counter()
+    token_stamps = clock.stamps[1:]  # stamps[0] is the prompt being handed to the streamer
+    n_new = int(out.shape[-1] - inputs["input_ids"].shape[-1])
+    ttft = token_stamps[0] - t0 if token_stamps else None
+    gaps = [b - a for a, b in zip(token_stamps, token_stamps[1:])]
+    return {
+        "latency_s": t1 - t0,
+        "ttft_s": ttft,
+        "tpot_s": (statistics.fmean(gaps) if gaps else None),
+        "new_tokens": n_new,
+        "output_ids": out[0].tolist(),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from harness.probe.loaded_allocator import loaded_allocator
+
+    allocator = loaded_allocator()  # before torch: what malloc resolves to does not change later
+    import torch
+    import transformers
+
+    from harness.probe.models import load_model_and_tokenizer, parse_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+
+    spec = parse_model(args.model)
+    t_imported = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(spec, device, dtype, seed=args.seed)
+    _sync(device)
+    t_loaded = time.perf_counter()
+
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    gens = []
+    with torch.inference_mode():
+        for _ in range(1 + args.warm_gens):
+            gens.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
+    cold, warm = gens[0], gens[1:]
+    text = tokenizer.decode(cold["output_ids"][inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+    for g in gens:
+        g.pop("output_ids")
+    measured = warm or [cold]
+
+    gpu: dict[str, Any] | None = None
+    if device.startswith("cuda"):
+        index = torch.cuda.current_device()
+        gpu = {
+            "name": torch.cuda.get_device_name(index),
+            "peak_allocated_mb": torch.cuda.max_memory_allocated(index) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(index) / 2**20,
+        }
+    return {
+        "schema": "probe/1",
+        "model": spec.to_dict(),
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_tokens": int(inputs["input_ids"].shape[-1]),
+        "max_new_tokens": args.max_new_tokens,
+        "warm_gens": args.warm_gens,
+        "allocator": allocator,
+        "import_s": t_imported - T_PROCESS_START,
+        "load_s": t_loaded - t_imported,
+        "cold": cold,
+        "warm": warm,
+        "gen_latency_s": statistics.median(g["latency_s"] for g in measured),
+        "ttft_s": statistics.median(g["ttft_s"] for g in measured if g["ttft_s"] is not None),
+        "tpot_s": (statistics.median(g["tpot_s"] for g in measured if g["tpot_s"] is not None)
+                   if args.max_new_tokens > 1 else None),
+        "peak_rss_mb": _peak_rss_mb(),
+        "final_rss_mb": _rss_mb(),
+        "gpu": gpu,
+        "sample_text": text[:200],
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
+        "pid": os.getpid(),
+        "probe_s": time.perf_counter() - T_PROCESS_START,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.probe", description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--warm-gens", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except Exception as exc:  # reported to the driver as a failed run, with the reason
+        traceback.print_exc(file=sys.stderr)
+        print(ERROR_MARKER + json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 2
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Which malloc is this very process using? Read from /proc/self/maps, never from LD_PRELOAD.
+
+Standard library only: runs inside the probe process and inside containers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from typing import Any
+
+# Library file name patterns of the allocators the harness knows.
+ALLOCATOR_PATTERNS: dict[str, re.Pattern[str]] = {
+    "jemalloc": re.compile(r"libjemalloc[^/]*\.so"),
+    "tcmalloc": re.compile(r"libtcmalloc[^/]*\.so"),
+    "mimalloc": re.compile(r"libmimalloc[^/]*\.so"),
+    "glibc": re.compile(r"libc[.-][^/]*so"),
+}
+
+
+def _mappings() -> list[tuple[int, int, str]]:
+    rows = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith("/"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            rows.append((lo, hi, parts[5].strip()))
+    return rows
+
+
+def _symbol_address(name: str) -> int | None:
+    try:
+        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def _library_of(address: int | None, maps: list[tuple[int, int, str]]) -> str | None:
+    if address is None:
+        return None
+    for lo, hi, path in maps:
+        if lo <= address < hi:
+            return path
+    return None
+
+
+def _classify(path: str | None) -> str | None:
+    if path is None:
+        return None
+    base = os.path.basename(path)
+    for name, pattern in ALLOCATOR_PATTERNS.items():
+        if pattern.search(base):
+            return name
+    return "other"
+
+
+def _version(name: str) -> str | None:
+    """Ask the loaded library itself for its version."""
+    lib = ctypes.CDLL(None)
+    try:
+        if name == "glibc":
+            fn = lib.gnu_get_libc_version
+            fn.restype = ctypes.c_char_p
+            return fn().decode()
+        if name == "jemalloc":
+            value = ctypes.c_char_p()
+            size = ctypes.c_size_t(ctypes.sizeof(value))
+            for symbol in ("mallctl", "je_mallctl"):
+                if hasattr(lib, symbol):
+                    rc = getattr(lib, symbol)(b"version", ctypes.byref(value), ctypes.byref(size), None, 0)
+                    if rc == 0 and value.value:
+                        return value.value.decode()
+            return None
+        if name == "tcmalloc":
+            fn = lib.tc_version
+            fn.restype = ctypes.c_char_p
+            return fn(None, None, None).decode()
+        if name == "mimalloc":
+            v = lib.mi_version()
+            return f"{v // 100}.{(v // 10) % 10}.{v % 10}"
+    except (AttributeError, OSError):
+        return None
+    return None
+
+
+def loaded_allocator() -> dict[str, Any]:
+    """The allocator that `malloc` resolves to in this process, with every allocator library mapped.
+
+    `malloc_library` is the file that holds the code `malloc` jumps to: the definitive answer.
+    """
+    maps = _mappings()
+    malloc_path = _library_of(_symbol_address("malloc"), maps)
+    mapped = sorted({path for _, _, path in maps if _classify(path) not in (None, "other")})
+    name = _classify(malloc_path)
+    return {
+        "name": name,
+        "malloc_library": malloc_path,
+        "malloc_library_realpath": os.path.realpath(malloc_path) if malloc_path else None,
+        "version": _version(name) if name else None,
+        "mapped_allocator_libraries": mapped,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }

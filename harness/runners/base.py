@@ -1,0 +1,74 @@
+"""The runner interface: run one probe in a fresh process (local) or a fresh container (docker)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from harness.allocators import Allocator
+
+RESULT_MARKER = "HARNESS_PROBE_RESULT "  # kept equal to harness.probe.__main__.RESULT_MARKER
+ERROR_MARKER = "HARNESS_PROBE_ERROR "
+
+
+class RunnerError(RuntimeError):
+    """The runner itself cannot go on (no daemon, daemon gone, image missing)."""
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """Everything one probe run needs; the same for every runner."""
+
+    allocator: Allocator
+    model: str
+    device: str
+    warm_gens: int
+    max_new_tokens: int
+    dtype: str = "auto"
+    seed: int = 0
+    threads: int = 0
+    timeout_s: float = 1800.0
+
+    def probe_args(self) -> list[str]:
+        return ["--model", self.model, "--device", self.device, "--dtype", self.dtype,
+                "--warm-gens", str(self.warm_gens), "--max-new-tokens", str(self.max_new_tokens),
+                "--seed", str(self.seed), "--threads", str(self.threads)]
+
+
+@dataclass
+class ProbeOutcome:
+    """What came back from one run. `probe` is the probe's JSON, None when the process failed."""
+
+    exit_code: int | None
+    wall_real_s: float
+    probe: dict[str, Any] | None
+    error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    parent_maxrss_mb: float | None = None
+    container: dict[str, Any] | None = None  # docker runner: id, image, memory peak / working set
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Runner(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Runner facts for environment.json (images, engine version, ...)."""
+        ...
+
+    def run_probe(self, request: ProbeRequest) -> ProbeOutcome: ...
+
+    def close(self) -> None: ...
+
+
+def parse_probe_output(lines: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """Find the probe's result (or error) line in its stdout."""
+    for line in reversed(lines):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):]), None
+        if line.startswith(ERROR_MARKER):
+            return None, json.loads(line[len(ERROR_MARKER):]).get("error", "probe error")
+    return None, None

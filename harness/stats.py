@@ -1,0 +1,109 @@
+"""Statistics that can tell a real difference from noise.
+
+Per allocator: the median over runs with a bootstrap CI. Against the baseline: the ratio of medians
+with a 95 % bootstrap CI (runs resampled within each arm) and a two-sided Mann–Whitney U p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+N_RESAMPLES = 4000
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median: float
+    ci_low: float
+    ci_high: float
+    p90: float
+    minimum: float
+    maximum: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`candidate` against `baseline`: ratio < 1 means the candidate is faster (for latencies)."""
+
+    n_candidate: int
+    n_baseline: int
+    ratio: float
+    ratio_ci_low: float
+    ratio_ci_high: float
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return (self.p_value < ALPHA and not math.isnan(self.ratio_ci_low)
+                and (self.ratio_ci_high < 1.0 or self.ratio_ci_low > 1.0))
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def summarize(values: Sequence[float | None], seed: int = 0) -> Summary:
+    x = _finite(values)
+    if x.size == 0:
+        nan = float("nan")
+        return Summary(0, nan, nan, nan, nan, nan, nan)
+    low = high = float("nan")
+    if x.size >= 3 and np.ptp(x) > 0:
+        res = sps.bootstrap((x,), np.median, confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES,
+                            method="percentile", random_state=np.random.default_rng(seed))
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    elif x.size >= 1 and np.ptp(x) == 0:
+        low = high = float(x[0])
+    return Summary(int(x.size), float(np.median(x)), low, high, float(np.percentile(x, 90)),
+                   float(x.min()), float(x.max()))
+
+
+def _ratio_of_medians(cand: np.ndarray, base: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(cand, axis=axis) / np.median(base, axis=axis)
+
+
+def compare(candidate: Sequence[float | None], baseline: Sequence[float | None], seed: int = 0) -> Comparison:
+    c, b = _finite(candidate), _finite(baseline)
+    nan = float("nan")
+    if c.size == 0 or b.size == 0:
+        return Comparison(int(c.size), int(b.size), nan, nan, nan, nan)
+    ratio = float(np.median(c) / np.median(b))
+    low = high = nan
+    if c.size >= 2 and b.size >= 2:
+        res = sps.bootstrap((c, b), _ratio_of_medians, confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES,
+                            method="percentile", vectorized=True, paired=False,
+                            random_state=np.random.default_rng(seed))
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    p = float(sps.mannwhitneyu(c, b, alternative="two-sided").pvalue) if c.size and b.size else nan
+    return Comparison(int(c.size), int(b.size), ratio, low, high, p)
+
+
+def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency") -> str:
+    """One sentence a reader can act on, computed from the comparison only."""
+    if math.isnan(comp.ratio):
+        return f"{name}: no successful runs to compare with {baseline}"
+    change = (comp.ratio - 1.0) * 100.0
+    ci = ("" if math.isnan(comp.ratio_ci_low)
+          else f" (95 % CI {(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %)")
+    detail = f"{quantity} ratio {comp.ratio:.3f}{ci}, Mann–Whitney p = {comp.p_value:.3g}, n = {comp.n_candidate}/{comp.n_baseline}"
+    if not comp.significant:
+        return f"{name} vs {baseline}: no significant difference in {quantity} ({detail})"
+    word = "helped" if change < 0 else "hurt"
+    return (f"{name} {word} {quantity} by {abs(change):.1f} % vs {baseline} "
+            f"(CI {abs((comp.ratio_ci_high if change < 0 else comp.ratio_ci_low) - 1) * 100:.1f}–"
+            f"{abs((comp.ratio_ci_low if change < 0 else comp.ratio_ci_high) - 1) * 100:.1f} %; {detail})")
