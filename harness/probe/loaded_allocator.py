@@ -86,13 +86,24 @@ def _version(name: str) -> str | None:
     return None
 
 
-def loaded_allocator() -> dict[str, Any]:
-    """The allocator that `malloc` resolves to in this process, with every allocator library mapped.
+# The malloc family. Several are resolved because a non-PIE executable that takes the address of `malloc`
+# gets a canonical PLT entry: dlsym then returns an address inside the executable, not the real definition.
+MALLOC_FAMILY = ("malloc", "calloc", "realloc", "free", "posix_memalign", "aligned_alloc", "malloc_usable_size")
 
-    `malloc_library` is the file that holds the code `malloc` jumps to: the definitive answer.
+
+def loaded_allocator() -> dict[str, Any]:
+    """The allocator that the malloc family resolves to in this process, with every allocator library mapped.
+
+    `malloc_library` is the file that holds the code `malloc` jumps to: the definitive answer. Symbols that
+    resolve into the executable itself (canonical PLT entries) are skipped in favour of the rest of the family.
     """
     maps = _mappings()
-    malloc_path = _library_of(_symbol_address("malloc"), maps)
+    exe = os.path.realpath("/proc/self/exe")
+    symbols = {sym: _library_of(_symbol_address(sym), maps) for sym in MALLOC_FAMILY}
+    outside_exe = [p for p in symbols.values() if p and os.path.realpath(p) != exe]
+    malloc_path = symbols["malloc"]
+    if malloc_path is None or os.path.realpath(malloc_path) == exe:
+        malloc_path = max(set(outside_exe), key=outside_exe.count) if outside_exe else malloc_path
     mapped = sorted({path for _, _, path in maps if _classify(path) not in (None, "other")})
     name = _classify(malloc_path)
     return {
@@ -100,6 +111,7 @@ def loaded_allocator() -> dict[str, Any]:
         "malloc_library": malloc_path,
         "malloc_library_realpath": os.path.realpath(malloc_path) if malloc_path else None,
         "version": _version(name) if name else None,
+        "symbols": symbols,
         "mapped_allocator_libraries": mapped,
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
