@@ -38,6 +38,44 @@ def _symbol_address(name: str) -> int | None:
         return None
 
 
+class _PhdrInfo(ctypes.Structure):  # the head of struct dl_phdr_info
+    _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
+
+
+def _link_map_order() -> list[str]:
+    """Loaded objects in symbol-search order (dl_iterate_phdr): preloads first, then DT_NEEDED."""
+    names: list[str] = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t,
+                                     ctypes.c_void_p)
+
+    def collect(info: Any, size: int, data: Any) -> int:
+        name = info.contents.name
+        if name:
+            names.append(name.decode(errors="replace"))
+        return 0
+
+    ctypes.CDLL(None).dl_iterate_phdr(callback_type(collect), None)
+    return names
+
+
+def _bound_definition(symbol: str, maps: list[tuple[int, int, str]]) -> str | None:
+    """The first object in search order that defines `symbol` itself: where calls really go.
+
+    Needed when dlsym(RTLD_DEFAULT) answers with a non-PIE executable's canonical PLT entry
+    (e.g. Debian's python3.11 3.11.2-6+deb12u8), which says nothing about the allocator.
+    """
+    for name in _link_map_order():
+        try:
+            address = ctypes.cast(getattr(ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY), symbol),
+                                  ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        path = _library_of(address, maps)
+        if path and os.path.realpath(path) == os.path.realpath(name):
+            return path
+    return None
+
+
 def _library_of(address: int | None, maps: list[tuple[int, int, str]]) -> str | None:
     if address is None:
         return None
@@ -93,6 +131,8 @@ def loaded_allocator() -> dict[str, Any]:
     """
     maps = _mappings()
     malloc_path = _library_of(_symbol_address("malloc"), maps)
+    if malloc_path and os.path.realpath(malloc_path) == os.path.realpath("/proc/self/exe"):
+        malloc_path = _bound_definition("malloc", maps) or malloc_path
     mapped = sorted({path for _, _, path in maps if _classify(path) not in (None, "other")})
     name = _classify(malloc_path)
     return {
