@@ -89,8 +89,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    baseline = rows[0]["allocator"] if rows[0]["allocator"] == "glibc" else rows[0]["allocator"]
-    baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else baseline
+    baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else rows[0]["allocator"]
     base = next(r for r in rows if r["allocator"] == baseline)
     runs = measured(records)
     failed = [r for r in runs if r["status"] != "ok"]
@@ -115,7 +114,8 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     if failed:
         reasons = sorted({r["failure"] or "unknown" for r in failed})
         bullets.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
-    table = [[r["allocator"], _fmt(r["gen_latency_s"]), f"{_fmt(r['gen_latency_ci_low'])}–{_fmt(r['gen_latency_ci_high'])}",
+    table = [[r["allocator"], _fmt(r["gen_latency_s"]),
+              f"{_fmt(r['gen_latency_ci_low'])}–{_fmt(r['gen_latency_ci_high'])}",
               _fmt(r["ratio_vs_baseline"]), f"{_fmt(r['ratio_ci_low'])}–{_fmt(r['ratio_ci_high'])}",
               _fmt(r["p_value"], 3), _fmt(r["wall_real_s"]), _fmt(r["rss_mb"]), _fmt(r["ttft_s"]),
               _fmt(r["tpot_s"]), r["n"], r["n_failed"], f"{r['library'] or '(libc)'} {r['version'] or ''}".strip()]
@@ -151,7 +151,8 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: Res
     plt.close(fig)
 
 
-def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, Any], order: list[str]) -> list[dict[str, Any]]:
+def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, Any],
+          order: list[str]) -> list[dict[str, Any]]:
     rows = allocator_rows(records, order)
     results.write_csv(CSV_FILE, CSV_COLUMNS, rows)
     results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records))

@@ -75,7 +75,7 @@ def timed_generate(model, inputs: dict, max_new_tokens: int, device: str) -> dic
     token_stamps = clock.stamps[1:]  # stamps[0] is the prompt being handed to the streamer
     n_new = int(out.shape[-1] - inputs["input_ids"].shape[-1])
     ttft = token_stamps[0] - t0 if token_stamps else None
-    gaps = [b - a for a, b in zip(token_stamps, token_stamps[1:])]
+    gaps = [b - a for a, b in zip(token_stamps, token_stamps[1:], strict=False)]
     return {
         "latency_s": t1 - t0,
         "ttft_s": ttft,

@@ -96,7 +96,6 @@ def phi3_config(key: str, dtype: str = "float32"):
     cfg = dict(SYNTHETIC_SPECS[key])
     config = Phi3Config(**cfg)
     config.architectures = ["Phi3ForCausalLM"]
-    config.torch_dtype = dtype
     config.dtype = dtype
     return config
 
@@ -202,7 +201,7 @@ def load_model_and_tokenizer(spec: ModelSpec, device: str, dtype: Any, seed: int
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.name)
-        model = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype, device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype).to(device)
     except OSError as exc:  # hub id not reachable offline, or a broken directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {spec.name!r}: {first}") from exc

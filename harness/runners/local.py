@@ -6,6 +6,7 @@ The wall time and the peak RSS of the child are taken by the parent, as `/usr/bi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.allocators import Allocator, resolve
 from harness.runners.base import ProbeOutcome, ProbeRequest, parse_probe_output
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +36,8 @@ def probe_environment(request: ProbeRequest, base: dict[str, str] | None = None)
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, n: int = 20) -> list[str]:
@@ -55,6 +55,10 @@ class LocalRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"runner": "local", "python": self.python}
+
+    def resolve_allocators(self, names: list[str], libs: dict[str, str],
+                           envs: dict[str, dict[str, str]]) -> list[Allocator]:
+        return resolve(names, libs, envs, check_files=True)
 
     def run_probe(self, request: ProbeRequest) -> ProbeOutcome:
         cmd = [self.python, "-m", "harness.probe", *request.probe_args()]

@@ -1,0 +1,249 @@
+"""`harness`: the command line. Validates input, picks a runner, runs an experiment, writes reports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness import alloc, alloc_report, environment
+from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.probe.models import ModelError, parse_model
+from harness.results import ResultsDir, ResultsError
+from harness.runners.base import RunnerError
+
+console = Console(stderr=True)
+
+REAL_PHI3 = "microsoft/Phi-3-mini-4k-instruct"
+
+
+class HarnessError(click.ClickException):
+    """One clear line, non-zero exit."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def default_out() -> str:
+    return str(Path("results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def gpu_visible() -> tuple[bool, str]:
+    info = environment.gpus()
+    if info.get("available"):
+        return True, ", ".join(d["name"] for d in info["devices"])
+    return False, info.get("reason", "no NVIDIA GPU found")
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise HarnessError(f"unknown --device {device!r} (auto, cpu, cuda)")
+    has_gpu, why = gpu_visible()
+    if device.startswith("cuda") and not has_gpu:
+        raise HarnessError(f"--device {device} asked for, but no NVIDIA GPU is visible ({why})")
+    if device == "auto":
+        return "cuda" if has_gpu else "cpu"
+    return device
+
+
+def real_phi3_cached() -> bool:
+    """Whether the real Phi-3-mini sits in the local Hugging Face cache (no download is attempted)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(REAL_PHI3, "config.json"), str)
+    except Exception:
+        return False
+
+
+def default_model(device: str) -> str:
+    if device.startswith("cuda"):
+        return REAL_PHI3 if real_phi3_cached() else "synthetic:phi3-mini"
+    return "synthetic:tiny"
+
+
+def validate_model(model: str) -> str:
+    try:
+        return parse_model(model).name
+    except ModelError as exc:
+        raise HarnessError(str(exc)) from None
+
+
+def make_runner(kind: str, device: str, allocator_names: list[str]):
+    """The runner named by --runner; `auto` prefers docker when an engine and the images are usable."""
+    if kind == "local":
+        from harness.runners.local import LocalRunner
+
+        return LocalRunner()
+    try:
+        from harness.runners import docker_runner
+    except ImportError as exc:
+        if kind == "docker":
+            raise HarnessError(f"the docker runner is unavailable: {exc}") from None
+        console.print(f"[yellow]runner auto: local (docker runner unavailable: {exc})[/]")
+        from harness.runners.local import LocalRunner
+
+        return LocalRunner()
+    ok, why = docker_runner.docker_available()
+    if kind == "docker":
+        if not ok:
+            raise HarnessError(f"--runner docker: {why}")
+        return docker_runner.make_docker_runner(device, allocator_names)
+    if ok:
+        try:
+            runner = docker_runner.make_docker_runner(device, allocator_names)
+            console.print(f"runner auto: docker ({why})")
+            return runner
+        except RunnerError as exc:
+            why = str(exc)
+    from harness.runners.local import LocalRunner
+
+    console.print(f"[yellow]runner auto: local ({why})[/]")
+    return LocalRunner()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="slm-memory-harness")
+def main() -> None:
+    """Measure what the memory layer and the serving path do to a small language model's latency."""
+
+
+def _csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@main.command("alloc")
+@click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
+              show_default=True, help="Where each probe runs: a fresh process or a fresh container.")
+@click.option("--model", default=None, help="synthetic:tiny | synthetic:phi3-mini | hub id | local directory "
+              "[default: synthetic:tiny on CPU, Phi-3-mini (real if cached, else synthetic) on CUDA]")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--allocators", default="glibc,jemalloc", show_default=True,
+              help="Comma-separated: glibc, jemalloc, tcmalloc, mimalloc (or names given with --allocator-lib).")
+@click.option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
+@click.option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
+              help="Environment for one allocator's runs, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per allocator.")
+@click.option("--warmup-runs", default=1, show_default=True, type=click.IntRange(0),
+              help="Discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
+@click.option("--warm-gens", default=3, show_default=True, type=click.IntRange(0),
+              help="Warm generate calls per run after the cold one.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="torch intra-op threads in the probe (0: torch's default).")
+@click.option("--timeout", "timeout_s", default=1800.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds before one run is killed and recorded as failed.")
+@click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
+def alloc_command(**kw: Any) -> None:
+    """A. Same generation under each allocator (LD_PRELOAD), interleaved fresh runs, verified."""
+    sys.exit(run_alloc(**kw))
+
+
+def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str = "auto",
+              allocators: str = "glibc,jemalloc", allocator_lib: tuple[str, ...] = (),
+              allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int = 3,
+              max_new_tokens: int = 32, dtype: str = "auto", threads: int = 0, timeout_s: float = 1800.0,
+              out: str | None = None, resume: bool = False) -> int:
+    """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed)."""
+    names = _csv_list(allocators)
+    try:
+        libs = parse_allocator_libs(allocator_lib)
+        envs = parse_allocator_envs(allocator_env)
+        resolve(names, libs, envs, check_files=False)  # names and syntax: fail before anything starts
+    except AllocatorError as exc:
+        raise HarnessError(str(exc)) from None
+    dev = resolve_device(device)
+    model_name = validate_model(model or default_model(dev))
+    results = ResultsDir(out or default_out())
+    try:
+        results.ensure_writable()
+    except ResultsError as exc:
+        raise HarnessError(str(exc)) from None
+
+    runner = make_runner(runner_kind, dev, names)
+    try:
+        resolved = runner.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
+    except AllocatorError as exc:
+        runner.close()
+        raise HarnessError(str(exc)) from None
+    config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
+                               warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
+                               dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name)
+    console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
+                  f"(+{warmup_runs} warm-up) each, runner {runner.name} → {results.root}")
+    try:
+        results.write_json("environment.json", environment.collect({"runner": runner.describe()}))
+        records = _run_with_progress(config, runner, results, resume)
+    except ResultsError as exc:
+        raise HarnessError(str(exc)) from None
+    except RunnerError as exc:
+        _report(results, config, names)
+        raise HarnessError(f"{exc} (runs so far kept in {results.root / alloc.RUNS_FILE})") from None
+    except KeyboardInterrupt:
+        _report(results, config, names)
+        console.print(f"[red]interrupted[/]: runs so far kept in {results.root / alloc.RUNS_FILE}; "
+                      "continue with --resume")
+        return 130
+    finally:
+        runner.close()
+    rows = _report(results, config, names)
+    _print_rows(rows, results)
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        for reason in sorted({r["failure"] or "unknown" for r in failed}):
+            console.print(f"[red]failed run[/]: {reason}")
+        return 1
+    return 0
+
+
+def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:
+    records = results.read_jsonl(alloc.RUNS_FILE)
+    if not any(not r.get("warmup") for r in records):
+        return []
+    return alloc_report.write(results, records, config.to_dict(), names)
+
+
+def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsDir, resume: bool):
+    total = len(alloc.plan(config))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("runs", total=total)
+        done_before = len(results.read_jsonl(alloc.RUNS_FILE)) if resume else 0
+        progress.update(task, completed=done_before)
+
+        def on_start(run: alloc.PlannedRun) -> None:
+            label = "warm-up" if run.warmup else f"round {run.round + 1}/{config.runs}"
+            progress.update(task, description=f"{run.allocator.name:<9} {label}")
+
+        def on_run(run: alloc.PlannedRun, record: dict[str, Any]) -> None:
+            progress.advance(task)
+            if record["status"] != "ok":
+                progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record['failure']}")
+
+        return alloc.execute(config, runner, results, resume=resume, on_run=on_run, on_start=on_start)
+
+
+def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
+    from tabulate import tabulate
+
+    if rows:
+        table = [[r["allocator"], r["gen_latency_s"], r["wall_real_s"], r["rss_mb"], r["ratio_vs_baseline"],
+                  r["p_value"], r["n"]] for r in rows]
+        click.echo(tabulate(table, headers=["allocator", "gen_latency_s", "wall_real_s", "rss_mb",
+                                            "ratio", "p", "n"], floatfmt=".4g"))
+    click.echo(f"\nwrote {results.root / alloc_report.CSV_FILE}\n      {results.root / alloc_report.SUMMARY_FILE}"
+               f"\n      {results.root / alloc.RUNS_FILE}\n      {results.root / 'environment.json'}")
+
+
+if __name__ == "__main__":
+    main()

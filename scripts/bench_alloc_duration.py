@@ -1,0 +1,38 @@
+"""Benchmark: how long the default `harness alloc` takes on this host (target: under 3 minutes on 2 cores).
+
+Prints figures; asserts nothing. Usage: .venv/bin/python scripts/bench_alloc_duration.py [--runner local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 180.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runner", default="local")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "harness.cli", "alloc", "--runner", args.runner, "--model", "synthetic:tiny",
+               "--allocators", "glibc,jemalloc", "--runs", "5", "--out", tmp]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        runs = [json.loads(line) for line in (Path(tmp) / "alloc/runs.jsonl").read_text().splitlines()]
+    ok = sum(r["status"] == "ok" for r in runs)
+    print(f"default harness alloc (synthetic:tiny, glibc+jemalloc, 5 runs each, runner {args.runner}): "
+          f"{elapsed:.1f} s for {len(runs)} runs ({ok} verified), exit code {proc.returncode}")
+    print(f"target < {TARGET_S:.0f} s: {'met' if elapsed < TARGET_S else 'NOT met'}")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Allocator A/B on an NVIDIA GPU host that has torch but no allocator packages installed:
+# unpacks Debian's allocator .debs (carried in .debs/) and runs `harness alloc` on synthetic:phi3-mini.
+# Usage: OUT=/path/to/results bash scripts/device/h100_alloc.sh [extra harness alloc flags, e.g. --resume]
+set -uo pipefail
+OUT=${OUT:?set OUT to the results parent directory}
+PY=${PY:-python3}
+LIBS=/tmp/alloc-libs
+mkdir -p "$LIBS"
+for deb in .debs/*.deb; do dpkg -x "$deb" "$LIBS"; done
+lib=$LIBS/usr/lib/x86_64-linux-gnu
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+# A budget below the device's 10-minute command limit: SIGINT makes harness write its reports and keep its runs;
+# the next call continues with --resume.
+timeout -s INT "${BUDGET_S:-520}" $PY -m harness.cli alloc --runner local --device cuda --model synthetic:phi3-mini \
+  --allocators glibc,jemalloc,tcmalloc,mimalloc \
+  --allocator-lib "jemalloc=$lib/libjemalloc.so.2" \
+  --allocator-lib "tcmalloc=$(ls $lib/libtcmalloc_minimal.so.4.*)" \
+  --allocator-lib "mimalloc=$(ls $lib/libmimalloc.so.2.*)" \
+  --runs "${RUNS:-8}" --warmup-runs 1 --warm-gens "${WARM_GENS:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-32}" \
+  --out "$OUT/h100-phi3-mini" "$@"
+echo "harness alloc exit code: $?"

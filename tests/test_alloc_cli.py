@@ -1,0 +1,161 @@
+"""`harness alloc` end to end with the local runner: artifacts, interruption, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import HARNESS, REPO, run_harness
+
+DONE_WHEN = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+             "--runs", "3", "--warm-gens", "2", "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def alloc_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("alloc")
+    proc = run_harness(*DONE_WHEN, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_writes_the_four_artifacts(alloc_dir):
+    for rel in ("alloc/runs.jsonl", "alloc/allocator_latency_comparison.csv", "alloc/summary.md",
+                "environment.json"):
+        assert (alloc_dir / rel).stat().st_size > 0, rel
+
+
+def test_every_run_verified_and_interleaved(alloc_dir):
+    runs = [json.loads(line) for line in (alloc_dir / "alloc/runs.jsonl").read_text().splitlines()]
+    measured = [r for r in runs if not r["warmup"]]
+    assert len(measured) == 6 and len(runs) == 8  # one warm-up round by default
+    assert all(r["status"] == "ok" and r["verified"] for r in runs)
+    for r in runs:
+        assert r["loaded_allocator"]["name"] == r["allocator"]
+    firsts = [r["allocator"] for r in runs if r["position"] == 0]
+    assert set(firsts) == {"glibc", "jemalloc"}, "the order rotates between rounds"
+    assert all(r["wall_real_s"] > r["gen_latency_s"] > 0 for r in measured)
+
+
+def test_csv_schema_and_values_come_from_the_runs(alloc_dir):
+    with open(alloc_dir / "alloc/allocator_latency_comparison.csv") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames[:4] == ["allocator", "gen_latency_s", "wall_real_s", "rss_mb"]
+        rows = {r["allocator"]: r for r in reader}
+    assert set(rows) == {"glibc", "jemalloc"}
+    runs = [json.loads(line) for line in (alloc_dir / "alloc/runs.jsonl").read_text().splitlines()]
+    jem = sorted(r["gen_latency_s"] for r in runs if r["allocator"] == "jemalloc" and not r["warmup"])
+    assert float(rows["jemalloc"]["gen_latency_s"]) == pytest.approx(jem[1], rel=1e-5)
+    assert int(rows["jemalloc"]["n"]) == 3 and int(rows["jemalloc"]["n_failed"]) == 0
+    assert "libjemalloc" in rows["jemalloc"]["library"]
+    for col in ("ratio_vs_baseline", "ratio_ci_low", "ratio_ci_high", "p_value", "ttft_s", "tpot_s", "load_s"):
+        assert rows["jemalloc"][col] != "", col
+
+
+def test_summary_states_a_verdict_and_environment_is_complete(alloc_dir):
+    summary = (alloc_dir / "alloc/summary.md").read_text()
+    bullets = [line for line in summary.splitlines() if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 5
+    assert "jemalloc" in bullets[0] and ("no significant difference" in bullets[0] or "helped" in bullets[0]
+                                         or "hurt" in bullets[0])
+    env = json.loads((alloc_dir / "environment.json").read_text())
+    assert env["host"]["logical_cores"] >= 1 and env["host"]["kernel"]
+    assert env["software"]["torch"] and env["software"]["transformers"]
+    assert env["allocator_libraries"]["jemalloc"]["path"]
+    assert "transparent_hugepages" in env["host"]
+
+
+def test_rerun_into_the_same_directory_needs_resume(alloc_dir):
+    proc = run_harness(*DONE_WHEN, "--out", str(alloc_dir))
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
+    out = tmp_path / "interrupted"
+    args = ["alloc", "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2", "--warmup-runs", "0",
+            "--warm-gens", "1", "--max-new-tokens", "4", "--out", str(out)]
+    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs_file = out / "alloc/runs.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (runs_file.exists() and runs_file.read_text().strip()):
+        time.sleep(0.2)
+    assert runs_file.exists(), "no run finished in time"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, "a probe process was left behind"
+    kept = runs_file.read_text().splitlines()
+    assert 1 <= len(kept) < 4
+    done = run_harness(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert len(runs) == 4 and kept == runs_file.read_text().splitlines()[: len(kept)]
+    assert sorted((r["round"], r["allocator"]) for r in runs) == [
+        (0, "glibc"), (0, "jemalloc"), (1, "glibc"), (1, "jemalloc")]
+
+
+def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_path):
+    out = tmp_path / "wrong"
+    proc = run_harness("alloc", "--runner", "local", "--allocators", "glibc,jemalloc",
+                       "--allocator-lib", f"jemalloc={tcmalloc_path}", "--runs", "1", "--warmup-runs", "0",
+                       "--warm-gens", "0", "--max-new-tokens", "2", "--out", str(out))
+    assert proc.returncode == 1
+    assert tcmalloc_path in proc.stderr
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    bad = [r for r in runs if r["allocator"] == "jemalloc"]
+    assert bad and all(r["status"] == "failed" and not r["verified"] for r in bad)
+    with open(out / "alloc/allocator_latency_comparison.csv") as fh:
+        rows = {r["allocator"]: r for r in csv.DictReader(fh)}
+    assert rows["jemalloc"]["n"] == "0" and rows["jemalloc"]["n_failed"] == "1"
+    assert rows["jemalloc"]["gen_latency_s"] == ""  # never a number for runs that did not count
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--allocators", "glibc,hoard"], "unknown allocator 'hoard'"),
+    (["--allocators", "glibc,jemalloc", "--allocator-lib", "jemalloc=/nonexistent/libjemalloc.so.2"],
+     "does not exist"),
+    (["--allocator-lib", "jemalloc"], "NAME=PATH"),
+    (["--model", "synthetic:huge"], "unknown synthetic model"),
+    (["--model", "./no/such/dir"], "unknown model"),
+    (["--device", "cuda"], "no NVIDIA GPU is visible"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--out", "/etc/hostname/results"], "cannot be written"),
+])
+def test_bad_input_gives_one_clear_line(args, message, tmp_path):
+    if "--device" in args and args[-1] == "cuda" and _has_gpu():
+        pytest.skip("this host has a GPU")
+    full = ["alloc", "--runner", "local", "--runs", "1", *args]
+    if "--out" not in args:
+        full += ["--out", str(tmp_path / "out")]
+    proc = run_harness(*full, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "alloc" / "runs.jsonl").exists()
+
+
+def _has_gpu() -> bool:
+    from harness.environment import gpus
+
+    return bool(gpus().get("available"))
+
+
+def test_runs_jsonl_survives_a_truncated_last_line(tmp_path):
+    from harness.results import ResultsDir
+
+    results = ResultsDir(tmp_path)
+    results.append("alloc/runs.jsonl", {"a": 1})
+    with open(tmp_path / "alloc/runs.jsonl", "a") as fh:
+        fh.write('{"a": 2, "b"')  # killed mid-write
+    assert results.read_jsonl("alloc/runs.jsonl") == [{"a": 1}]
+    assert os.path.getsize(tmp_path / "alloc/runs.jsonl") > 0

@@ -1,0 +1,53 @@
+"""Statistics against cases whose answers are known."""
+
+import math
+
+import numpy as np
+import pytest
+
+from harness import stats
+
+
+def test_identical_samples_are_not_different():
+    x = [1.0, 1.1, 0.9, 1.05, 0.95]
+    comp = stats.compare(x, list(x))
+    assert comp.ratio == pytest.approx(1.0)
+    assert comp.p_value == pytest.approx(1.0)
+    assert not comp.significant
+    assert "no significant difference" in stats.verdict("jemalloc", "glibc", comp)
+
+
+def test_fully_separated_samples_give_exact_mann_whitney_p():
+    # 5 vs 5 with no overlap: exact two-sided p = 2 / C(10, 5) = 2/252.
+    fast = [0.50, 0.51, 0.52, 0.49, 0.505]
+    slow = [1.00, 1.01, 0.99, 1.02, 0.98]
+    comp = stats.compare(fast, slow)
+    assert comp.p_value == pytest.approx(2 / 252)
+    assert comp.ratio == pytest.approx(np.median(fast) / np.median(slow))
+    assert comp.ratio_ci_high < 1.0 and comp.significant
+    text = stats.verdict("jemalloc", "glibc", comp, "generation latency")
+    assert text.startswith("jemalloc helped generation latency by 49.5 %")
+
+
+def test_slower_candidate_is_reported_as_hurting():
+    comp = stats.compare([2.0, 2.1, 1.9, 2.05, 1.95, 2.02], [1.0, 1.1, 0.9, 1.05, 0.95, 1.01])
+    assert comp.significant and comp.ratio > 1.5
+    assert "hurt" in stats.verdict("tcmalloc", "glibc", comp)
+
+
+def test_bootstrap_ci_covers_the_true_ratio():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.9, 0.02, 40)
+    b = rng.normal(1.0, 0.02, 40)
+    comp = stats.compare(a, b)
+    assert comp.ratio_ci_low < 0.9 < comp.ratio_ci_high
+    assert comp.ratio_ci_high - comp.ratio_ci_low < 0.05
+
+
+def test_summary_and_missing_values():
+    s = stats.summarize([3.0, 1.0, 2.0, None, float("nan")])
+    assert (s.n, s.median, s.minimum, s.maximum) == (3, 2.0, 1.0, 3.0)
+    assert s.ci_low <= 2.0 <= s.ci_high
+    empty = stats.summarize([])
+    assert empty.n == 0 and math.isnan(empty.median)
+    assert "no successful runs" in stats.verdict("x", "glibc", stats.compare([], [1.0]))
