@@ -122,10 +122,19 @@ class DockerRunner:
         self.mem_limit = mem_limit
         self.log = log
 
-    def allocators(self, envs: dict[str, dict[str, str]] | None = None) -> list[Allocator]:
-        """The experiment's allocators, with the library path inside each image (for verification)."""
-        envs = envs or {}
-        return [Allocator(name, pi.library, envs.get(name, {})) for name, pi in self.images.items()]
+    def resolve_allocators(self, names: list[str], libs: dict[str, str],
+                           envs: dict[str, dict[str, str]]) -> list[Allocator]:
+        """Allocators with the library path inside each image (what the probe must report)."""
+        missing = [n for n in names if n not in self.images]
+        if missing:
+            raise AllocatorError(f"no probe image for {', '.join(missing)} (images: {', '.join(self.images)})")
+        for name, path in libs.items():
+            if name not in self.images or path != self.images[name].library:
+                if name not in self.images:
+                    raise AllocatorError(f"--allocator-lib {name}=...: no probe image for {name}")
+                raise AllocatorError(f"--allocator-lib {name}={path} cannot apply to --runner docker: the image "
+                                     f"{self.images[name].tag} preloads {self.images[name].library}")
+        return [Allocator(n, self.images[n].library, envs.get(n, {})) for n in names]
 
     def describe(self) -> dict[str, Any]:
         try:
