@@ -132,7 +132,7 @@ def _build(client: docker.DockerClient, context: Path, dockerfile: str, tag: str
            buildargs: dict[str, str], labels: dict[str, str] | None, log: Log) -> Any:
     log(f"images: building {tag} (target {target})")
     try:
-        image, _ = client.images.build(path=str(context), dockerfile=dockerfile, tag=tag, target=target,
+        image, _ = client.images.build(path=str(context), dockerfile=dockerfile, tag=tag, target=target or None,
                                        buildargs=buildargs, labels=labels or {}, rm=True, forcerm=True,
                                        network_mode="host")
     except BuildError as exc:
@@ -261,6 +261,39 @@ def images_status(client: docker.DockerClient, allocators: Iterable[str], varian
     return out
 
 
+DRIVER_TAG = "harness-driver:latest"
+DRIVER_REQUIREMENTS = DOCKER_DIR / "driver-requirements.txt"
+
+
+def driver_fingerprint(common_id: str) -> str:
+    h = hashlib.sha256(common_id.encode())
+    files = sorted((REPO_ROOT / "harness").rglob("*.py")) + [DOCKER_DIR / "driver.Dockerfile", DRIVER_REQUIREMENTS]
+    for path in files:
+        h.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_driver(client: docker.DockerClient, rebuild: bool = False, log: Log = print) -> Any:
+    """`harness-driver:latest`: the CPU common image + the harness CLI (compose's alloc services)."""
+    common = ensure_common(client, "cpu", rebuild, log)
+    fp = driver_fingerprint(common.id)
+    image = _image(client, DRIVER_TAG)
+    if image is not None and not rebuild and image.labels.get(LABEL + "driver_fingerprint") == fp:
+        return image
+    python = common.labels.get(LABEL + "python", "3.11")
+    wheels = wheelhouse.ensure(python, with_torch=False, rebuild=rebuild, log=log,
+                               requirements=DRIVER_REQUIREMENTS, name="driver")
+    ctx = BUILD_DIR.parent / "driver-context"
+    if ctx.exists():
+        shutil.rmtree(ctx)
+    _link_tree(wheels, ctx / "wheels")
+    shutil.copytree(REPO_ROOT / "harness", ctx / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(DOCKER_DIR, ctx / "docker", ignore=shutil.ignore_patterns("base"))
+    shutil.copy2(DOCKER_DIR / "driver.Dockerfile", ctx / "driver.Dockerfile")
+    return _build(client, ctx, "driver.Dockerfile", DRIVER_TAG, "", {"PROBE_IMAGE": tag_for("common", "cpu")},
+                  {LABEL + "driver_fingerprint": fp}, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -268,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (local debootstrap base) or cuda (CUDA PyTorch base)")
     p.add_argument("--allocators", default=",".join(KNOWN))
     p.add_argument("--rebuild", action="store_true", help="rebuild even when the images are current")
+    p.add_argument("--no-driver", action="store_true", help="skip harness-driver (compose's alloc services)")
     args = p.parse_args(argv)
     client = docker.from_env(timeout=600)
     try:
         images = ensure_images(client, args.allocators.split(","), variant_for(args.device), args.rebuild)
+        if not args.no_driver:
+            driver = ensure_driver(client, args.rebuild)
+            print(f"images: {DRIVER_TAG:28} {driver.id[:19]}")
     except (ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")
         return 1

@@ -36,8 +36,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def requirement_specs(with_torch: bool) -> list[str]:
-    lines = [ln.split("#")[0].strip() for ln in REQUIREMENTS.read_text().splitlines()]
+def requirement_specs(with_torch: bool, requirements: Path = REQUIREMENTS) -> list[str]:
+    lines = [ln.split("#")[0].strip() for ln in requirements.read_text().splitlines()]
     return ([TORCH_CPU] if with_torch else []) + [ln for ln in lines if ln]
 
 
@@ -57,11 +57,12 @@ def wheel_name_version(filename: str) -> tuple[str, str]:
 
 
 def ensure(python_version: str, with_torch: bool, root: Path = WHEELHOUSE, rebuild: bool = False,
-           log: Callable[[str], None] = print) -> Path:
+           log: Callable[[str], None] = print, requirements: Path = REQUIREMENTS, name: str | None = None) -> Path:
     """The wheelhouse directory for this Python and torch choice, downloaded if not yet there."""
-    specs = requirement_specs(with_torch)
+    specs = requirement_specs(with_torch, requirements)
     spec_hash = hashlib.sha256(json.dumps([python_version, platform.machine(), specs]).encode()).hexdigest()
-    dest = root / f"cp{python_version.replace('.', '')}-{'torch-cpu' if with_torch else 'no-torch'}"
+    name = name or ("torch-cpu" if with_torch else "no-torch")
+    dest = root / f"cp{python_version.replace('.', '')}-{name}"
     manifest_path = dest / "manifest.json"
     if (not rebuild and manifest_path.is_file()
             and json.loads(manifest_path.read_text()).get("spec_hash") == spec_hash):
