@@ -228,4 +228,5 @@ def test_compose_file_validates(profile):
     proc = subprocess.run([*compose, "--profile", profile, "config"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "harness-probe:" in proc.stdout and "./results" not in proc.stdout  # bind paths resolved
+    assert "image: harness-driver:latest" in proc.stdout and "capabilities:" in proc.stdout
+    assert f"{REPO}/results:/opt/harness/results" in proc.stdout  # results bind-mounted from ./results
