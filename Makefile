@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= results/bench-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: bench test env system lint clean
+.PHONY: bench test env system docker images lint clean
 
 env: $(VENV)/.stamp
 
@@ -20,10 +20,17 @@ $(VENV)/.stamp: pyproject.toml
 system:
 	bash scripts/setup-system.sh
 
+# Docker engine (installed and started if missing) and the probe images, built from a host wheelhouse.
+docker: system
+	bash scripts/setup-docker.sh
+
+images: env docker
+	PYTHON=$(PY) bash scripts/build-images.sh
+
 bench: env system
 	$(VENV)/bin/harness alloc --out $(OUT)
 
-test: env system
+test: env system images
 	$(VENV)/bin/ruff check harness tests scripts
 	$(VENV)/bin/pytest
 

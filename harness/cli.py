@@ -91,7 +91,7 @@ def make_runner(kind: str, device: str, allocator_names: list[str]):
         from harness.runners.local import LocalRunner
 
         return LocalRunner()
-    ok, why = docker_runner.docker_available()
+    ok, why = docker_runner.docker_available(device, allocator_names)
     if kind == "docker":
         if not ok:
             raise HarnessError(f"--runner docker: {why}")
@@ -244,6 +244,14 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
     click.echo(f"\nwrote {results.root / alloc_report.CSV_FILE}\n      {results.root / alloc_report.SUMMARY_FILE}"
                f"\n      {results.root / alloc.RUNS_FILE}\n      {results.root / 'environment.json'}")
 
+
+def _register() -> None:
+    from harness.doctor import doctor
+
+    main.add_command(doctor)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

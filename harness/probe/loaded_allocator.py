@@ -38,6 +38,44 @@ def _symbol_address(name: str) -> int | None:
         return None
 
 
+class _PhdrInfo(ctypes.Structure):  # the head of struct dl_phdr_info
+    _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
+
+
+def _link_map_order() -> list[str]:
+    """Loaded objects in symbol-search order (dl_iterate_phdr): preloads first, then DT_NEEDED."""
+    names: list[str] = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t,
+                                     ctypes.c_void_p)
+
+    def collect(info: Any, size: int, data: Any) -> int:
+        name = info.contents.name
+        if name:
+            names.append(name.decode(errors="replace"))
+        return 0
+
+    ctypes.CDLL(None).dl_iterate_phdr(callback_type(collect), None)
+    return names
+
+
+def _bound_definition(symbol: str, maps: list[tuple[int, int, str]]) -> str | None:
+    """The first object in search order that defines `symbol` itself: where calls really go.
+
+    Needed when dlsym(RTLD_DEFAULT) answers with a non-PIE executable's canonical PLT entry
+    (e.g. Debian's python3.11 3.11.2-6+deb12u8), which says nothing about the allocator.
+    """
+    for name in _link_map_order():
+        try:
+            address = ctypes.cast(getattr(ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY), symbol),
+                                  ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        path = _library_of(address, maps)
+        if path and os.path.realpath(path) == os.path.realpath(name):
+            return path
+    return None
+
+
 def _library_of(address: int | None, maps: list[tuple[int, int, str]]) -> str | None:
     if address is None:
         return None
@@ -86,8 +124,9 @@ def _version(name: str) -> str | None:
     return None
 
 
-# The malloc family. Several are resolved because a non-PIE executable that takes the address of `malloc`
-# gets a canonical PLT entry: dlsym then returns an address inside the executable, not the real definition.
+# The malloc family, all reported: a mixed result (malloc from one library, free from another) is a red flag.
+# A non-PIE executable that takes the address of `malloc` gets a canonical PLT entry: dlsym then returns an
+# address inside the executable, not the real definition.
 MALLOC_FAMILY = ("malloc", "calloc", "realloc", "free", "posix_memalign", "aligned_alloc", "malloc_usable_size")
 
 
@@ -95,15 +134,18 @@ def loaded_allocator() -> dict[str, Any]:
     """The allocator that the malloc family resolves to in this process, with every allocator library mapped.
 
     `malloc_library` is the file that holds the code `malloc` jumps to: the definitive answer. Symbols that
-    resolve into the executable itself (canonical PLT entries) are skipped in favour of the rest of the family.
+    resolve into the executable itself (canonical PLT entries) are followed to the first loaded object that
+    defines them, in symbol-search order.
     """
     maps = _mappings()
     exe = os.path.realpath("/proc/self/exe")
-    symbols = {sym: _library_of(_symbol_address(sym), maps) for sym in MALLOC_FAMILY}
-    outside_exe = [p for p in symbols.values() if p and os.path.realpath(p) != exe]
+    symbols: dict[str, str | None] = {}
+    for sym in MALLOC_FAMILY:
+        path = _library_of(_symbol_address(sym), maps)
+        if path and os.path.realpath(path) == exe:  # a canonical PLT entry: find the real definition
+            path = _bound_definition(sym, maps) or path
+        symbols[sym] = path
     malloc_path = symbols["malloc"]
-    if malloc_path is None or os.path.realpath(malloc_path) == exe:
-        malloc_path = max(set(outside_exe), key=outside_exe.count) if outside_exe else malloc_path
     mapped = sorted({path for _, _, path in maps if _classify(path) not in (None, "other")})
     name = _classify(malloc_path)
     return {

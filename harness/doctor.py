@@ -1,0 +1,111 @@
+"""`harness doctor`: what this host can run, and the exact command that fixes each missing piece."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+
+from harness import environment
+from harness.allocators import KNOWN, find_library
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, bool, str, str]  # check, ok, detail, fix
+
+APT_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4", "mimalloc": "libmimalloc2.0"}
+
+
+def docker_rows() -> list[Row]:
+    """Daemon, NVIDIA runtime, probe images, leftover containers."""
+    try:
+        import docker
+        import requests
+
+        from harness import images
+        from harness.runners.docker_runner import LABEL_FILTER
+    except ImportError as exc:
+        return [("Docker daemon reachable", False, f"docker SDK missing: {exc}", "pip install -e .")]
+    try:
+        client = docker.from_env(timeout=10)
+        version = client.version()
+        info = client.info()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        detail = str(exc).splitlines()[0][:90]
+        return [("Docker daemon reachable", False, detail, "scripts/setup-docker.sh"),
+                ("probe images present", False, "no daemon", "scripts/setup-docker.sh && scripts/build-images.sh")]
+    rows: list[Row] = [("Docker daemon reachable", True,
+                        f"engine {version.get('Version')}, cgroup v{info.get('CgroupVersion')}", "")]
+    runtimes = sorted(info.get("Runtimes") or {})
+    rows.append(("NVIDIA container runtime", "nvidia" in runtimes, "runtimes: " + ", ".join(runtimes),
+                 "install nvidia-container-toolkit, then: nvidia-ctk runtime configure --runtime=docker "
+                 "&& systemctl restart docker"))
+    for variant in ("cpu", "cuda") if "nvidia" in runtimes else ("cpu",):
+        status = images.images_status(client, KNOWN, variant)
+        ok = all(s == "ok" for s in status.values())
+        rows.append((f"probe images {images.tag_for('<allocator>', variant)}", ok,
+                     ", ".join(f"{a} {s}" for a, s in status.items()),
+                     f"scripts/build-images.sh --device {variant}"))
+    leftovers = client.containers.list(all=True, filters={"label": LABEL_FILTER})
+    rows.append(("no leftover probe containers", not leftovers, f"{len(leftovers)} found",
+                 f"docker rm -f $(docker ps -aq --filter label={LABEL_FILTER})"))
+    client.close()
+    return rows
+
+
+def gpu_row() -> Row:
+    info = environment.gpus()
+    if info.get("available"):
+        names = ", ".join(d["name"] for d in info["devices"])
+        return ("GPUs visible through NVML", True, f"{names} (driver {info.get('driver')})", "")
+    fix = ("pip install nvidia-ml-py" if "not installed" in info.get("reason", "")
+           else "install the NVIDIA driver (nvidia-smi must work); CPU-only hosts use --device cpu")
+    return ("GPUs visible through NVML", False, info.get("reason", "no GPU"), fix)
+
+
+def allocator_rows() -> list[Row]:
+    rows = []
+    for name in KNOWN[1:]:
+        path = find_library(name)
+        rows.append((f"{name} library (local runner)", path is not None, path or "not found",
+                     f"sudo apt-get install -y {APT_PACKAGES[name]}"))
+    return rows
+
+
+def vllm_row() -> Row:
+    venv_python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    if venv_python.exists():
+        proc = subprocess.run([str(venv_python), "-c", "import vllm; print(vllm.__version__)"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return ("vLLM available", True, f"{venv_python.relative_to(REPO_ROOT)}: vllm {proc.stdout.strip()}", "")
+    exe = shutil.which("vllm")
+    if exe:
+        return ("vLLM available", True, exe, "")
+    return ("vLLM available", False, "no .venv-vllm and no `vllm` on PATH",
+            "python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm")
+
+
+def rows() -> list[Row]:
+    return [*docker_rows(), gpu_row(), *allocator_rows(), vllm_row()]
+
+
+def render(table: list[Row]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[check, "ok" if ok else "MISSING", detail, "" if ok else fix]
+                     for check, ok, detail, fix in table], headers=["check", "status", "detail", "fix"])
+
+
+@click.command("doctor")
+@click.option("--strict", is_flag=True, help="Exit 1 when anything is missing (default: report only).")
+def doctor(strict: bool) -> None:
+    """One table: Docker, NVIDIA runtime, GPUs, allocator libraries, probe images, vLLM."""
+    table = rows()
+    click.echo(render(table))
+    if os.geteuid() != 0 and not all(ok for _, ok, _, _ in table):
+        click.echo("\n(fixes that install packages or start dockerd need root: prefix them with sudo)")
+    if strict and not all(ok for _, ok, _, _ in table):
+        raise SystemExit(1)

@@ -1,0 +1,232 @@
+"""The docker runner on a real engine with the real probe images: no mocks.
+
+Skipped only where no Docker daemon answers; with HARNESS_REQUIRE_DOCKER=1 (CI) that is a failure.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_harness
+
+from harness import alloc
+from harness.runners.base import ProbeRequest, RunnerError
+from harness.runners.docker_runner import LABEL_FILTER, DockerRunner, docker_available, make_docker_runner
+from harness.runners.docker_stats import MemoryPeaks, working_set_bytes
+
+pytestmark = pytest.mark.docker
+TINY = dict(model="synthetic:tiny", device="cpu", warm_gens=1, max_new_tokens=4)
+
+
+@pytest.fixture(scope="session")
+def runner() -> DockerRunner:
+    ok, why = docker_available()
+    if not ok and "no Docker daemon" in why:
+        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"HARNESS_REQUIRE_DOCKER=1 but {why}")
+        pytest.skip(why)
+    r = make_docker_runner("cpu", ["glibc", "jemalloc"])  # builds the images if missing or stale
+    yield r
+    r.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_containers(request):
+    yield
+    if "runner" not in request.fixturenames:
+        return
+    r: DockerRunner = request.getfixturevalue("runner")
+    left = r.client.containers.list(all=True, filters={"label": LABEL_FILTER})
+    for c in left:
+        c.remove(force=True)
+    assert not left, f"containers left behind: {[c.name for c in left]}"
+
+
+def _request(runner: DockerRunner, name: str, **kw) -> ProbeRequest:
+    allocator = runner.resolve_allocators([name], {}, {})[0]
+    return ProbeRequest(allocator=allocator, **{**TINY, **kw})
+
+
+@pytest.mark.parametrize("name", ["glibc", "jemalloc"])
+def test_probe_verified_with_container_memory(runner, name):
+    outcome = runner.run_probe(_request(runner, name))
+    assert outcome.error is None and outcome.exit_code == 0, outcome.log_tail
+    assert alloc.verify(_request(runner, name).allocator, outcome.probe) is None
+    loaded = outcome.probe["allocator"]
+    assert loaded["name"] == name
+    if name == "jemalloc":
+        assert loaded["malloc_library"] == runner.images["jemalloc"].library
+        assert loaded["malloc_library"].startswith("/usr/lib/") and loaded["version"]
+    c = outcome.container
+    assert c["image"] == f"harness-probe:{name}" and c["image_id"].startswith("sha256:")
+    assert c["oom_killed"] is False and c["stats_samples"] >= 1
+    # torch alone needs well over 100 MB; the working set never exceeds the usage peak
+    assert 100 < c["working_set_peak_mb"] <= c["peak_mb"] < 8192
+    assert 1 < outcome.wall_real_s < 600
+
+
+def test_failing_probe_recorded_with_exit_code_and_log_tail(runner):
+    outcome = runner.run_probe(_request(runner, "glibc", model="synthetic:no-such-model"))
+    assert outcome.probe is None and outcome.exit_code == 2
+    assert "no-such-model" in outcome.error
+    assert any("Traceback" in line or "Error" in line for line in outcome.log_tail)
+    config = alloc.AllocConfig(model="synthetic:no-such-model", device="cpu",
+                               allocators=runner.resolve_allocators(["glibc"], {}, {}), runs=1,
+                               warm_gens=1, max_new_tokens=4, runner="docker")
+    run = alloc.plan(config)[0]
+    record = alloc.build_record(config, run, 0, "now", outcome, "docker")
+    assert record["status"] == "failed" and record["exit_code"] == 2 and record["log_tail"]
+
+
+def test_oom_killed_container_recorded_as_failed(runner):
+    small = DockerRunner(runner.client, "cpu", runner.images, mem_limit="48m")
+    outcome = small.run_probe(_request(runner, "jemalloc"))
+    assert outcome.probe is None
+    assert outcome.container["oom_killed"] is True and outcome.exit_code == 137
+    assert "OOM" in outcome.error
+
+
+def test_timeout_kills_and_removes_the_container(runner):
+    outcome = runner.run_probe(_request(runner, "glibc", timeout_s=2))
+    assert outcome.probe is None and "timed out" in outcome.error
+    assert outcome.exit_code == 137  # SIGKILL
+
+
+def test_ctrl_c_removes_the_container(runner):
+    timer = threading.Timer(3.0, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_probe(_request(runner, "glibc"))
+    finally:
+        timer.cancel()
+    # no_leftover_containers checks that the container is gone
+
+
+class SocketProxy:
+    """A unix-socket relay to the real daemon that can be cut: the daemon 'disappears' for the client."""
+
+    def __init__(self, target: str, path: Path) -> None:
+        self.target, self.path = target, str(path)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.path)
+        self.server.listen(16)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.server.close()
+        os.unlink(self.path)
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_daemon_disappearing_mid_run_raises_runner_error(runner, tmp_path):
+    import docker
+
+    proxy = SocketProxy("/var/run/docker.sock", tmp_path / "d.sock")
+    client = docker.DockerClient(base_url=f"unix://{proxy.path}", timeout=30)
+    cut_runner = DockerRunner(client, "cpu", runner.images)
+    timer = threading.Timer(4.0, proxy.cut)
+    timer.start()
+    try:
+        with pytest.raises(RunnerError, match="stopped answering"):
+            cut_runner.run_probe(_request(runner, "glibc"))
+    finally:
+        timer.cancel()
+    # the container outlives the lost connection; the real daemon still removes it (fixture asserts none)
+    for c in runner.client.containers.list(all=True, filters={"label": LABEL_FILTER}):
+        c.remove(force=True)
+
+
+def test_working_set_as_docker_stats_computes_it():
+    v1 = {"usage": 500, "max_usage": 800, "stats": {"total_inactive_file": 120, "inactive_file": 1}}
+    v2 = {"usage": 500, "stats": {"inactive_file": 100}}
+    assert working_set_bytes(v1) == 380 and working_set_bytes(v2) == 400
+    assert working_set_bytes({"usage": 50, "stats": {"inactive_file": 90}}) == 50
+    assert working_set_bytes({}) is None
+    peaks = MemoryPeaks()
+    for sample in ({"memory_stats": v1}, {"memory_stats": {}}, {"memory_stats": v2}):
+        peaks.add(sample)
+    d = peaks.to_dict()
+    assert d["stats_samples"] == 2 and d["peak_mb"] == 800 / 2**20 and d["working_set_peak_mb"] == 400 / 2**20
+
+
+def test_cli_alloc_runner_docker_end_to_end(runner, tmp_path):
+    out = tmp_path / "y"
+    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+                       "--runs", "2", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4",
+                       "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 4 and all(r["status"] == "ok" and r["runner"] == "docker" for r in runs)
+    assert all(r["container_peak_mb"] > 100 and r["container"]["image"].startswith("harness-probe:") for r in runs)
+    rows = list(csv.DictReader((out / "alloc/allocator_latency_comparison.csv").open()))
+    assert [r["allocator"] for r in rows] == ["glibc", "jemalloc"]
+    assert all(float(r["container_peak_mb"]) > 100 and float(r["container_working_set_peak_mb"]) > 100 for r in rows)
+    env = json.loads((out / "environment.json").read_text())["runner"]
+    assert env["runner"] == "docker"
+    assert env["docker"]["images"]["jemalloc"]["ld_preload"].endswith(".so.2")
+    wheels = {w["name"]: w for w in env["docker"]["wheels"]}
+    assert wheels["torch"]["version"].startswith("2.13.0") and len(wheels["torch"]["sha256"]) == 64
+
+
+def test_no_daemon_is_a_clear_error(tmp_path):
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"}
+    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--out", str(tmp_path / "o"),
+                       env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "no Docker daemon reachable" in proc.stderr and "scripts/setup-docker.sh" in proc.stderr
+
+
+def _compose() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_validates(profile):
+    compose = _compose()
+    if compose is None:
+        pytest.fail("no compose tool: run scripts/setup-docker.sh (installs Debian's docker-compose)")
+    proc = subprocess.run([*compose, "--profile", profile, "config"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "image: harness-driver:latest" in proc.stdout and "capabilities:" in proc.stdout
+    assert f"{REPO}/results:/opt/harness/results" in proc.stdout  # results bind-mounted from ./results
