@@ -1,0 +1,133 @@
+"""memory_timeline.csv / .png and the figures the report quotes from them (min, max, jumps)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.results import ResultsDir
+from harness.serve.sampler import Marker, MemorySampler
+
+CSV_FILE = "serve/memory_timeline.csv"
+PNG_FILE = "serve/memory_timeline.png"
+
+
+def series_names(rows: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        for k in r:
+            if k.endswith("_mb") and k not in names:
+                names.append(k)
+    return names
+
+
+def value_at(rows: list[dict[str, Any]], name: str, t: float, after: bool = False) -> float | None:
+    """Last sample at or before t (or first at or after t when `after`)."""
+    pts = [(r["t_s"], r[name]) for r in rows if r.get(name) is not None]
+    if after:
+        later = [v for ts, v in pts if ts >= t]
+        return later[0] if later else None
+    earlier = [v for ts, v in pts if ts <= t]
+    return earlier[-1] if earlier else None
+
+
+@dataclass(frozen=True)
+class Jump:
+    server: int
+    series: str
+    before_cold: float | None
+    after_cold: float | None
+    after_warm: float | None
+
+    @property
+    def cold_jump(self) -> float | None:
+        return _diff(self.after_cold, self.before_cold)
+
+    @property
+    def warm_jump(self) -> float | None:
+        return _diff(self.after_warm, self.after_cold)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def jumps(rows: list[dict[str, Any]], markers: list[Marker]) -> list[Jump]:
+    """Per server and series: memory just before the cold request, after it, after the last warm one."""
+    out: list[Jump] = []
+    servers = sorted({int(m.label.split()[0][1:]) for m in markers if m.label.startswith("s") and
+                      m.kind in ("request_start", "request_end") and m.label.split()[0][1:].isdigit()})
+    for s in servers:
+        mine = [m for m in markers if m.label.split()[0] == f"s{s}"]
+        cold_start = next((m.t_s for m in mine if m.kind == "request_start" and "cold" in m.label), None)
+        cold_end = next((m.t_s for m in mine if m.kind == "request_end" and "cold" in m.label), None)
+        warm_ends = [m.t_s for m in mine if m.kind == "request_end" and "warm" in m.label]
+        if cold_start is None:
+            continue
+        for name in series_names(rows):
+            out.append(Jump(s, name, value_at(rows, name, cold_start),
+                            value_at(rows, name, cold_end, after=True) if cold_end is not None else None,
+                            value_at(rows, name, warm_ends[-1], after=True) if warm_ends else None))
+    return out
+
+
+def extremes(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name in series_names(rows):
+        vals = [r[name] for r in rows if r.get(name) is not None and math.isfinite(r[name])]
+        if vals:
+            out[name] = (min(vals), max(vals))
+    return out
+
+
+def write(results: ResultsDir, sampler: MemorySampler) -> tuple[Path, Path | None]:
+    csv_path = results.write_csv(CSV_FILE, sampler.columns(), sampler.csv_rows())
+    return csv_path, plot(results.path(PNG_FILE), sampler.rows, sampler.markers, sampler.gpu_reason)
+
+
+def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
+         gpu_reason: str | None) -> Path | None:
+    """Time on x, MiB on y; spawn/ready/stop as labelled lines, requests as labelled spans."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 5), dpi=110)
+    for name in series_names(rows):
+        pts = [(r["t_s"], r[name]) for r in rows if r.get(name) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2,
+                    label=name.replace("_mb", "").replace("_", " ") + " (MiB)")
+    top = ax.get_ylim()[1]
+    colors = {"spawn": "tab:gray", "ready": "tab:green", "stop": "tab:red", "event": "tab:purple"}
+    for m in markers:
+        if m.kind in colors:
+            ax.axvline(m.t_s, color=colors[m.kind], ls="--", lw=0.8)
+            ax.text(m.t_s, top, " " + m.label, rotation=90, va="top", ha="right", fontsize=7,
+                    color=colors[m.kind])
+    starts = [m for m in markers if m.kind == "request_start"]
+    ends = [m for m in markers if m.kind == "request_end"]
+    for st in starts:
+        en = next((e for e in ends if e.label == st.label and e.t_s >= st.t_s), None)
+        x1 = en.t_s if en else st.t_s
+        color = "tab:orange" if "cold" in st.label else "tab:blue"
+        ax.axvspan(st.t_s, max(x1, st.t_s + 0.05), color=color, alpha=0.25)
+        if "cold" in st.label or st.label.endswith("warm1") or "idle" in st.label:
+            ax.text(st.t_s, top * 0.75, " " + st.label, rotation=90, va="top", fontsize=7, color=color)
+    ax.set_xlabel("time since sampler start (s)")
+    ax.set_ylabel("MiB")
+    title = "Server memory timeline"
+    if gpu_reason:
+        title += f" (no GPU series: {gpu_reason.replace('no GPU series: ', '')[:60]})"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
