@@ -17,6 +17,7 @@ MILESTONES: list[tuple[str, str, str]] = [
     ("args", "interpreter start, imports, argument parsing", r"non-default args|vLLM API server version"),
     ("engine_init", "model config resolution, engine process spawn", r"Initializing a V1 LLM engine"),
     ("load_start", "worker start-up, device/distributed init", r"Starting to load model"),
+    ("model_init", "model construction", r"Initializing model took"),
     ("weights_loaded", "weights loaded", r"Loading weights took|Model loading took"),
     ("compile_start", "post-load set-up", r"Warming up model for the compilation|Dynamo bytecode transform"),
     ("compile_done", "torch.compile / warm-up", r"Warming up done|torch\.compile takes|Compil\w+ .*took"),

@@ -120,8 +120,12 @@ def memory_section(sampler: MemorySampler) -> list[str]:
     ext = timeline.extremes(sampler.rows)
     if not ext:
         return lines + ["No memory samples (no server process to sample)."]
-    lines += ["", "| series | min (MiB) | max (MiB) |", "|---|---|---|"]
-    lines += [f"| {name} | {lo:.0f} | {hi:.0f} |" for name, (lo, hi) in ext.items()]
+    serving = timeline.extremes(sampler.rows, timeline.serving_windows(sampler.markers))
+    lines += ["", "| series | min while serving (MiB) | max while serving | min whole run | max whole run |",
+              "|---|---|---|---|---|"]
+    for name, (lo, hi) in ext.items():
+        s_lo, s_hi = serving.get(name, (None, None))
+        lines.append(f"| {name} | {_f0(s_lo)} | {_f0(s_hi)} | {lo:.0f} | {hi:.0f} |")
     js = timeline.jumps(sampler.rows, sampler.markers)
     if js:
         lines += ["", "| server | series | before cold (MiB) | after cold | after last warm | cold jump "
@@ -182,7 +186,10 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
             out += ["", f"Fault: {st['failure']}" + (f" — server {st['exit']}" if st.get("exit") else "")]
             if st.get("log_tail"):
                 out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st["log_tail"]], "```"]
-        out += ["", *phase_table(st), ""]
+        out += ["", *phase_table(st), "",
+                "Times are from line arrival (s since spawn); the server's own figure is the duration the "
+                "line itself reports, which may span several phases (vLLM's `init engine ... took` covers "
+                "profiling, KV cache and warm-up).", ""]
         maps = st.get("allocators_mapped") or {}
         libs = sorted({lib.rsplit("/", 1)[-1] for v in maps.values() for lib in v})
         preloads = sorted({p["ld_preload"] for p in st.get("processes") or [] if p.get("ld_preload")})

@@ -73,7 +73,18 @@ def jumps(rows: list[dict[str, Any]], markers: list[Marker]) -> list[Jump]:
     return out
 
 
-def extremes(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+def serving_windows(markers: list[Marker]) -> list[tuple[float, float]]:
+    """(ready, stop) per server: the time it was up and answering."""
+    readies = [m.t_s for m in markers if m.kind == "ready"]
+    stops = [m.t_s for m in markers if m.kind == "stop"]
+    return [(r, next((s for s in stops if s >= r), math.inf)) for r in readies]
+
+
+def extremes(rows: list[dict[str, Any]], windows: list[tuple[float, float]] | None = None
+             ) -> dict[str, tuple[float, float]]:
+    """Min and max per series, over all samples or only those inside `windows`."""
+    if windows is not None:
+        rows = [r for r in rows if any(a <= r["t_s"] <= b for a, b in windows)]
     out = {}
     for name in series_names(rows):
         vals = [r[name] for r in rows if r.get(name) is not None and math.isfinite(r[name])]
