@@ -136,7 +136,8 @@ def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
     if gpu_reason:
         title += f" (no GPU series: {gpu_reason.replace('no GPU series: ', '')[:60]})"
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
