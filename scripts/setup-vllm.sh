@@ -11,7 +11,7 @@ VENV_VLLM="${VENV_VLLM:-.venv-vllm}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV_VLLM/.stamp"
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$VLLM_SPEC" ]] && "$VENV_VLLM/bin/python" -c "import vllm" 2>/dev/null; then
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$VLLM_SPEC" ]] && "$VENV_VLLM/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" 2>/dev/null; then
     echo "setup-vllm: $VENV_VLLM already has $VLLM_SPEC"
     exit 0
 fi

@@ -186,6 +186,8 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
             out += ["", f"Fault: {st['failure']}" + (f" — server {st['exit']}" if st.get("exit") else "")]
             if st.get("log_tail"):
                 out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st["log_tail"]], "```"]
+            else:
+                out += ["", "The server had logged nothing."]
         out += ["", *phase_table(st), "",
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "
                 "line itself reports, which may span several phases (vLLM's `init engine ... took` covers "

@@ -249,12 +249,24 @@ def check_model(expected: str | None, models: list[str]) -> None:
         raise WrongModelError("server lists no models at /v1/models")
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group: what `stop` must leave empty."""
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.pid) == pgid:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
-        return True
     except (ProcessLookupError, PermissionError):
         return False
+    return bool(group_members(pgid))
 
 
 def _kill_group(pgid: int) -> None:

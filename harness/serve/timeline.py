@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tight_layout complains about long rotated labels; harmless
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
