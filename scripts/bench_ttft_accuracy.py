@@ -18,6 +18,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,17 +74,22 @@ def ttft_accuracy(client: httpx.Client, url: str, model: str, n: int, max_tokens
 
 
 def sampler_overhead(client: httpx.Client, url: str, model: str, n: int, max_tokens: int, hz: float) -> None:
+    """One sampler runs throughout (as in `harness serve`); it is paused for the 'off' requests."""
     pid = listening_pid(url)
     on: list[tuple[float, float]] = []
     off: list[tuple[float, float]] = []
-    for i in range(n):
-        for sampling in ((True, False) if i % 2 == 0 else (False, True)):
-            sampler = MemorySampler(hz=hz, enabled=sampling)
-            sampler.set_root(pid)
-            with sampler:
+    sampler = MemorySampler(hz=hz)
+    sampler.set_root(pid)
+    with sampler:
+        time.sleep(1.5)  # past the first child listing
+        for i in range(n):
+            for sampling in ((True, False) if i % 2 == 0 else (False, True)):
+                (sampler.resume if sampling else sampler.pause)()
+                time.sleep(0.2)  # the same idle time before every request, on or off
                 r = stream_request(client, url, model, "test warm", max_tokens, extra={"ignore_eos": True})
-            (on if sampling else off).append((r.e2e_s or 0.0, r.ttft_s or 0.0))
-    print(f"\n2. Sampler overhead ({hz:g} Hz, RSS of pid {pid} tree; n = {n} pairs, interleaved)")
+                (on if sampling else off).append((r.e2e_s or 0.0, r.ttft_s or 0.0))
+    print(f"\n2. Sampler overhead ({hz:g} Hz, RSS of pid {pid} tree; n = {n} pairs, interleaved; "
+          f"{len(sampler.rows)} samples)")
     for idx, name in ((0, "E2E"), (1, "TTFT")):
         a, b = [x[idx] for x in on], [x[idx] for x in off]
         c = compare(a, b)

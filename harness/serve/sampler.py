@@ -65,6 +65,7 @@ class MemorySampler:
     _procs: list[psutil.Process] = field(default_factory=list)
     _procs_at: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _active: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,6 +75,7 @@ class MemorySampler:
     def start(self) -> MemorySampler:
         if not self.enabled:
             return self
+        self._active.set()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
         return self
@@ -84,6 +86,13 @@ class MemorySampler:
             self._root = pid
             self._procs = []
             self._procs_at = 0.0
+
+    def pause(self) -> None:
+        """Stop sampling until resume() (the thread blocks; used to measure the sampler's own cost)."""
+        self._active.clear()
+
+    def resume(self) -> None:
+        self._active.set()
 
     def mark(self, label: str, kind: str = "event") -> float:
         t = self.now()
@@ -121,6 +130,10 @@ class MemorySampler:
         next_t = time.perf_counter()
         try:
             while not self._stop.is_set():
+                if not self._active.is_set():
+                    self._active.wait()
+                    next_t = time.perf_counter()
+                    continue
                 row: dict[str, Any] = {"t_s": self.now(), "server_rss_mb": self._rss_mb()}
                 if gpus.handles:
                     for i, used in enumerate(gpus.used_mb()):
@@ -133,6 +146,7 @@ class MemorySampler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._active.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
