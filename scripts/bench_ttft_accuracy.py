@@ -98,7 +98,13 @@ def sampler_overhead(client: httpx.Client, url: str, model: str, n: int, max_tok
               f"overhead {(c.ratio - 1) * 100:+.2f} % (95 % CI {(c.ratio_ci_low - 1) * 100:+.2f} to "
               f"{(c.ratio_ci_high - 1) * 100:+.2f} %), p = {c.p_value:.2g}")
     e2e = compare([x[0] for x in on], [x[0] for x in off])
-    print(f"   target (median E2E overhead under 1 %): {'met' if e2e.ratio - 1 < 0.01 else 'NOT met'}")
+    point = e2e.ratio - 1 < 0.01
+    certain = e2e.ratio_ci_high - 1 < 0.01
+    verdict = "NOT met"
+    if point:
+        verdict = ("met" if certain else "met by the point estimate, but the CI's upper bound is "
+                   f"{(e2e.ratio_ci_high - 1) * 100:+.1f} %: this host is too noisy to certify it")
+    print(f"   target (median E2E overhead under 1 %): {verdict}")
 
 
 def main() -> int:

@@ -240,6 +240,8 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     if config.runner == "docker":
         log("error: --runner docker for serve is not implemented yet; use --runner local")
         return ServeOutcome(EXIT_USAGE, "docker runner not implemented for serve")
+    if config.runner == "auto" and not config.attach:
+        log("runner auto: local (the docker runner for serve is not implemented yet)")
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
         log(f"error: {msg}")
