@@ -12,13 +12,15 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# (key, phase label, pattern). Order is the order vLLM (CPU and CUDA) logs them.
+# (key, phase label, pattern). Order is the order vLLM (CPU and CUDA) logs them; `transformers serve`
+# matches args, weights_loaded, server_start and app_startup.
 MILESTONES: list[tuple[str, str, str]] = [
-    ("args", "interpreter start, imports, argument parsing", r"non-default args|vLLM API server version"),
+    ("args", "interpreter start, imports, argument parsing",
+     r"non-default args|vLLM API server version|^\[transformers\] Loading "),
     ("engine_init", "model config resolution, engine process spawn", r"Initializing a V1 LLM engine"),
     ("load_start", "worker start-up, device/distributed init", r"Starting to load model"),
     ("model_init", "model construction", r"Initializing model took"),
-    ("weights_loaded", "weights loaded", r"Loading weights took|Model loading took"),
+    ("weights_loaded", "weights loaded", r"Loading weights took|Model loading took|Loading weights: 100%"),
     ("compile_start", "post-load set-up", r"Warming up model for the compilation|Dynamo bytecode transform"),
     ("compile_done", "torch.compile / warm-up", r"Warming up done|torch\.compile takes|Compil\w+ .*took"),
     ("kv_cache", "KV cache allocation", r"KV cache size|Available KV cache memory"),
