@@ -7,6 +7,7 @@ scripts/setup-vllm.sh; HARNESS_VLLM_PYTHON overrides) is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -159,6 +160,24 @@ def test_non_streaming_server_gives_clear_error(tmp_path: Path) -> None:
     assert [r["kind"] for r in plain.requests] == ["cold", "warm", "warm"]
     for name in ARTIFACTS:
         assert (tmp_path / "p/serve" / name).exists(), name
+
+
+TF_SERVE_DEPS = ("fastapi", "uvicorn", "openai", "accelerate")
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in TF_SERVE_DEPS),
+                    reason=f"`transformers serve` needs transformers[serving]: {', '.join(TF_SERVE_DEPS)}")
+def test_transformers_serve_engine(tmp_path: Path) -> None:
+    """The engine a GPU host without vLLM will use: same SLM, same measurements, no /metrics."""
+    tf = str(Path(sys.executable).with_name("transformers"))
+    cfg = ServeConfig(engine="transformers", transformers_cmd=tf, device="cpu", port=free_port(),
+                      out=str(tmp_path / "t"), model_cache=str(tmp_path / "m"), warm_requests=1, max_tokens=4,
+                      health_timeout_s=120)
+    out = run_serve(cfg, log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+    assert [r["kind"] for r in out.requests] == ["cold", "warm"]
+    assert all(r["ttft_s"] and r["server_ttft_s"] is None for r in out.requests)
+    assert {"args", "app_startup"} <= {p["key"] for p in out.startups[0]["phases"]}
 
 
 def test_server_that_exits_during_startup(tmp_path: Path) -> None:
