@@ -71,6 +71,8 @@ def test_phases_from_captured_vllm_log() -> None:
     assert by_key["weights_loaded"].reported_s == pytest.approx(0.08)
     assert by_key["compile_done"].duration_s >= 40  # torch.compile warm-up dominates start-up on CPU
     assert unaccounted == pytest.approx(0.5)
+    assert phases.compile_cache_use(lines) == "miss"  # first start: compiled and saved to the cache
+    assert phases.compile_cache_use([(1.0, "x Directly load AOT compilation from path /c")]) == "hit"
     assert ph[0].start_s == 0 and all(a.end_s == b.start_s for a, b in zip(ph, ph[1:], strict=False))
 
 
@@ -326,6 +328,7 @@ def test_vllm_full_local_run(tmp_path: Path) -> None:
     assert startup[0]["status"] == "ok" and startup[0]["spawn_to_health_s"] > 0
     assert startup[0]["spawn_to_first_token_s"] > startup[0]["spawn_to_health_s"]
     assert startup[0]["allocators_mapped"]  # what the server tree really maps, recorded
+    assert startup[0]["compile_cache"] == {"mode": "fresh", "use": "miss"}  # an empty cache: compiled
     report = (out_dir / "serve/first_token_latency.md").read_text()
     for needle in ("cold_req_real_s", "cold TTFT", "warm TTFT", "First-to-second drop", "torch.compile",
                    "unaccounted", "What this means for SLOs", "GPU memory: not sampled"):

@@ -65,6 +65,8 @@ def config_from_options(**kw: Any) -> ServeConfig:
               help="VLLM_CPU_KVCACHE_SPACE on CPU.")
 @click.option("--device", default="auto", show_default=True, help="transformers serve --device.")
 @click.option("--server-arg", multiple=True, help="Extra argument for the server command (repeatable).")
+@click.option("--compile-cache", type=click.Choice(["fresh", "shared"]), default="fresh", show_default=True,
+              help="vLLM torch.compile cache: fresh per cold start (a new node) or ~/.cache/vllm (restart).")
 @click.option("--model-cache", default=None, help="Where synthetic model directories are generated.")
 @click.option("--out", default="results/serve", show_default=True, help="Results directory (DIR/serve/...).")
 def serve(**kw: Any) -> None:

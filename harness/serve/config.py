@@ -11,6 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
 RUNNERS = ("local", "docker", "auto")
 REQUEST_MODES = ("stream", "plain")
+COMPILE_CACHES = ("fresh", "shared")
 DEFAULT_VLLM_PYTHON = str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
 DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
 
@@ -55,6 +56,9 @@ class ServeConfig:
     device: str = "auto"
     extra_args: tuple[str, ...] = ()  # passed through to the server command
     model_cache: str | None = None  # where synthetic model directories are written
+    # vLLM's torch.compile cache: "fresh" = an empty VLLM_CACHE_ROOT per cold start (every start
+    # equally cold, as on a new node); "shared" = vLLM's default ~/.cache/vllm (a restart in place).
+    compile_cache: str = "fresh"
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -63,6 +67,8 @@ class ServeConfig:
             raise ConfigError(f"unknown runner {self.runner!r} (choose from {', '.join(RUNNERS)})")
         if self.request_mode not in REQUEST_MODES:
             raise ConfigError(f"unknown request mode {self.request_mode!r}")
+        if self.compile_cache not in COMPILE_CACHES:
+            raise ConfigError(f"unknown compile cache {self.compile_cache!r} (fresh or shared)")
         if self.engine == "custom" and not self.server_cmd and not self.url:
             raise ConfigError("--engine custom needs --server-cmd '...' (or --url to attach)")
         if self.cold_starts < 1:

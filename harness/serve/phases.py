@@ -81,6 +81,16 @@ def phases(lines: list[tuple[float, str]], ready_s: float | None) -> tuple[list[
     return out, unaccounted
 
 
+def compile_cache_use(lines: list[tuple[float, str]]) -> str | None:
+    """'hit' when vLLM loaded its AOT-compiled model from the cache, 'miss' when it compiled."""
+    text = [line for _, line in lines]
+    if any("Directly load AOT compilation" in t or "Directly load the compiled graph" in t for t in text):
+        return "hit"
+    if any("saved AOT compiled function" in t or "Compiling model again" in t for t in text):
+        return "miss"
+    return None
+
+
 def lines_from_log_timestamps(text: str) -> list[tuple[float, str]]:
     """(t, line) from a raw vLLM log using its own one-second timestamps (no arrival times)."""
     out: list[tuple[float, str]] = []

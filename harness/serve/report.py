@@ -179,6 +179,11 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     for st in startups:
         out.append(f"### Server {st['server']} ({st.get('status')})")
         out.append("")
+        cache = st.get("compile_cache") or {}
+        if cache.get("mode"):
+            out.append(f"torch.compile cache: {cache['mode']}"
+                       + (f" (the log shows a cache {cache['use']})" if cache.get("use") else "") + ".")
+            out.append("")
         out.append(f"spawn → /health 200: {_s(st.get('spawn_to_health_s'))} s; → /v1/models: "
                    f"{_s(st.get('spawn_to_models_s'))} s; → first token: "
                    f"{_s(st.get('spawn_to_first_token_s'))} s.")

@@ -7,7 +7,9 @@ stopped, the fault (exit code, log tail) goes into the report, and what was meas
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,7 +152,12 @@ class _Session:
     def cold_start(self, k: int, spec: engines.ServerSpec) -> None:
         cfg = self.config
         log_path = self.results.path(f"serve/server-{k}.log")
-        server = LocalServer(spec.argv, spec.env, cfg.host, cfg.port, log_path)
+        env = dict(spec.env)
+        cache_dir = None
+        if cfg.engine == "vllm" and cfg.compile_cache == "fresh":
+            cache_dir = tempfile.mkdtemp(prefix=f"harness-vllm-cache-s{k}-")
+            env["VLLM_CACHE_ROOT"] = cache_dir
+        server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
         rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
                                "runner": "local", "argv": spec.argv, "started_at": _now_iso(),
                                "log": f"serve/server-{k}.log"}
@@ -185,12 +192,16 @@ class _Session:
             raise
         finally:
             server.stop()
+            if cache_dir:
+                shutil.rmtree(cache_dir, ignore_errors=True)
             self.sampler.mark(f"s{k} stop", "stop")
             self.sampler.set_root(None)
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)
             ph, unaccounted = phases.phases(server.lines, ready.health_s if ready else server.since_spawn())
-            rec.update(phases=[p.to_dict() for p in ph], unaccounted_s=unaccounted)
+            rec.update(phases=[p.to_dict() for p in ph], unaccounted_s=unaccounted,
+                       compile_cache={"mode": cfg.compile_cache if cfg.engine == "vllm" else None,
+                                      "use": phases.compile_cache_use(server.lines)})
             self.results.append(STARTUP_FILE, rec)
             self.startups.append(rec)
 
