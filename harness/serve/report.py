@@ -39,8 +39,10 @@ def latency_table(requests: list[dict[str, Any]]) -> list[str]:
     lines = ["| metric (ms) | median | p90 | min | max | n |", "|---|---|---|---|---|---|"]
     metrics = [("TTFT", "ttft_s"), ("server TTFT (/metrics)", "server_ttft_s"), ("TPOT", "tpot_s"),
                ("E2E", "e2e_s"), ("wall (whole request)", "wall_s")]
-    for kind in ("cold", "warm", "idle"):
-        rows = _ok(requests, kind)
+    groups = [("cold", _ok(requests, "cold")), ("warm", _ok(requests, "warm"))]
+    for gap in sorted({r["idle_gap_s"] for r in _ok(requests, "idle")}):
+        groups.append((f"after {gap:g} s idle", [r for r in _ok(requests, "idle") if r["idle_gap_s"] == gap]))
+    for kind, rows in groups:
         if not rows:
             continue
         for name, key in metrics:
@@ -108,6 +110,19 @@ def slo_paragraph(requests: list[dict[str, Any]], startups: list[dict[str, Any]]
             "that triggered it; capacity must come from a warm pool sized for the peak arrival rate over "
             f"that {ready.median:.0f} s start-up window, and each new replica should be sent one throw-away "
             "request before it joins the pool, so that no user pays the cold penalty.")
+    idle = _ok(requests, "idle")
+    if idle and warm.n:
+        worst_gap = max(r["idle_gap_s"] for r in idle)
+        after = summarize([r.get(key) for r in idle if r["idle_gap_s"] == worst_gap])
+        ratio = after.median / warm.median
+        head = (f"After {worst_gap:g} s without traffic the median {what} was {_ms(after.median)} ms "
+                f"({ratio:.1f}× warm, n = {after.n})")
+        if ratio >= 1.5:
+            parts.append(head + ": a low-traffic service can miss its SLO without any restart; a keep-alive "
+                         "request more often than that gap (or a pool busy enough never to idle that long) "
+                         "avoids it.")
+        else:
+            parts.append(head + ": idling that long did not cost much here.")
     return " ".join(parts) if parts else "No successful requests: nothing to say about SLOs."
 
 

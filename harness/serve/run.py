@@ -191,10 +191,10 @@ class _Session:
             rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=server.log_tail(15))
             raise
         finally:
+            self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
             server.stop()
             if cache_dir:
                 shutil.rmtree(cache_dir, ignore_errors=True)
-            self.sampler.mark(f"s{k} stop", "stop")
             self.sampler.set_root(None)
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)

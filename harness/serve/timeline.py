@@ -94,14 +94,71 @@ def extremes(rows: list[dict[str, Any]], windows: list[tuple[float, float]] | No
     return out
 
 
+def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
+    """Samples and markers back from memory_timeline.csv (to redraw or re-report a run)."""
+    from harness.results import read_csv
+
+    rows: list[dict[str, Any]] = []
+    markers: list[Marker] = []
+    for r in read_csv(path):
+        t = float(r["t_s"])
+        if r.get("marker"):
+            kind, _, label = r["marker"].partition(":")
+            markers.append(Marker(t, label, kind))
+        else:
+            rows.append({"t_s": t, **{k: float(v) for k, v in r.items() if k.endswith("_mb") and v != ""}})
+    return rows, markers
+
+
 def write(results: ResultsDir, sampler: MemorySampler) -> tuple[Path, Path | None]:
     csv_path = results.write_csv(CSV_FILE, sampler.columns(), sampler.csv_rows())
     return csv_path, plot(results.path(PNG_FILE), sampler.rows, sampler.markers, sampler.gpu_reason)
 
 
+MAX_ZOOMS = 3
+COLORS = {"spawn": "tab:gray", "ready": "tab:green", "stop": "tab:red", "event": "tab:purple"}
+
+
+def request_spans(markers: list[Marker]) -> list[tuple[str, float, float]]:
+    """(label, start, end) of each request, from its start/end markers."""
+    ends = [m for m in markers if m.kind == "request_end"]
+    out = []
+    for st in (m for m in markers if m.kind == "request_start"):
+        en = next((e for e in ends if e.label == st.label and e.t_s >= st.t_s), None)
+        out.append((st.label, st.t_s, en.t_s if en else st.t_s))
+    return out
+
+
+def _draw(ax: Any, rows: list[dict[str, Any]], markers: list[Marker], every_label: bool,
+          window: tuple[float, float] | None = None) -> None:
+    if window:
+        rows = [r for r in rows if window[0] <= r["t_s"] <= window[1]]
+    for name in series_names(rows):
+        pts = [(r["t_s"], r[name]) for r in rows if r.get(name) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2,
+                    label=name.replace("_mb", "").replace("_", " ") + " (MiB)")
+    lo, hi = window or (-float("inf"), float("inf"))
+    top = ax.get_ylim()[1]
+    for m in markers:
+        if m.kind in COLORS and lo <= m.t_s <= hi:
+            ax.axvline(m.t_s, color=COLORS[m.kind], ls="--", lw=0.8)
+            ax.text(m.t_s, top, " " + m.label, rotation=90, va="top", ha="right", fontsize=7,
+                    color=COLORS[m.kind])
+    for label, t0, t1 in request_spans(markers):
+        if not lo <= t0 <= hi:
+            continue
+        color = "tab:orange" if "cold" in label else "tab:blue"
+        ax.axvspan(t0, max(t1, t0 + 0.005), color=color, alpha=0.3)
+        if every_label or "cold" in label:
+            ax.text(t0, top * 0.7, " " + label, rotation=90, va="top", fontsize=7, color=color)
+    ax.set_ylabel("MiB")
+    ax.grid(alpha=0.3)
+
+
 def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
          gpu_reason: str | None) -> Path | None:
-    """Time on x, MiB on y; spawn/ready/stop as labelled lines, requests as labelled spans."""
+    """Top: the whole run (spawn/ready/stop lines, request spans). Below: each server's requests zoomed."""
     if not rows:
         return None
     import matplotlib
@@ -109,37 +166,29 @@ def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 5), dpi=110)
-    for name in series_names(rows):
-        pts = [(r["t_s"], r[name]) for r in rows if r.get(name) is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2,
-                    label=name.replace("_mb", "").replace("_", " ") + " (MiB)")
-    top = ax.get_ylim()[1]
-    colors = {"spawn": "tab:gray", "ready": "tab:green", "stop": "tab:red", "event": "tab:purple"}
-    for m in markers:
-        if m.kind in colors:
-            ax.axvline(m.t_s, color=colors[m.kind], ls="--", lw=0.8)
-            ax.text(m.t_s, top, " " + m.label, rotation=90, va="top", ha="right", fontsize=7,
-                    color=colors[m.kind])
-    starts = [m for m in markers if m.kind == "request_start"]
-    ends = [m for m in markers if m.kind == "request_end"]
-    for st in starts:
-        en = next((e for e in ends if e.label == st.label and e.t_s >= st.t_s), None)
-        x1 = en.t_s if en else st.t_s
-        color = "tab:orange" if "cold" in st.label else "tab:blue"
-        ax.axvspan(st.t_s, max(x1, st.t_s + 0.05), color=color, alpha=0.25)
-        if "cold" in st.label or st.label.endswith("warm1") or "idle" in st.label:
-            ax.text(st.t_s, top * 0.75, " " + st.label, rotation=90, va="top", fontsize=7, color=color)
+    spans = request_spans(markers)
+    servers = sorted({label.split()[0] for label, _, _ in spans})[:MAX_ZOOMS]
+    fig = plt.figure(figsize=(12, 8 if servers else 5), dpi=110)
+    grid = fig.add_gridspec(2 if servers else 1, max(len(servers), 1),
+                            height_ratios=[3, 2] if servers else [1])
+    ax = fig.add_subplot(grid[0, :])
+    _draw(ax, rows, markers, every_label=False)
     ax.set_xlabel("time since sampler start (s)")
-    ax.set_ylabel("MiB")
     title = "Server memory timeline"
     if gpu_reason:
         title += f" (no GPU series: {gpu_reason.replace('no GPU series: ', '')[:60]})"
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    for i, server in enumerate(servers):
+        mine = [(t0, t1) for label, t0, t1 in spans if label.split()[0] == server]
+        pad = max(0.2, 0.05 * (mine[-1][1] - mine[0][0]))
+        window = (mine[0][0] - pad, mine[-1][1] + pad)
+        zoom = fig.add_subplot(grid[1, i])
+        _draw(zoom, rows, markers, every_label=True, window=window)
+        zoom.set_xlim(*window)
+        zoom.set_title(f"{server}: requests (zoom)", fontsize=9)
+        zoom.set_xlabel("s")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tight_layout complains about long rotated labels; harmless
         fig.tight_layout()
