@@ -1,0 +1,92 @@
+"""`harness serve`: the click command. Register it with `main.add_command(serve)`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import click
+
+from harness.serve.config import REQUEST_MODES, ConfigError, ServeConfig, default_vllm_python, parse_gaps
+from harness.serve.run import EXIT_USAGE, ServeOutcome, run_serve
+
+
+def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def config_from_options(**kw: Any) -> ServeConfig:
+    """Click options -> ServeConfig (raises ConfigError on bad --idle-gaps)."""
+    kw["idle_gaps"] = parse_gaps(kw.pop("idle_gaps"))
+    kw["extra_args"] = tuple(kw.pop("server_arg") or ())
+    kw["sampler"] = kw.pop("sampler")
+    return ServeConfig(**kw)
+
+
+@click.command("serve")
+@click.option("--engine", type=click.Choice(["vllm", "transformers", "custom"]), default="vllm",
+              show_default=True)
+@click.option("--runner", type=click.Choice(["local", "docker", "auto"]), default="local", show_default=True,
+              help="local: the server runs as a process group here (docker: not yet for serve).")
+@click.option("--model", default="synthetic:tiny", show_default=True,
+              help="synthetic:tiny | synthetic:phi3-mini | hub id (offline cache) | local directory.")
+@click.option("--url", default=None,
+              help="Attach to a running OpenAI-compatible server (no start-up figures).")
+@click.option("--server-cmd", default=None,
+              help="Any OpenAI-compatible server ({host} {port} {model} {model_dir} are filled in); "
+                   "implies --engine custom.")
+@click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1), help="Fresh servers.")
+@click.option("--warm-requests", default=5, show_default=True, type=click.IntRange(0),
+              help="Requests right after the cold one, per server.")
+@click.option("--idle-gaps", default=None,
+              help="e.g. 0,1,10: one more request after idling that many seconds.")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--prompt", default=ServeConfig.prompt, show_default=False)
+@click.option("--request-mode", type=click.Choice(REQUEST_MODES), default="stream", show_default=True,
+              help="stream: SSE with TTFT/TPOT; plain: one JSON body as the seed's curl (wall time only).")
+@click.option("--sample-hz", default=20.0, show_default=True, type=click.FloatRange(0.1, 1000))
+@click.option("--sampler/--no-sampler", default=True, show_default=True, help="Memory timeline sampling.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--health-timeout", "health_timeout_s", default=600.0, show_default=True, type=float,
+              help="Seconds to wait for /health 200 and /v1/models.")
+@click.option("--request-timeout", "request_timeout_s", default=300.0, show_default=True, type=float)
+@click.option("--dtype", default=None, help="Passed to the server (--dtype).")
+@click.option("--max-model-len", default=2048, show_default=True, type=int, help="vLLM --max-model-len.")
+@click.option("--gpu-memory-utilization", default=None, type=float, help="vLLM --gpu-memory-utilization.")
+@click.option("--served-model-name", default=None,
+              help="Model name the server answers to [default: --model].")
+@click.option("--vllm-python", default=None,
+              help=f"Python of the vLLM environment [default: {default_vllm_python()}].")
+@click.option("--transformers-cmd", default="transformers", show_default=True,
+              help="Command that provides `transformers serve` (needs transformers[serving]).")
+@click.option("--kv-cache-gib", default=1.0, show_default=True, type=float,
+              help="VLLM_CPU_KVCACHE_SPACE on CPU.")
+@click.option("--device", default="auto", show_default=True, help="transformers serve --device.")
+@click.option("--server-arg", multiple=True, help="Extra argument for the server command (repeatable).")
+@click.option("--compile-cache", type=click.Choice(["fresh", "shared"]), default="fresh", show_default=True,
+              help="vLLM torch.compile cache: fresh per cold start (a new node) or ~/.cache/vllm (restart).")
+@click.option("--model-cache", default=None, help="Where synthetic model directories are generated.")
+@click.option("--out", default="results/serve", show_default=True, help="Results directory (DIR/serve/...).")
+def serve(**kw: Any) -> None:
+    """B. First-token latency and warm start: fresh servers, cold then warm requests, memory timeline."""
+    if kw.get("server_cmd"):
+        kw["engine"] = "custom"
+    if kw.get("vllm_python") is None:
+        kw.pop("vllm_python")
+    try:
+        config = config_from_options(**kw)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        outcome: ServeOutcome = run_serve(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(outcome.exit_code)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,100 @@
+"""ServeConfig: everything one `harness serve` run needs, typed and validated in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ("vllm", "transformers", "custom")
+RUNNERS = ("local", "docker", "auto")
+REQUEST_MODES = ("stream", "plain")
+COMPILE_CACHES = ("fresh", "shared")
+DEFAULT_VLLM_PYTHON = str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
+DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
+
+
+class ConfigError(ValueError):
+    """Options that cannot work together."""
+
+
+def default_vllm_python() -> str:
+    return os.environ.get("HARNESS_VLLM_PYTHON", DEFAULT_VLLM_PYTHON)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One serve experiment: which server, which requests, where results go."""
+
+    model: str = "synthetic:tiny"
+    out: str = "results/serve-run"
+    engine: str = "vllm"
+    runner: str = "local"
+    url: str | None = None  # attach to a running server: no start-up figures
+    server_cmd: str | None = None  # engine "custom": {host} {port} {model} {model_dir} are filled in
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cold_starts: int = 1
+    warm_requests: int = 5
+    idle_gaps: tuple[float, ...] = ()
+    max_tokens: int = 16
+    prompt: str = DEFAULT_PROMPT
+    request_mode: str = "stream"  # stream: SSE with TTFT; plain: one JSON body, as the seed's curl
+    sample_hz: float = 20.0
+    sampler: bool = True
+    health_timeout_s: float = 600.0
+    request_timeout_s: float = 300.0
+    dtype: str | None = None
+    max_model_len: int | None = 2048
+    gpu_memory_utilization: float | None = None
+    served_model_name: str | None = None
+    vllm_python: str = field(default_factory=default_vllm_python)
+    transformers_cmd: str = "transformers"  # `transformers serve` from the environment that has it
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    device: str = "auto"
+    extra_args: tuple[str, ...] = ()  # passed through to the server command
+    model_cache: str | None = None  # where synthetic model directories are written
+    # vLLM's torch.compile cache: "fresh" = an empty VLLM_CACHE_ROOT per cold start (every start
+    # equally cold, as on a new node); "shared" = vLLM's default ~/.cache/vllm (a restart in place).
+    compile_cache: str = "fresh"
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"unknown runner {self.runner!r} (choose from {', '.join(RUNNERS)})")
+        if self.request_mode not in REQUEST_MODES:
+            raise ConfigError(f"unknown request mode {self.request_mode!r}")
+        if self.compile_cache not in COMPILE_CACHES:
+            raise ConfigError(f"unknown compile cache {self.compile_cache!r} (fresh or shared)")
+        if self.engine == "custom" and not self.server_cmd and not self.url:
+            raise ConfigError("--engine custom needs --server-cmd '...' (or --url to attach)")
+        if self.cold_starts < 1:
+            raise ConfigError("--cold-starts must be at least 1")
+        if self.warm_requests < 0 or self.max_tokens < 1:
+            raise ConfigError("--warm-requests must be >= 0 and --max-tokens >= 1")
+        if self.sample_hz <= 0:
+            raise ConfigError("--sample-hz must be positive")
+        if any(g < 0 for g in self.idle_gaps):
+            raise ConfigError("--idle-gaps must be non-negative seconds")
+        if self.url and self.cold_starts > 1:
+            raise ConfigError("--url attaches to one running server: --cold-starts must be 1")
+
+    @property
+    def attach(self) -> bool:
+        return self.url is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_gaps(text: str | None) -> tuple[float, ...]:
+    """'0,1,10' -> (0.0, 1.0, 10.0)."""
+    if not text:
+        return ()
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--idle-gaps must be comma-separated seconds, got {text!r}") from exc

@@ -1,0 +1,90 @@
+"""Server commands per engine: vLLM, `transformers serve`, or any OpenAI-compatible `--server-cmd`."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.probe.models import ModelSpec, parse_model
+from harness.serve.config import ConfigError, ServeConfig
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What to launch and what the server will call the model."""
+
+    argv: list[str]
+    env: dict[str, str]
+    served_model: str | None  # None: take the one model /v1/models lists
+    model_dir: str | None
+
+
+def model_dir_for(spec: ModelSpec, config: ServeConfig, weights: bool) -> str:
+    """A local directory for the model; synthetic models are generated once per cache dir."""
+    if spec.kind != "synthetic":
+        return spec.name  # local directory or hub id (resolved by the server, offline)
+    from harness.probe.models import save_synthetic_model_dir
+
+    assert spec.synthetic_key is not None
+    root = Path(config.model_cache or os.path.join(tempfile.gettempdir(), "harness-models"))
+    out = root / f"{spec.synthetic_key}-{'weights' if weights else 'config'}"
+    if not (out / "config.json").exists() or (weights and not any(out.glob("*.safetensors"))):
+        save_synthetic_model_dir(spec.synthetic_key, out, weights=weights)
+    return str(out)
+
+
+def server_env(config: ServeConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)  # the server's own launcher decides; recorded from /proc/<pid>/maps
+    env.update({
+        "PYTHONUNBUFFERED": "1",  # log lines arrive when written: phase times from arrival
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": config.host,  # engine <-> API server traffic stays on loopback
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+    return env
+
+
+def build(config: ServeConfig) -> ServerSpec:
+    """Raises ConfigError (unknown model, missing environment) before anything is started."""
+    try:
+        spec = parse_model(config.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    env = server_env(config)
+    if config.engine == "vllm":
+        if not os.path.exists(config.vllm_python):
+            raise ConfigError(f"vLLM environment not found: {config.vllm_python} "
+                              "(run scripts/setup-vllm.sh or pass --vllm-python)")
+        model_dir = model_dir_for(spec, config, weights=False)
+        served = config.served_model_name or config.model
+        argv = [config.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                "--served-model-name", served, "--host", config.host, "--port", str(config.port)]
+        if spec.kind == "synthetic":
+            argv += ["--load-format", "dummy"]
+        if config.dtype:
+            argv += ["--dtype", config.dtype]
+        if config.max_model_len:
+            argv += ["--max-model-len", str(config.max_model_len)]
+        if config.gpu_memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        return ServerSpec(argv + list(config.extra_args), env, served, model_dir)
+    if config.engine == "transformers":
+        model_dir = model_dir_for(spec, config, weights=True)
+        argv = [*shlex.split(config.transformers_cmd), "serve", model_dir, "--host", config.host,
+                "--port", str(config.port), "--device", config.device]
+        if config.dtype:
+            argv += ["--dtype", config.dtype]
+        return ServerSpec(argv + list(config.extra_args), env, model_dir, model_dir)
+    assert config.server_cmd is not None
+    model_dir = model_dir_for(spec, config, weights=True)
+    cmd = config.server_cmd.format(host=config.host, port=config.port, model=config.model,
+                                   model_dir=model_dir)
+    return ServerSpec(shlex.split(cmd) + list(config.extra_args), env, config.served_model_name, model_dir)

