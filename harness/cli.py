@@ -182,7 +182,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
                   f"(+{warmup_runs} warm-up) each, runner {runner.name} → {results.root}")
     try:
-        results.write_json("environment.json", environment.collect({"runner": runner.describe()}))
+        results.write_json(environment_file(results, resume), environment.collect({"runner": runner.describe()}))
         records = _run_with_progress(config, runner, results, resume)
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
@@ -204,6 +204,16 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
+
+
+def environment_file(results: ResultsDir, resume: bool) -> str:
+    """environment.json, or environment.resume-N.json when a resumed run may be on another host."""
+    if not resume or not (results.root / "environment.json").exists():
+        return "environment.json"
+    n = 1
+    while (results.root / f"environment.resume-{n}.json").exists():
+        n += 1
+    return f"environment.resume-{n}.json"
 
 
 def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:
@@ -245,10 +255,66 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
                f"\n      {results.root / alloc.RUNS_FILE}\n      {results.root / 'environment.json'}")
 
 
+@main.command("bench")
+@click.option("--model", default=None, help="Same model for both experiments [default: as `harness alloc`].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
+              show_default=True, help="Runner of the allocator experiment.")
+@click.option("--allocators", default="glibc,jemalloc", show_default=True)
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="vllm", show_default=True)
+@click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--warm-requests", default=5, show_default=True, type=click.IntRange(0))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--out", default=None, help="Results directory [default: results/bench-<timestamp>].")
+def bench_command(model: str | None, device: str, runner_kind: str, allocators: str, runs: int, engine: str,
+                  cold_starts: int, warm_requests: int, port: int, out: str | None) -> None:
+    """A then B on the same model: `alloc`, then `serve`, and DIR/index.md linking both reports."""
+    from harness.serve.config import ServeConfig
+    from harness.serve.run import run_serve
+
+    out = out or str(Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
+    dev = resolve_device(device)
+    model_name = validate_model(model or default_model(dev))
+    alloc_code = run_alloc(runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators,
+                           runs=runs, out=out)
+    if alloc_code == 130:
+        sys.exit(130)
+    outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, cold_starts=cold_starts,
+                                    warm_requests=warm_requests, port=port,
+                                    device=dev if engine == "transformers" else "auto"))
+    index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
+    click.echo(f"wrote {index}")
+    sys.exit(alloc_code or outcome.exit_code)
+
+
+def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: int, serve_error: str | None) -> Path:
+    """DIR/index.md: what ran, how it ended, and links to both reports."""
+    from harness.alloc_report import CSV_FILE, PLOT_FILE, SUMMARY_FILE
+
+    def status(code: int) -> str:
+        return "completed" if code == 0 else f"ended with exit code {code}"
+
+    lines = [f"# Benchmark: {model}", "",
+             f"- A. Allocator impact ({status(alloc_code)}): [summary]({SUMMARY_FILE}), "
+             f"[CSV]({CSV_FILE}), [plot]({PLOT_FILE}), [runs](alloc/runs.jsonl)",
+             f"- B. First-token path ({status(serve_code)}"
+             + (f": {serve_error}" if serve_error else "") + "): [report](serve/first_token_latency.md), "
+             "[requests](serve/requests.jsonl), [start-up](serve/startup.jsonl), "
+             "[memory timeline](serve/memory_timeline.png)",
+             "- Environment: [environment.json](environment.json)", ""]
+    for rel in (SUMMARY_FILE, "serve/first_token_latency.md"):
+        if (results.root / rel).exists():
+            lines += ["---", "", (results.root / rel).read_text().replace("\n# ", "\n## "), ""]
+    return results.write_text("index.md", "\n".join(lines))
+
+
 def _register() -> None:
     from harness.doctor import doctor
+    from harness.serve.command import serve
 
     main.add_command(doctor)
+    main.add_command(serve)
 
 
 _register()

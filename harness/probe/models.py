@@ -43,6 +43,9 @@ SYNTHETIC_SPECS: dict[str, dict[str, Any]] = {
     "phi3-mini": dict(PHI3_MINI),
 }
 
+# The dtype a saved synthetic directory is written in (phi3-mini as published: bfloat16).
+SAVED_DTYPES = {"tiny": "float32", "phi3-mini": "bfloat16"}
+
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "<|endoftext|>"}
 
 # Text the offline tokenizer is trained on: small, embedded, deterministic.
@@ -165,8 +168,8 @@ def build_synthetic_model(key: str, device: str, dtype: Any, seed: int = 0):
     return model.eval()
 
 
-def save_synthetic_model_dir(key: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "float32",
-                             weights: bool = True) -> Path:
+def save_synthetic_model_dir(key: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str | None = None,
+                             weights: bool = True, device: str | None = None) -> Path:
     """Write a loadable model directory (config, tokenizer, optionally random safetensors weights).
 
     Used to serve synthetic models with vLLM (which may use `--load-format dummy` when weights=False)
@@ -178,9 +181,12 @@ def save_synthetic_model_dir(key: str, out_dir: str | os.PathLike, seed: int = 0
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = synthetic_tokenizer(key)
     tokenizer.save_pretrained(out)
+    dtype = dtype or SAVED_DTYPES[key]
     torch_dtype = getattr(torch, dtype)
     if weights:
-        model = build_synthetic_model(key, "cpu", torch_dtype, seed=seed)
+        # Random init of billions of parameters is minutes on a CPU and seconds on a GPU.
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_synthetic_model(key, device, torch_dtype, seed=seed)
         model.save_pretrained(out, safe_serialization=True)
     else:
         config = phi3_config(key, dtype=dtype)
