@@ -49,6 +49,10 @@ def server_env(config: ServeConfig) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     })
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+    # `transformers serve` answers /v1/models by scanning the hub cache and fails (HTTP 500) when the
+    # directory does not exist, as on a fresh offline host: make sure it exists.
+    hf_home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    os.makedirs(env.get("HF_HUB_CACHE") or os.path.join(hf_home, "hub"), exist_ok=True)
     return env
 
 

@@ -10,6 +10,7 @@ set -uo pipefail
 OUT=${OUT:?}
 PY=${PY:-python3}
 WORK=/tmp/work
+rm -rf "$WORK" /tmp/site  # a warm machine keeps the previous call's files
 mkdir -p "$WORK"
 t0=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
