@@ -180,7 +180,7 @@ class _Session:
                        preload_verified=preload_verified(cfg.server_preload, maps))
             self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
             first = self.request_sequence(server.base_url, model, k, t_ready,
-                                          alive=lambda: server.check_alive("the measured requests"))
+                                          alive=lambda: server.check_alive("the measured requests", grace_s=3.0))
             cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
             if cold and first is not None:
                 rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
