@@ -7,6 +7,7 @@ scripts/setup-vllm.sh; HARNESS_VLLM_PYTHON overrides) is absent.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -338,8 +339,11 @@ def test_vllm_full_local_run(tmp_path: Path) -> None:
 @pytest.mark.vllm
 @needs_vllm
 def test_vllm_killed_mid_run_keeps_measured_requests(tmp_path: Path) -> None:
+    """Also runs the server under jemalloc (when the host has it): the preload is verified in the maps."""
     out_dir = tmp_path / "k"
-    proc = _cli(["--model", "synthetic:tiny", "--warm-requests", "100000", "--max-tokens", "32",
+    jemalloc = next(iter(glob.glob("/usr/lib/*-linux-gnu/libjemalloc.so.2")), None)
+    preload = ["--server-preload", jemalloc] if jemalloc else []
+    proc = _cli(["--model", "synthetic:tiny", "--warm-requests", "100000", "--max-tokens", "32", *preload,
                  "--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
     reqs = out_dir / "serve/requests.jsonl"
     try:
@@ -357,6 +361,10 @@ def test_vllm_killed_mid_run_keeps_measured_requests(tmp_path: Path) -> None:
     assert sum(r["status"] == "ok" for r in records) >= 3
     report = (out_dir / "serve/first_token_latency.md").read_text()
     assert "killed by SIGKILL (exit code -9)" in report and "Server log tail" in report
+    if jemalloc:
+        startup = json.loads((out_dir / "serve/startup.jsonl").read_text().splitlines()[0])
+        assert startup["preload_verified"] is True, startup["allocators_mapped"]
+        assert "mapped by every server process" in report
     assert group_members(pids[0]) == []  # the whole group is gone
 
 

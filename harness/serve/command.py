@@ -67,6 +67,9 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--server-arg", multiple=True, help="Extra argument for the server command (repeatable).")
 @click.option("--compile-cache", type=click.Choice(["fresh", "shared"]), default="fresh", show_default=True,
               help="vLLM torch.compile cache: fresh per cold start (a new node) or ~/.cache/vllm (restart).")
+@click.option("--server-preload", default=None, metavar="LIB",
+              help="LD_PRELOAD for the server (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2); "
+                   "verified in /proc/<pid>/maps and reported.")
 @click.option("--model-cache", default=None, help="Where synthetic model directories are generated.")
 @click.option("--out", default="results/serve", show_default=True, help="Results directory (DIR/serve/...).")
 def serve(**kw: Any) -> None:

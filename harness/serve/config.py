@@ -59,6 +59,7 @@ class ServeConfig:
     # vLLM's torch.compile cache: "fresh" = an empty VLLM_CACHE_ROOT per cold start (every start
     # equally cold, as on a new node); "shared" = vLLM's default ~/.cache/vllm (a restart in place).
     compile_cache: str = "fresh"
+    server_preload: str | None = None  # LD_PRELOAD for the server tree (e.g. libjemalloc.so.2)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -67,6 +68,8 @@ class ServeConfig:
             raise ConfigError(f"unknown runner {self.runner!r} (choose from {', '.join(RUNNERS)})")
         if self.request_mode not in REQUEST_MODES:
             raise ConfigError(f"unknown request mode {self.request_mode!r}")
+        if self.server_preload and not os.path.isfile(self.server_preload):
+            raise ConfigError(f"--server-preload {self.server_preload!r} is not a file")
         if self.compile_cache not in COMPILE_CACHES:
             raise ConfigError(f"unknown compile cache {self.compile_cache!r} (fresh or shared)")
         if self.engine == "custom" and not self.server_cmd and not self.url:

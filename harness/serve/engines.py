@@ -39,6 +39,8 @@ def model_dir_for(spec: ModelSpec, config: ServeConfig, weights: bool) -> str:
 def server_env(config: ServeConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)  # the server's own launcher decides; recorded from /proc/<pid>/maps
+    if config.server_preload:  # vLLM CPU appends its own libgomp (and a bundled tcmalloc, if any)
+        env["LD_PRELOAD"] = os.path.realpath(config.server_preload)
     env.update({
         "PYTHONUNBUFFERED": "1",  # log lines arrive when written: phase times from arrival
         "HF_HUB_OFFLINE": "1",

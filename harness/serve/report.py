@@ -218,6 +218,11 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
         if maps:
             out.append(f"Allocator/OpenMP libraries mapped by the server tree: {', '.join(libs) or 'none'}; "
                        f"LD_PRELOAD seen: {', '.join(preloads) or 'none'}.")
+            if st.get("server_preload"):
+                ok = st.get("preload_verified")
+                out.append(f"--server-preload {st['server_preload']}: "
+                           + ("mapped by every server process." if ok else "NOT mapped by every server process "
+                              "(see startup.jsonl allocators_mapped)."))
             out.append("")
 
     out += ["## Memory timeline", "", *memory_section(sampler), ""]

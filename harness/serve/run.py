@@ -7,6 +7,7 @@ stopped, the fault (exit code, log tail) goes into the report, and what was meas
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sys
 import tempfile
@@ -172,12 +173,14 @@ class _Session:
             t_ready = self.sampler.mark(f"s{k} ready", "ready")
             model = spec.served_model or ready.models[0]
             pids = server.pids()
+            maps = mapped_allocators(pids)
             rec.update(spawn_to_health_s=ready.health_s, spawn_to_models_s=ready.models_s,
-                       models=ready.models,
-                       allocators_mapped=mapped_allocators(pids), processes=process_facts(pids))
+                       models=ready.models, allocators_mapped=maps, processes=process_facts(pids),
+                       server_preload=cfg.server_preload,
+                       preload_verified=preload_verified(cfg.server_preload, maps))
             self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
             first = self.request_sequence(server.base_url, model, k, t_ready,
-                                          alive=lambda: server.check_alive("the measured requests"))
+                                          alive=lambda: server.check_alive("the measured requests", grace_s=3.0))
             cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
             if cold and first is not None:
                 rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
@@ -226,6 +229,14 @@ class _Session:
     def finish(self, error: str | None) -> Path:
         timeline.write(self.results, self.sampler)
         return report.write(self.results, self.config, self.requests, self.startups, self.sampler, error)
+
+
+def preload_verified(lib: str | None, maps: dict[str, list[str]]) -> bool | None:
+    """Whether every process of the server tree maps the preloaded library (None: nothing asked)."""
+    if not lib:
+        return None
+    real = os.path.realpath(lib)
+    return bool(maps) and all(real in libs or lib in libs for libs in maps.values())
 
 
 def _request_line(r: dict[str, Any]) -> str:

@@ -181,7 +181,12 @@ class LocalServer:
         time.sleep(0.2)  # let the pump drain the last lines of a dying server
         return [line for _, line in self.lines[-n:]]
 
-    def check_alive(self, during: str) -> None:
+    def check_alive(self, during: str, grace_s: float = 0.0) -> None:
+        """Raises ServerDiedError if the server exited. `grace_s`: after a refused connection the
+        socket closes before the process can be reaped, so wait that long for the exit first."""
+        if grace_s and self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace_s)
         code = self.poll()
         if code is not None:
             raise ServerDiedError(f"server {describe_exit(code)} during {during}", code, self.log_tail())
