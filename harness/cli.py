@@ -145,7 +145,7 @@ def _csv_list(value: str) -> list[str]:
 @click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
-    """A. Same generation under each allocator (LD_PRELOAD), interleaved fresh runs, verified."""
+    """Allocator impact: the same generation under each allocator (LD_PRELOAD), fresh verified runs."""
     sys.exit(run_alloc(**kw))
 
 
@@ -269,7 +269,7 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
 @click.option("--out", default=None, help="Results directory [default: results/bench-<timestamp>].")
 def bench_command(model: str | None, device: str, runner_kind: str, allocators: str, runs: int, engine: str,
                   cold_starts: int, warm_requests: int, port: int, out: str | None) -> None:
-    """A then B on the same model: `alloc`, then `serve`, and DIR/index.md linking both reports."""
+    """Both experiments on one model: `alloc`, then `serve`, and DIR/index.md linking both reports."""
     from harness.serve.config import ServeConfig
     from harness.serve.run import run_serve
 

@@ -73,7 +73,7 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--model-cache", default=None, help="Where synthetic model directories are generated.")
 @click.option("--out", default="results/serve", show_default=True, help="Results directory (DIR/serve/...).")
 def serve(**kw: Any) -> None:
-    """B. First-token latency and warm start: fresh servers, cold then warm requests, memory timeline."""
+    """First-token path: fresh servers, cold then warm requests, start-up phases, memory timeline."""
     if kw.get("server_cmd"):
         kw["engine"] = "custom"
     if kw.get("vllm_python") is None:
