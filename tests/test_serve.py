@@ -170,8 +170,12 @@ TF_SERVE_DEPS = ("fastapi", "uvicorn", "openai", "accelerate")
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in TF_SERVE_DEPS),
                     reason=f"`transformers serve` needs transformers[serving]: {', '.join(TF_SERVE_DEPS)}")
-def test_transformers_serve_engine(tmp_path: Path) -> None:
-    """The engine a GPU host without vLLM will use: same SLM, same measurements, no /metrics."""
+def test_transformers_serve_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine a GPU host without vLLM will use: same SLM, same measurements, no /metrics.
+
+    With an HF_HOME that does not exist yet, as on the fresh GPU host (there transformers 5.17's
+    /v1/models answered HTTP 500 until the harness created the hub cache directory)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "fresh-hf-home"))
     tf = str(Path(sys.executable).with_name("transformers"))
     cfg = ServeConfig(engine="transformers", transformers_cmd=tf, device="cpu", port=free_port(),
                       out=str(tmp_path / "t"), model_cache=str(tmp_path / "m"), warm_requests=1, max_tokens=4,
@@ -409,3 +413,13 @@ def test_vllm_sigterm_to_harness_stops_server(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_INTERRUPTED, output
     assert "interrupted" in output
     assert group_members(pids[0]) == []
+
+
+def test_model_name_check_accepts_servers_that_list_nothing() -> None:
+    """transformers serve lists only hub-cache models: a local directory it serves is never listed."""
+    from harness.serve.server import WrongModelError, check_model
+
+    check_model("/tmp/models/phi3-mini-weights", [])
+    check_model("synthetic:tiny", ["synthetic:tiny"])
+    with pytest.raises(WrongModelError):
+        check_model("synthetic:tiny", ["other-model"])
