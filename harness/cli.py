@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,8 @@ def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: in
              "- Environment: [environment.json](environment.json)", ""]
     for rel in (SUMMARY_FILE, "serve/first_token_latency.md"):
         if (results.root / rel).exists():
-            lines += ["---", "", (results.root / rel).read_text().replace("\n# ", "\n## "), ""]
+            text = re.sub(r"^(#+) ", r"#\1 ", (results.root / rel).read_text(), flags=re.M)  # one level down
+            lines += ["---", "", text, ""]
     return results.write_text("index.md", "\n".join(lines))
 
 

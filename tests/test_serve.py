@@ -423,3 +423,24 @@ def test_model_name_check_accepts_servers_that_list_nothing() -> None:
     check_model("synthetic:tiny", ["synthetic:tiny"])
     with pytest.raises(WrongModelError):
         check_model("synthetic:tiny", ["other-model"])
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_harness_bench_runs_both_experiments_and_links_them(tmp_path: Path) -> None:
+    """What `make bench` runs: alloc then serve on the same model, and index.md linking both reports."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "bench", "--runner", "local", "--runs", "1",
+                           "--warm-requests", "1", "--port", str(free_port()), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = (out / "index.md").read_text()
+    for link in ("alloc/summary.md", "alloc/allocator_latency_comparison.csv", "serve/first_token_latency.md",
+                 "serve/memory_timeline.png", "environment.json"):
+        assert f"({link})" in index and (out / link).exists(), link
+    assert "## Allocator impact" in index and "## First-token latency" in index
+    requests = [json.loads(line) for line in (out / "serve/requests.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in requests] == ["cold", "warm"] and all(r["status"] == "ok" for r in requests)
+    # the same SLM in both experiments
+    assert json.loads((out / "alloc/config.json").read_text())["identity"]["model"] == "synthetic:tiny"
+    assert requests[0]["model"] == "synthetic:tiny"
