@@ -25,8 +25,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/vllm \
- && /opt/vllm/bin/pip install --no-index --no-deps --no-cache-dir --require-hashes \
-      -r /tmp/wheels/requirements.txt \
+ && /opt/vllm/bin/pip install --no-index --no-deps --no-cache-dir --find-links /tmp/wheels \
+      --require-hashes -r /tmp/wheels/requirements.txt \
  && /opt/vllm/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 
 FROM runtime AS server
