@@ -89,6 +89,7 @@ class _Session:
         self.results = results
         self.log = log
         self.sampler = MemorySampler(hz=config.sample_hz, enabled=config.sampler)
+        self.sampler.has_container = docker_ctx is not None  # container memory, not a process tree's RSS
         self.requests: list[dict[str, Any]] = []
         self.startups: list[dict[str, Any]] = []
         self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
