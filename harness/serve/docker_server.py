@@ -18,7 +18,7 @@ from typing import Any
 import docker
 import requests
 from docker.errors import DockerException, NotFound
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, Mount, Ulimit
 
 from harness.runners.docker_stats import StatsMonitor
 from harness.serve.server import ReadinessMixin, ServerDiedError, ServerError, check_port_free, describe_exit
@@ -41,17 +41,27 @@ class ContainerSpec:
     entrypoint: list[str] | None = None
     gpus: bool = False
     shm_size: str = "1g"
+    # vLLM's CPU recipe (docs, installation/cpu): --security-opt seccomp=unconfined --cap-add SYS_NICE.
+    # Docker's default profile refuses migrate_pages even with SYS_NICE ("numa_migrate_pages failed").
+    seccomp_unconfined: bool = False
 
     def create_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "command": self.args, "environment": self.env, "mounts": self.mounts, "network_mode": "host",
             "labels": {LABEL_KEY: LABEL_VALUE}, "shm_size": self.shm_size, "stdin_open": False,
+            # docker-init as PID 1: it forwards SIGTERM (a bare PID 1 ignores it until the server installs
+            # a handler, so `stop` during start-up would wait out the grace period) and reaps children.
+            "init": True,
             # vLLM CPU pins its threads and sets NUMA memory policy: Docker's default seccomp profile
             # allows mbind/set_mempolicy only with CAP_SYS_NICE.
             "cap_add": ["SYS_NICE"],
+            # vLLM raises its own open-files limit where it can; in a container it cannot.
+            "ulimits": [Ulimit(name="nofile", soft=65536, hard=65536)],
         }
         if self.entrypoint is not None:
             kw["entrypoint"] = self.entrypoint
+        if self.seccomp_unconfined:
+            kw["security_opt"] = ["seccomp=unconfined"]
         if self.gpus:
             kw["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         return kw

@@ -144,5 +144,5 @@ def container_spec(config: ServeConfig, spec: ServerSpec, ctx: DockerContext) ->
         SHARED_COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
         mounts.append(Mount("/root/.cache/vllm", str(SHARED_COMPILE_CACHE), type="bind"))
     return ContainerSpec(ctx.image.id, list(spec.argv), env, mounts, ctx.image.entrypoint,
-                         gpus=ctx.variant == "cuda")
+                         gpus=ctx.variant == "cuda", seccomp_unconfined=ctx.variant == "cpu")
 
