@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm or args.vllm_only:
             from harness import vllm_image
 
-            server = vllm_image.ensure(client, variant_for(args.device), args.rebuild)
+            server = vllm_image.ensure(client, variant_for(args.device), args.rebuild, pull=True)
             print(f"images: {server.tag:28} {server.id[:19]}")
     except (ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")

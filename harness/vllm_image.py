@@ -121,8 +121,9 @@ def build_cpu(client: docker.DockerClient, rebuild: bool = False, log: img.Log =
     return VllmImage(CPU_TAG, image.id, "cpu", None, dict(image.labels or {}))
 
 
-def cuda_image(client: docker.DockerClient, pull: bool = True, log: img.Log = print) -> VllmImage:
-    """The official image, pulled if missing and allowed; ImageError naming the fix otherwise."""
+def cuda_image(client: docker.DockerClient, pull: bool = False, log: img.Log = print) -> VllmImage:
+    """The official image; pulled if missing only when `pull` (scripts/build-images.sh --device cuda
+    --vllm), never behind a serve run's back. ImageError naming the fix otherwise."""
     image = img._image(client, CUDA_IMAGE)
     if image is None and pull:
         log(f"images: pulling {CUDA_IMAGE}")
@@ -135,14 +136,17 @@ def cuda_image(client: docker.DockerClient, pull: bool = True, log: img.Log = pr
                 "HARNESS_VLLM_CUDA_IMAGE to a vLLM OpenAI-server image you have") from exc
         image = img._image(client, CUDA_IMAGE)
     if image is None:
-        raise img.ImageError(f"the vLLM image {CUDA_IMAGE} is not present: docker pull {CUDA_IMAGE} "
-                             "(or set HARNESS_VLLM_CUDA_IMAGE)")
+        raise img.ImageError(f"the vLLM image {CUDA_IMAGE} is not present: `docker pull {CUDA_IMAGE}` or "
+                             "`scripts/build-images.sh --device cuda --vllm-only` (or set HARNESS_VLLM_CUDA_IMAGE "
+                             "to a vLLM OpenAI-server image you have; or --device cpu for harness-vllm:cpu)")
     return VllmImage(CUDA_IMAGE, image.id, "cuda", CUDA_ENTRYPOINT, dict(image.labels or {}))
 
 
-def ensure(client: docker.DockerClient, variant: str, rebuild: bool = False, log: img.Log = print) -> VllmImage:
-    """The server image for this variant: built (CPU) or pulled (CUDA) when missing."""
-    return cuda_image(client, log=log) if variant == "cuda" else build_cpu(client, rebuild, log)
+def ensure(client: docker.DockerClient, variant: str, rebuild: bool = False, log: img.Log = print,
+           pull: bool = False) -> VllmImage:
+    """The server image for this variant: built (CPU) when missing or stale; CUDA: present, or pulled
+    when `pull`."""
+    return cuda_image(client, pull, log) if variant == "cuda" else build_cpu(client, rebuild, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     client = docker.from_env(timeout=1800)
     try:
-        image = ensure(client, img.variant_for(args.device), args.rebuild)
+        image = ensure(client, img.variant_for(args.device), args.rebuild, pull=True)
     except (img.ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")
         return 1

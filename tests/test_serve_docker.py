@@ -102,6 +102,15 @@ def test_docker_runner_refuses_what_it_cannot_do(client, tmp_path: Path) -> None
     assert not _server_containers(client)
 
 
+def test_missing_cuda_image_is_named_not_pulled(client, tmp_path: Path, monkeypatch) -> None:
+    """NVIDIA hosts use the official image; where it is missing the fix is named and nothing is pulled."""
+    monkeypatch.setattr(vllm_image, "CUDA_IMAGE", "harness-test/no-such-vllm:none")
+    out = run_serve(_config(tmp_path, device="cuda"), log=lambda m: None)
+    assert out.exit_code == EXIT_USAGE and "docker pull harness-test/no-such-vllm:none" in (out.error or "")
+    runner, why = docker_setup.choose_runner(ServeConfig(runner="auto", device="cuda"))
+    assert runner == "local" and "missing" in why and "docker pull" in why
+
+
 def test_full_docker_run(client, tmp_path: Path) -> None:
     """A real container serving synthetic:tiny: cold + warm, every artifact, container memory, removed."""
     cfg = _config(tmp_path)

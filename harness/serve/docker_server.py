@@ -18,7 +18,7 @@ from typing import Any
 import docker
 import requests
 from docker.errors import DockerException, NotFound
-from docker.types import DeviceRequest, Mount, Ulimit
+from docker.types import DeviceRequest, Mount
 
 from harness.runners.docker_stats import StatsMonitor
 from harness.serve.server import ReadinessMixin, ServerDiedError, ServerError, check_port_free, describe_exit
@@ -55,8 +55,6 @@ class ContainerSpec:
             # vLLM CPU pins its threads and sets NUMA memory policy: Docker's default seccomp profile
             # allows mbind/set_mempolicy only with CAP_SYS_NICE.
             "cap_add": ["SYS_NICE"],
-            # vLLM raises its own open-files limit where it can; in a container it cannot.
-            "ulimits": [Ulimit(name="nofile", soft=65536, hard=65536)],
         }
         if self.entrypoint is not None:
             kw["entrypoint"] = self.entrypoint

@@ -69,7 +69,7 @@ def choose_runner(config: ServeConfig) -> tuple[str, str]:
     if state == "ok":
         return "docker", f"Docker {version} answers and the vLLM image {image} is present"
     if config.runner == "docker":
-        return "docker", f"--runner docker; the vLLM image {image} is {state} and will be built or pulled"
+        return "docker", f"--runner docker; the vLLM image {image} is {state} ({detail})"
     if variant == "cpu" and _can_build_cpu_base():
         return "docker", f"Docker {version} answers; the vLLM image {image} is {state} and will be built " \
                          "(several minutes, once)"
