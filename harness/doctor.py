@@ -48,9 +48,17 @@ def docker_rows() -> list[Row]:
         rows.append((f"probe images {images.tag_for('<allocator>', variant)}", ok,
                      ", ".join(f"{a} {s}" for a, s in status.items()),
                      f"scripts/build-images.sh --device {variant}"))
-    leftovers = client.containers.list(all=True, filters={"label": LABEL_FILTER})
-    rows.append(("no leftover probe containers", not leftovers, f"{len(leftovers)} found",
-                 f"docker rm -f $(docker ps -aq --filter label={LABEL_FILTER})"))
+    from harness import vllm_image
+
+    for variant in ("cpu", "cuda") if "nvidia" in runtimes else ("cpu",):
+        state, detail = vllm_image.status(client, variant)
+        tag = vllm_image.CUDA_IMAGE if variant == "cuda" else vllm_image.CPU_TAG
+        fix = f"docker pull {tag}" if variant == "cuda" else "scripts/build-images.sh --vllm-only"
+        rows.append((f"vLLM server image {tag}", state == "ok", state if state != "ok" else detail, fix))
+    for label in (LABEL_FILTER, "harness=server"):
+        leftovers = client.containers.list(all=True, filters={"label": label})
+        rows.append((f"no leftover {label.split('=')[1]} containers", not leftovers, f"{len(leftovers)} found",
+                     f"docker rm -f $(docker ps -aq --filter label={label})"))
     client.close()
     return rows
 

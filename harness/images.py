@@ -302,13 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allocators", default=",".join(KNOWN))
     p.add_argument("--rebuild", action="store_true", help="rebuild even when the images are current")
     p.add_argument("--no-driver", action="store_true", help="skip harness-driver (compose's alloc services)")
+    p.add_argument("--vllm", action="store_true",
+                   help="also the vLLM server image (CPU: build harness-vllm:cpu; cuda: pull vllm/vllm-openai)")
+    p.add_argument("--vllm-only", action="store_true", help="only the vLLM server image")
     args = p.parse_args(argv)
-    client = docker.from_env(timeout=600)
+    client = docker.from_env(timeout=1800)
+    images: dict[str, ProbeImage] = {}
     try:
-        images = ensure_images(client, args.allocators.split(","), variant_for(args.device), args.rebuild)
-        if not args.no_driver:
-            driver = ensure_driver(client, args.rebuild)
-            print(f"images: {DRIVER_TAG:28} {driver.id[:19]}")
+        if not args.vllm_only:
+            images = ensure_images(client, args.allocators.split(","), variant_for(args.device), args.rebuild)
+            if not args.no_driver:
+                driver = ensure_driver(client, args.rebuild)
+                print(f"images: {DRIVER_TAG:28} {driver.id[:19]}")
+        if args.vllm or args.vllm_only:
+            from harness import vllm_image
+
+            server = vllm_image.ensure(client, variant_for(args.device), args.rebuild, pull=True)
+            print(f"images: {server.tag:28} {server.id[:19]}")
     except (ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")
         return 1

@@ -41,12 +41,16 @@ def requirement_specs(with_torch: bool, requirements: Path = REQUIREMENTS) -> li
     return ([TORCH_CPU] if with_torch else []) + [ln for ln in lines if ln]
 
 
-def _platform_args(python_version: str) -> list[str]:
+def _platform_args(python_version: str, max_glibc: int | None = None) -> list[str]:
+    """pip download's target: this Python, manylinux wheels up to glibc 2.28 (or 2.<max_glibc>)."""
     arch = platform.machine()
     abi = "cp" + python_version.replace(".", "")
     args = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
             "--abi", abi, "--abi", "abi3", "--abi", "none"]
-    for plat in ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "linux"):
+    plats = ["manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "linux"]
+    if max_glibc:
+        plats = [f"manylinux_2_{m}" for m in range(max_glibc, 16, -1)] + ["manylinux2014", "linux"]
+    for plat in plats:
         args += ["--platform", f"{plat}_{arch}"]
     return args + ["--platform", "any"]
 
@@ -57,10 +61,16 @@ def wheel_name_version(filename: str) -> tuple[str, str]:
 
 
 def ensure(python_version: str, with_torch: bool, root: Path = WHEELHOUSE, rebuild: bool = False,
-           log: Callable[[str], None] = print, requirements: Path = REQUIREMENTS, name: str | None = None) -> Path:
-    """The wheelhouse directory for this Python and torch choice, downloaded if not yet there."""
+           log: Callable[[str], None] = print, requirements: Path = REQUIREMENTS, name: str | None = None,
+           exclude: tuple[str, ...] = (), max_glibc: int | None = None) -> Path:
+    """The wheelhouse directory for this Python and torch choice, downloaded if not yet there.
+    `exclude`: distributions dropped after the download (installed with --no-deps then);
+    `max_glibc`: accept manylinux wheels up to glibc 2.<max_glibc> (the image's glibc)."""
     specs = requirement_specs(with_torch, requirements)
-    spec_hash = hashlib.sha256(json.dumps([python_version, platform.machine(), specs]).encode()).hexdigest()
+    key: list[Any] = [python_version, platform.machine(), specs]
+    if exclude or max_glibc:
+        key += [sorted(exclude), max_glibc]
+    spec_hash = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     name = name or ("torch-cpu" if with_torch else "no-torch")
     dest = root / f"cp{python_version.replace('.', '')}-{name}"
     manifest_path = dest / "manifest.json"
@@ -71,7 +81,7 @@ def ensure(python_version: str, with_torch: bool, root: Path = WHEELHOUSE, rebui
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest),
-           *_platform_args(python_version)]
+           *_platform_args(python_version, max_glibc)]
     if os.environ.get("HARNESS_TORCH_INDEX_URL"):  # e.g. https://download.pytorch.org/whl/cpu
         cmd += ["--extra-index-url", os.environ["HARNESS_TORCH_INDEX_URL"]]
     log(f"wheelhouse: pip download {' '.join(specs)} -> {dest}")
@@ -82,13 +92,17 @@ def ensure(python_version: str, with_torch: bool, root: Path = WHEELHOUSE, rebui
                               "Where torch's CPU wheel is not on your index, set "
                               "HARNESS_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
     wheels = []
+    dropped = {e.replace("_", "-").lower() for e in exclude}
     for path in sorted(dest.glob("*.whl")):
         name, version = wheel_name_version(path.name)
+        if name in dropped:
+            path.unlink()
+            continue
         wheels.append({"name": name, "version": version, "file": path.name, "sha256": sha256_file(path)})
     (dest / "requirements.txt").write_text("".join(
         f"{w['name']}=={w['version']} --hash=sha256:{w['sha256']}\n" for w in wheels))
     manifest: dict[str, Any] = {"python": python_version, "machine": platform.machine(), "specs": specs,
-                                "spec_hash": spec_hash, "wheels": wheels}
+                                "spec_hash": spec_hash, "excluded": sorted(dropped), "wheels": wheels}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
 

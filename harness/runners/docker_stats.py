@@ -69,6 +69,7 @@ class StatsMonitor:
     container: Any
     peaks: MemoryPeaks = field(default_factory=MemoryPeaks)
     error: str | None = None
+    latest: tuple[int, int] | None = None  # (usage, working set) in bytes, from the last sample
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -79,6 +80,10 @@ class StatsMonitor:
         try:
             for sample in self.container.stats(stream=True, decode=True):
                 self.peaks.add(sample)
+                mem = sample.get("memory_stats") or {}
+                ws = working_set_bytes(mem)
+                if ws is not None:
+                    self.latest = (mem["usage"], ws)
         except Exception as exc:  # the container was removed, or the daemon went away
             self.error = f"{type(exc).__name__}: {exc}"
 

@@ -28,7 +28,9 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--engine", type=click.Choice(["vllm", "transformers", "custom"]), default="vllm",
               show_default=True)
 @click.option("--runner", type=click.Choice(["local", "docker", "auto"]), default="local", show_default=True,
-              help="local: the server runs as a process group here (docker: not yet for serve).")
+              help="local: a process group here; docker: a container of harness-vllm:cpu (CPU) or "
+                   "vllm/vllm-openai (NVIDIA), vLLM only; auto: docker when the engine answers and the image "
+                   "is there or can be built, else local (it says which and why).")
 @click.option("--model", default="synthetic:tiny", show_default=True,
               help="synthetic:tiny | synthetic:phi3-mini | hub id (offline cache) | local directory.")
 @click.option("--url", default=None,

@@ -58,30 +58,70 @@ def server_env(config: ServeConfig) -> dict[str, str]:
     return env
 
 
-def build(config: ServeConfig) -> ServerSpec:
-    """Raises ConfigError (unknown model, missing environment) before anything is started."""
+CONTAINER_MODELS = "/models"
+
+
+def container_model_path(model_dir: str) -> str:
+    """Where a local model directory appears inside the server container (bind-mounted read-only)."""
+    return f"{CONTAINER_MODELS}/{Path(model_dir).resolve().name}"
+
+
+def vllm_args(config: ServeConfig, spec: ModelSpec, model: str) -> list[str]:
+    """vLLM OpenAI-server options (after `python -m vllm.entrypoints.openai.api_server`)."""
+    served = config.served_model_name or config.model
+    args = ["--model", model, "--served-model-name", served, "--host", config.host, "--port", str(config.port)]
+    if spec.kind == "synthetic":
+        args += ["--load-format", "dummy"]
+    if config.dtype:
+        args += ["--dtype", config.dtype]
+    if config.max_model_len:
+        args += ["--max-model-len", str(config.max_model_len)]
+    if config.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    return args + list(config.extra_args)
+
+
+def container_env(config: ServeConfig) -> dict[str, str]:
+    """The server container's environment: only what the server needs, nothing of the host's."""
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": config.host,
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
+    }
+
+
+def build(config: ServeConfig, runner: str = "local") -> ServerSpec:
+    """Raises ConfigError (unknown model, missing environment) before anything is started.
+    runner "docker": `argv` holds the arguments for the image's vLLM entrypoint, the model as seen
+    inside the container; `model_dir` stays the host directory to mount."""
     try:
         spec = parse_model(config.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     env = server_env(config)
+    if runner == "docker":
+        if config.engine != "vllm":
+            raise ConfigError(f"--runner docker serves --engine vllm only, not {config.engine!r}: "
+                              "use --runner local")
+        if config.server_preload:
+            raise ConfigError("--server-preload names a host library: it cannot apply to --runner docker")
+        model_dir = model_dir_for(spec, config, weights=False)
+        inside = container_model_path(model_dir) if os.path.isdir(model_dir) else model_dir
+        served = config.served_model_name or config.model
+        return ServerSpec(vllm_args(config, spec, inside), container_env(config), served, model_dir)
     if config.engine == "vllm":
         if not os.path.exists(config.vllm_python):
             raise ConfigError(f"vLLM environment not found: {config.vllm_python} "
                               "(run scripts/setup-vllm.sh or pass --vllm-python)")
         model_dir = model_dir_for(spec, config, weights=False)
         served = config.served_model_name or config.model
-        argv = [config.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-                "--served-model-name", served, "--host", config.host, "--port", str(config.port)]
-        if spec.kind == "synthetic":
-            argv += ["--load-format", "dummy"]
-        if config.dtype:
-            argv += ["--dtype", config.dtype]
-        if config.max_model_len:
-            argv += ["--max-model-len", str(config.max_model_len)]
-        if config.gpu_memory_utilization is not None:
-            argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
-        return ServerSpec(argv + list(config.extra_args), env, served, model_dir)
+        argv = [config.vllm_python, "-m", "vllm.entrypoints.openai.api_server"]
+        return ServerSpec(argv + vllm_args(config, spec, model_dir), env, served, model_dir)
     if config.engine == "transformers":
         model_dir = model_dir_for(spec, config, weights=True)
         argv = [*shlex.split(config.transformers_cmd), "serve", model_dir, "--host", config.host,

@@ -149,8 +149,13 @@ def memory_section(sampler: MemorySampler) -> list[str]:
         for j in js:
             lines.append(f"| {j.server} | {j.series} | {_f0(j.before_cold)} | {_f0(j.after_cold)} | "
                          f"{_f0(j.after_warm)} | {_mb(j.cold_jump)} | {_mb(j.warm_jump)} |")
-    lines.append(f"\nSampled at {sampler.hz:g} Hz ({len(sampler.rows)} samples); server RSS is the sum "
-                 "over the server's process tree (shared pages counted in each process). "
+    if sampler.has_container:
+        host = ("container usage and working set come from the Docker engine's stats stream (a new value "
+                "about once a second, held between values), computed as `docker stats` does: working set = "
+                "usage − inactive file cache")
+    else:
+        host = "server RSS is the sum over the server's process tree (shared pages counted in each process)"
+    lines.append(f"\nSampled at {sampler.hz:g} Hz ({len(sampler.rows)} samples); {host}. "
                  "Timeline: `memory_timeline.csv`, `memory_timeline.png`.")
     return lines
 
@@ -166,7 +171,7 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     if error:
         out += [f"**Run stopped early:** {error}", ""]
     where = (f"attached to {config.url}" if config.attach
-             else f"{config.cold_starts} fresh server(s), runner local")
+             else f"{config.cold_starts} fresh server(s), runner {config.runner}")
     gaps = f", idle gaps {list(config.idle_gaps)} s" if config.idle_gaps else ""
     out += [f"{where}; {config.warm_requests} warm request(s) per server, max_tokens {config.max_tokens}, "
             f"mode {config.request_mode}{gaps}.", ""]

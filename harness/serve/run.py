@@ -6,6 +6,7 @@ stopped, the fault (exit code, log tail) goes into the report, and what was meas
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -23,9 +24,10 @@ import psutil
 
 from harness import environment
 from harness.results import ResultsDir, ResultsError
-from harness.serve import engines, metrics, phases, report, timeline
+from harness.serve import docker_setup, engines, metrics, phases, report, timeline
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request
 from harness.serve.config import ConfigError, ServeConfig
+from harness.serve.docker_server import DockerServer
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import (
     LocalServer,
@@ -80,11 +82,14 @@ def listening_pid(url: str) -> int | None:
 class _Session:
     """State of one run_serve call."""
 
-    def __init__(self, config: ServeConfig, results: ResultsDir, log: Callable[[str], None]) -> None:
+    def __init__(self, config: ServeConfig, results: ResultsDir, log: Callable[[str], None],
+                 docker_ctx: docker_setup.DockerContext | None = None) -> None:
         self.config = config
+        self.docker = docker_ctx
         self.results = results
         self.log = log
         self.sampler = MemorySampler(hz=config.sample_hz, enabled=config.sampler)
+        self.sampler.has_container = docker_ctx is not None  # container memory, not a process tree's RSS
         self.requests: list[dict[str, Any]] = []
         self.startups: list[dict[str, Any]] = []
         self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
@@ -155,20 +160,30 @@ class _Session:
         log_path = self.results.path(f"serve/server-{k}.log")
         env = dict(spec.env)
         cache_dir = None
-        if cfg.engine == "vllm" and cfg.compile_cache == "fresh":
+        if cfg.engine == "vllm" and cfg.compile_cache == "fresh" and self.docker is None:
             cache_dir = tempfile.mkdtemp(prefix=f"harness-vllm-cache-s{k}-")
             env["VLLM_CACHE_ROOT"] = cache_dir
-        server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
+        server: LocalServer | DockerServer
+        if self.docker is not None:  # a new container starts with an empty compile cache anyway
+            server = DockerServer(self.docker.client, docker_setup.container_spec(cfg, spec, self.docker),
+                                  cfg.host, cfg.port, log_path)
+        else:
+            server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
         rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
-                               "runner": "local", "argv": spec.argv, "started_at": _now_iso(),
+                               "runner": cfg.runner, "argv": spec.argv, "started_at": _now_iso(),
                                "log": f"serve/server-{k}.log"}
         ready = None
         try:
-            self.log(f"server {k}: starting {cfg.engine} on {cfg.host}:{cfg.port}")
+            where = f" in a container of {self.docker.image.tag}" if self.docker else ""
+            self.log(f"server {k}: starting {cfg.engine}{where} on {cfg.host}:{cfg.port}")
             t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
             server.start()
             rec["pid"] = server.pid
-            self.sampler.set_root(server.pid)
+            if isinstance(server, DockerServer):
+                rec["container_name"] = server.name
+                self.sampler.set_container(server.monitor)  # container memory instead of the tree's RSS
+            else:
+                self.sampler.set_root(server.pid)
             ready = server.wait_ready(cfg.health_timeout_s, spec.served_model)
             t_ready = self.sampler.mark(f"s{k} ready", "ready")
             model = spec.served_model or ready.models[0]
@@ -199,6 +214,9 @@ class _Session:
             if cache_dir:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             self.sampler.set_root(None)
+            self.sampler.set_container(None)
+            if isinstance(server, DockerServer):
+                rec["container"] = server.describe()
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)
             ph, unaccounted = phases.phases(server.lines, ready.health_s if ready else server.since_spawn())
@@ -251,27 +269,49 @@ def _request_line(r: dict[str, Any]) -> str:
 def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> ServeOutcome:
     """Runs the serve experiment. exit_code 0: all measured; 1: a fault (partial results kept);
     2: unusable options (nothing started); 130: interrupted."""
+    requested = config.runner
     try:
         config.validate()
-        spec = None if config.attach else engines.build(config)
+        runner, why = docker_setup.choose_runner(config)
+        if requested == "auto" and not config.attach:
+            log(f"runner auto: {runner} ({why})")
+        config = dataclasses.replace(config, runner=runner)
+        spec = None if config.attach else engines.build(config, runner)
         results = ResultsDir(config.out)
         results.ensure_writable()
     except (ConfigError, ResultsError) as exc:
         log(f"error: {exc}")
         return ServeOutcome(EXIT_USAGE, str(exc))
-    if config.runner == "docker":
-        log("error: --runner docker for serve is not implemented yet; use --runner local")
-        return ServeOutcome(EXIT_USAGE, "docker runner not implemented for serve")
-    if config.runner == "auto" and not config.attach:
-        log("runner auto: local (the docker runner for serve is not implemented yet)")
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
         log(f"error: {msg}")
         return ServeOutcome(EXIT_USAGE, msg)
-    results.write_json(CONFIG_FILE, config.to_dict())
-    results.write_json("serve/environment.json", environment.collect({"serve_engine": config.engine,
-                                                                      "vllm_python": config.vllm_python}))
-    session = _Session(config, results, log)
+    try:
+        docker_ctx = docker_setup.prepare(config, log) if runner == "docker" else None
+    except ConfigError as exc:
+        log(f"error: {exc}")
+        return ServeOutcome(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        log("interrupted while preparing the vLLM image: nothing was started")
+        return ServeOutcome(EXIT_INTERRUPTED, "interrupted")
+    try:
+        return _run(config, results, spec, docker_ctx, log, {"runner_requested": requested, "runner_reason": why})
+    finally:
+        if docker_ctx is not None:
+            docker_ctx.close()
+
+
+def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
+         docker_ctx: docker_setup.DockerContext | None, log: Callable[[str], None],
+         runner_info: dict[str, str]) -> ServeOutcome:
+    results.write_json(CONFIG_FILE, {**config.to_dict(), **runner_info})
+    extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner, **runner_info}
+    if docker_ctx is not None:
+        extra["docker"] = docker_ctx.describe()
+    else:
+        extra["vllm_python"] = config.vllm_python
+    results.write_json("serve/environment.json", environment.collect(extra))
+    session = _Session(config, results, log, docker_ctx)
     error = None
     code = EXIT_OK
     session.sampler.start()

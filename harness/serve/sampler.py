@@ -1,4 +1,7 @@
-"""Memory timeline: GPU memory per device (NVML) and the server tree's RSS, with event markers.
+"""Memory timeline: GPU memory per device (NVML) and the server's host memory, with event markers.
+
+Host memory: the RSS of the server's process tree (local runner), or the container's memory usage
+and working set from the engine's stats stream (docker runner; about one new value a second).
 
 One sampler thread runs from before the first server starts until after the last request. Times
 are seconds since the sampler started (`time.perf_counter()`, the same clock as the client).
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+
+from harness.runners.docker_stats import MB, StatsMonitor
 
 CHILD_REFRESH_S = 1.0  # re-list the server's children at most this often (cheap on 2 cores)
 
@@ -61,7 +66,9 @@ class MemorySampler:
     t0: float = field(default_factory=time.perf_counter)
     gpu_reason: str | None = None
     n_gpus: int = 0
+    has_container: bool = False  # a docker-run server was sampled: container columns in the CSV
     _root: int | None = None
+    _monitor: StatsMonitor | None = None
     _procs: list[psutil.Process] = field(default_factory=list)
     _procs_at: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -86,6 +93,18 @@ class MemorySampler:
             self._root = pid
             self._procs = []
             self._procs_at = 0.0
+
+    def set_container(self, monitor: StatsMonitor | None) -> None:
+        """The stats stream of the server's container (None: between servers)."""
+        with self._lock:
+            self._monitor = monitor
+            if monitor is not None:
+                self.has_container = True
+
+    def _container_mb(self) -> tuple[float | None, float | None]:
+        monitor = self._monitor
+        latest = monitor.latest if monitor is not None else None
+        return (None, None) if latest is None else (latest[0] / MB, latest[1] / MB)
 
     def pause(self) -> None:
         """Stop sampling until resume() (the thread blocks; used to measure the sampler's own cost)."""
@@ -134,7 +153,12 @@ class MemorySampler:
                     self._active.wait()
                     next_t = time.perf_counter()
                     continue
-                row: dict[str, Any] = {"t_s": self.now(), "server_rss_mb": self._rss_mb()}
+                row: dict[str, Any] = {"t_s": self.now()}
+                rss = self._rss_mb()
+                if rss is not None or not self.has_container:  # docker runs: container columns instead
+                    row["server_rss_mb"] = rss
+                if self.has_container:
+                    row["container_usage_mb"], row["container_working_set_mb"] = self._container_mb()
                 if gpus.handles:
                     for i, used in enumerate(gpus.used_mb()):
                         row[f"gpu{i}_used_mb"] = used
@@ -157,7 +181,11 @@ class MemorySampler:
         self.stop()
 
     def columns(self) -> list[str]:
-        return ["t_s", "server_rss_mb", *[f"gpu{i}_used_mb" for i in range(self.n_gpus)], "marker"]
+        gpus = [f"gpu{i}_used_mb" for i in range(self.n_gpus)]
+        if not self.has_container:
+            return ["t_s", "server_rss_mb", *gpus, "marker"]
+        rss = ["server_rss_mb"] if any(r.get("server_rss_mb") is not None for r in self.rows) else []
+        return ["t_s", *rss, "container_usage_mb", "container_working_set_mb", *gpus, "marker"]
 
     def csv_rows(self) -> list[dict[str, Any]]:
         """Samples and markers merged in time order; a marker row carries only t_s and its label."""

@@ -77,6 +77,11 @@ def describe_exit(code: int | None) -> str:
             return f"killed by {signal.Signals(-code).name} (exit code {code})"
         except ValueError:
             return f"killed by signal {-code} (exit code {code})"
+    if 128 < code < 160:  # a container's (or a shell's) way of saying "killed by signal N"
+        try:
+            return f"exited with code {code} (128 + {signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
     return f"exited with code {code}"
 
 
@@ -123,8 +128,51 @@ class Readiness:
     models: list[str]
 
 
+class ReadinessMixin:
+    """/health then /v1/models polling, shared by the local and the docker server. Needs
+    `base_url`, `check_alive(during)`, `since_spawn()` and `log_tail()`."""
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    def check_alive(self, during: str, grace_s: float = 0.0) -> None:
+        raise NotImplementedError
+
+    def since_spawn(self) -> float:
+        raise NotImplementedError
+
+    def log_tail(self, n: int = 25) -> list[str]:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout_s: float, expected_model: str | None) -> Readiness:
+        """Polls /health then /v1/models; raises on death, timeout or a model the server lacks."""
+        deadline = time.perf_counter() + timeout_s
+        health_s = None
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                self.check_alive("start-up")
+                if time.perf_counter() > deadline:
+                    raise HealthTimeoutError(f"server not healthy after {timeout_s:.0f} s (--health-timeout)",
+                                             None, self.log_tail())
+                try:
+                    if health_s is None:
+                        if client.get(self.base_url + "/health").status_code == 200:
+                            health_s = self.since_spawn()
+                    else:
+                        r = client.get(self.base_url + "/v1/models")
+                        if r.status_code == 200:
+                            models_s = self.since_spawn()
+                            models = [m.get("id") for m in r.json().get("data", [])]
+                            check_model(expected_model, models)
+                            return Readiness(health_s, models_s, models)
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.025)
+
+
 @dataclass
-class LocalServer:
+class LocalServer(ReadinessMixin):
     """One server process group. Use as a context manager: it is always stopped."""
 
     argv: list[str]
@@ -190,31 +238,6 @@ class LocalServer:
         code = self.poll()
         if code is not None:
             raise ServerDiedError(f"server {describe_exit(code)} during {during}", code, self.log_tail())
-
-    def wait_ready(self, timeout_s: float, expected_model: str | None) -> Readiness:
-        """Polls /health then /v1/models; raises on death, timeout or a model the server lacks."""
-        deadline = time.perf_counter() + timeout_s
-        health_s = None
-        with httpx.Client(timeout=5.0) as client:
-            while True:
-                self.check_alive("start-up")
-                if time.perf_counter() > deadline:
-                    raise HealthTimeoutError(f"server not healthy after {timeout_s:.0f} s (--health-timeout)",
-                                             None, self.log_tail())
-                try:
-                    if health_s is None:
-                        if client.get(self.base_url + "/health").status_code == 200:
-                            health_s = self.since_spawn()
-                    else:
-                        r = client.get(self.base_url + "/v1/models")
-                        if r.status_code == 200:
-                            models_s = self.since_spawn()
-                            models = [m.get("id") for m in r.json().get("data", [])]
-                            check_model(expected_model, models)
-                            return Readiness(health_s, models_s, models)
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.025)
 
     def pids(self) -> list[int]:
         return [p.pid for p in process_tree(self.pid)] if self.pid else []

@@ -1,0 +1,148 @@
+"""Choosing the runner for `harness serve` and preparing the docker one: engine, image, container spec."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.types import Mount
+
+from harness import images as img
+from harness import vllm_image, wheelhouse
+from harness.runners.base import RunnerError
+from harness.runners.docker_runner import _can_build_cpu_base, connect
+from harness.serve.config import ConfigError, ServeConfig
+from harness.serve.docker_server import ContainerSpec, DockerErrors, remove_exited_leftovers
+from harness.serve.engines import ServerSpec, container_model_path
+
+SHARED_COMPILE_CACHE = Path.home() / ".cache" / "harness" / "vllm-docker"
+
+
+def detect_variant(device: str) -> str:
+    """'cuda' or 'cpu' for the server image: --device, else whether NVML sees a GPU."""
+    if device.startswith("cuda"):
+        return "cuda"
+    if device == "cpu":
+        return "cpu"
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return "cuda" if pynvml.nvmlDeviceGetCount() > 0 else "cpu"
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library or no driver: a CPU host
+        return "cpu"
+
+
+def choose_runner(config: ServeConfig) -> tuple[str, str]:
+    """('local' | 'docker', why). Raises ConfigError when --runner docker cannot work here."""
+    if config.attach:
+        return "local", "attached to a running server (--url): nothing is started"
+    if config.runner == "local":
+        return "local", "--runner local"
+    if config.engine != "vllm":
+        if config.runner == "docker":
+            raise ConfigError(f"--runner docker serves --engine vllm only, not {config.engine!r}")
+        return "local", f"the docker runner serves vLLM only (engine {config.engine})"
+    try:
+        client = connect(timeout=10)
+    except RunnerError as exc:
+        if config.runner == "docker":
+            raise ConfigError(str(exc)) from exc
+        return "local", str(exc)
+    variant = detect_variant(config.device)
+    try:
+        state, detail = vllm_image.status(client, variant)
+        version = client.version().get("Version", "?")
+    except DockerErrors as exc:
+        if config.runner == "docker":
+            raise ConfigError(f"Docker daemon error: {exc}") from exc
+        return "local", f"Docker daemon error: {exc}"
+    finally:
+        client.close()
+    image = vllm_image.CUDA_IMAGE if variant == "cuda" else vllm_image.CPU_TAG
+    if state == "ok":
+        return "docker", f"Docker {version} answers and the vLLM image {image} is present"
+    if config.runner == "docker":
+        return "docker", f"--runner docker; the vLLM image {image} is {state} ({detail})"
+    if variant == "cpu" and _can_build_cpu_base():
+        return "docker", f"Docker {version} answers; the vLLM image {image} is {state} and will be built " \
+                         "(several minutes, once)"
+    return "local", f"Docker {version} answers but the vLLM image {image} is {state} ({detail})"
+
+
+@dataclass
+class DockerContext:
+    """The engine client and the server image, for the whole serve run."""
+
+    client: docker.DockerClient
+    image: vllm_image.VllmImage
+    variant: str
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            version = self.client.version()
+            info = self.client.info()
+        except DockerErrors:
+            version, info = {}, {}
+        return {"engine": version.get("Version"), "api": version.get("ApiVersion"),
+                "cgroup": info.get("CgroupVersion"), "cgroup_driver": info.get("CgroupDriver"),
+                "runtimes": sorted(info.get("Runtimes") or {}), "image": self.image.describe()}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def prepare(config: ServeConfig, log: Any) -> DockerContext:
+    """Connects, clears stopped leftovers, builds or pulls the image. ConfigError with the fix."""
+    try:
+        client = connect(timeout=1800)
+    except RunnerError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        removed, running = remove_exited_leftovers(client)
+        if removed:
+            log(f"docker: removed {removed} stopped harness=server container(s) left by an earlier run")
+        if running:
+            log(f"docker: harness=server container(s) still running: {', '.join(running)} "
+                "(remove with: docker rm -f $(docker ps -aq --filter label=harness=server))")
+        variant = detect_variant(config.device)
+        image = vllm_image.ensure(client, variant, log=log)
+    except (img.ImageError, wheelhouse.WheelhouseError) as exc:
+        client.close()
+        raise ConfigError(f"vLLM server image unavailable: {exc}") from exc
+    except DockerErrors as exc:
+        client.close()
+        raise ConfigError(f"Docker daemon error: {exc}") from exc
+    return DockerContext(client, image, variant)
+
+
+def _hf_cache_mount() -> tuple[list[Mount], dict[str, str]]:
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    if not hf_home.is_dir():
+        return [], {}
+    return [Mount("/hf", str(hf_home.resolve()), type="bind", read_only=True)], {"HF_HOME": "/hf"}
+
+
+def container_spec(config: ServeConfig, spec: ServerSpec, ctx: DockerContext) -> ContainerSpec:
+    """Image, arguments, environment and mounts of one server container."""
+    env = dict(spec.env)
+    mounts: list[Mount] = []
+    if spec.model_dir and os.path.isdir(spec.model_dir):
+        src = str(Path(spec.model_dir).resolve())
+        mounts.append(Mount(container_model_path(src), src, type="bind", read_only=True))
+    else:  # a hub id: the host's HF cache, read-only (offline)
+        hf_mounts, hf_env = _hf_cache_mount()
+        mounts += hf_mounts
+        env.update(hf_env)
+    if config.compile_cache == "shared":  # "fresh" is what a new container has anyway
+        SHARED_COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+        mounts.append(Mount("/root/.cache/vllm", str(SHARED_COMPILE_CACHE), type="bind"))
+    return ContainerSpec(ctx.image.id, list(spec.argv), env, mounts, ctx.image.entrypoint,
+                         gpus=ctx.variant == "cuda", seccomp_unconfined=ctx.variant == "cpu")
+
