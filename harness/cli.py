@@ -260,7 +260,7 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
 @click.option("--model", default=None, help="Same model for both experiments [default: as `harness alloc`].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
-              show_default=True, help="Runner of the allocator experiment.")
+              show_default=True, help="Runner of both experiments (probes and the server).")
 @click.option("--allocators", default="glibc,jemalloc", show_default=True)
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="vllm", show_default=True)
@@ -281,8 +281,8 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
                            runs=runs, out=out)
     if alloc_code == 130:
         sys.exit(130)
-    outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, cold_starts=cold_starts,
-                                    warm_requests=warm_requests, port=port,
+    outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, runner=runner_kind,
+                                    cold_starts=cold_starts, warm_requests=warm_requests, port=port,
                                     device=dev if engine == "transformers" else "auto"))
     index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
     click.echo(f"wrote {index}")
