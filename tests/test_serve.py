@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import wait_for
 
 from harness.serve import engines, metrics, phases
 from harness.serve.client import (
@@ -307,16 +308,6 @@ def _server_pids(harness: subprocess.Popen[str]) -> list[int]:
         return []
 
 
-def _wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.vllm
 @needs_vllm
 def test_vllm_full_local_run(tmp_path: Path) -> None:
@@ -351,7 +342,7 @@ def test_vllm_killed_mid_run_keeps_measured_requests(tmp_path: Path) -> None:
                  "--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
     reqs = out_dir / "serve/requests.jsonl"
     try:
-        _wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 400, "3 requests")
+        wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 400, "3 requests")
         pids = _server_pids(proc)
         assert pids, "no vLLM server child found"
         os.kill(pids[0], signal.SIGKILL)
@@ -393,7 +384,7 @@ def test_vllm_health_timeout_and_death_during_startup(tmp_path: Path) -> None:
 
 def _kill_first_server_after(log: Path, delay: float) -> None:
     """SIGKILL the vLLM API server that run_serve (in this process) started, `delay` s after spawn."""
-    _wait_for(log.exists, 60, "server log")
+    wait_for(log.exists, 60, "server log")
     time.sleep(delay)
     for p in psutil.Process().children():
         if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()):
@@ -406,7 +397,7 @@ def _kill_first_server_after(log: Path, delay: float) -> None:
 def test_vllm_sigterm_to_harness_stops_server(tmp_path: Path) -> None:
     proc = _cli(["--port", str(free_port()), "--model-cache", str(tmp_path / "m"),
                  "--out", str(tmp_path / "s")])
-    pids = _wait_for(lambda: _server_pids(proc), 60, "server spawn")
+    pids = wait_for(lambda: _server_pids(proc), 60, "server spawn")
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)

@@ -20,6 +20,7 @@ from pathlib import Path
 import docker
 import psutil
 import pytest
+from conftest import wait_for
 
 from harness import vllm_image
 from harness.runners.docker_runner import docker_available
@@ -70,16 +71,6 @@ def _cli(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "harness.serve", "--runner", "docker", "--device", "cpu",
                              *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-
-
-def _wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _server_containers(client: docker.DockerClient) -> list:  # type: ignore[type-arg]
@@ -155,7 +146,7 @@ def test_container_killed_mid_run_keeps_measured_requests(client, tmp_path: Path
                  "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
     reqs = out_dir / "serve/requests.jsonl"
     try:
-        _wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 500, "3 requests")
+        wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 500, "3 requests")
         listening = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
         assert listening == ["127.0.0.1"], listening  # loopback only, though the network is the host's
@@ -181,7 +172,7 @@ def test_container_killed_mid_run_keeps_measured_requests(client, tmp_path: Path
 def test_sigterm_to_harness_during_startup_removes_container(client, tmp_path: Path) -> None:
     proc = _cli(["--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(tmp_path / "s")])
     try:
-        _wait_for(lambda: [c for c in _server_containers(client) if c.status == "running"], 120, "container")
+        wait_for(lambda: [c for c in _server_containers(client) if c.status == "running"], 120, "container")
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=90)

@@ -100,10 +100,6 @@ class DockerServer(ReadinessMixin):
     _polled_at: float = 0.0
 
     @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
     def pid(self) -> int | None:
         """Host PID of the container's main process (the server), once started."""
         return self._pid
@@ -141,21 +137,11 @@ class DockerServer(ReadinessMixin):
                     buf += chunk
                     *done, buf = buf.split(b"\n")
                     for raw in done:
-                        self._line(log, raw)
+                        self.record_line(log, raw)
             except DockerErrors:
                 pass  # removed while streaming
             if buf:
-                self._line(log, buf)
-
-    def _line(self, log: Any, raw: bytes) -> None:
-        t = self.since_spawn()
-        line = raw.decode(errors="replace").rstrip("\r")
-        self.lines.append((t, line))
-        log.write(f"[{t:9.3f}] {line}\n")
-        log.flush()
-
-    def since_spawn(self) -> float:
-        return time.perf_counter() - self.t_spawn
+                self.record_line(log, buf)
 
     def poll(self, force: bool = False) -> int | None:
         """The exit code once the container has stopped (state asked at most every POLL_S)."""

@@ -129,17 +129,31 @@ class Readiness:
 
 
 class ReadinessMixin:
-    """/health then /v1/models polling, shared by the local and the docker server. Needs
-    `base_url`, `check_alive(during)`, `since_spawn()` and `log_tail()`."""
+    """What the local and the docker server share: the base URL, the spawn clock, log lines stamped
+    with their arrival time, and /health then /v1/models polling. Needs the fields `host`, `port`,
+    `t_spawn` and `lines`, and the methods `check_alive(during)` and `log_tail()`."""
+
+    host: str
+    port: int
+    t_spawn: float
+    lines: list[tuple[float, str]]
 
     @property
     def base_url(self) -> str:
-        raise NotImplementedError
-
-    def check_alive(self, during: str, grace_s: float = 0.0) -> None:
-        raise NotImplementedError
+        return f"http://{self.host}:{self.port}"
 
     def since_spawn(self) -> float:
+        return time.perf_counter() - self.t_spawn
+
+    def record_line(self, log: Any, raw: bytes) -> None:
+        """One line of server output, stamped with its arrival (s since spawn), kept and logged."""
+        t = self.since_spawn()
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        self.lines.append((t, line))
+        log.write(f"[{t:9.3f}] {line}\n")
+        log.flush()
+
+    def check_alive(self, during: str, grace_s: float = 0.0) -> None:
         raise NotImplementedError
 
     def log_tail(self, n: int = 25) -> list[str]:
@@ -186,10 +200,6 @@ class LocalServer(ReadinessMixin):
     exit_code: int | None = None
 
     @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
@@ -208,14 +218,7 @@ class LocalServer(ReadinessMixin):
         assert self.proc is not None and self.proc.stdout is not None
         with open(self.log_path, "w") as log:
             for raw in self.proc.stdout:
-                t = time.perf_counter() - self.t_spawn
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append((t, line))
-                log.write(f"[{t:9.3f}] {line}\n")
-                log.flush()
-
-    def since_spawn(self) -> float:
-        return time.perf_counter() - self.t_spawn
+                self.record_line(log, raw)
 
     def poll(self) -> int | None:
         if self.proc is None:
