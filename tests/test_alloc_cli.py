@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -159,3 +160,20 @@ def test_runs_jsonl_survives_a_truncated_last_line(tmp_path):
         fh.write('{"a": 2, "b"')  # killed mid-write
     assert results.read_jsonl("alloc/runs.jsonl") == [{"a": 1}]
     assert os.path.getsize(tmp_path / "alloc/runs.jsonl") > 0
+
+
+def test_local_runner_needs_no_docker_sdk(tmp_path):
+    """GPU hosts often have torch but not the Docker SDK: `auto` falls back to local, `docker` says why."""
+    blocked = ("import sys; sys.modules['docker'] = None; sys.argv[0] = 'harness'; "
+               "from harness.cli import main; main()")
+    cmd = [sys.executable, "-c", blocked]
+    proc = subprocess.run([*cmd, "alloc", "--runner", "auto", "--model", "synthetic:tiny", "--allocators", "glibc",
+                           "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4",
+                           "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runner auto: local" in proc.stdout + proc.stderr
+    run = json.loads((tmp_path / "a/alloc/runs.jsonl").read_text().splitlines()[0])
+    assert run["runner"] == "local" and run["verified"]
+    proc = subprocess.run([*cmd, "serve", "--runner", "docker", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "Docker SDK" in proc.stderr, proc.stderr[-2000:]

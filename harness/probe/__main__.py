@@ -80,6 +80,7 @@ def timed_generate(model, inputs: dict, max_new_tokens: int, device: str) -> dic
         "latency_s": t1 - t0,
         "ttft_s": ttft,
         "tpot_s": (statistics.fmean(gaps) if gaps else None),
+        "itl_s": [round(g, 7) for g in gaps],  # every inter-token gap: shows whether noise is bursty or steady
         "new_tokens": n_new,
         "output_ids": out[0].tolist(),
     }
@@ -106,6 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = parse_model(args.model)
     t_imported = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.empty(0, device=device)  # creates the CUDA context, timed apart from the model load
+    t_context = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(spec, device, dtype, seed=args.seed)
     _sync(device)
     t_loaded = time.perf_counter()
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warm_gens": args.warm_gens,
         "allocator": allocator,
         "import_s": t_imported - T_PROCESS_START,
-        "load_s": t_loaded - t_imported,
+        "device_init_s": t_context - t_imported,
+        "load_s": t_loaded - t_context,
         "cold": cold,
         "warm": warm,
         "gen_latency_s": statistics.median(g["latency_s"] for g in measured),

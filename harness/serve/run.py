@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
@@ -24,10 +24,9 @@ import psutil
 
 from harness import environment
 from harness.results import ResultsDir, ResultsError
-from harness.serve import docker_setup, engines, metrics, phases, report, timeline
+from harness.serve import engines, metrics, phases, report, timeline
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request
 from harness.serve.config import ConfigError, ServeConfig
-from harness.serve.docker_server import DockerServer
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import (
     LocalServer,
@@ -39,6 +38,10 @@ from harness.serve.server import (
     mapped_allocators,
     process_facts,
 )
+
+if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
+    from harness.serve.docker_server import DockerServer
+    from harness.serve.docker_setup import DockerContext
 
 REQUESTS_FILE = "serve/requests.jsonl"
 STARTUP_FILE = "serve/startup.jsonl"
@@ -83,7 +86,7 @@ class _Session:
     """State of one run_serve call."""
 
     def __init__(self, config: ServeConfig, results: ResultsDir, log: Callable[[str], None],
-                 docker_ctx: docker_setup.DockerContext | None = None) -> None:
+                 docker_ctx: DockerContext | None = None) -> None:
         self.config = config
         self.docker = docker_ctx
         self.results = results
@@ -165,7 +168,10 @@ class _Session:
             env["VLLM_CACHE_ROOT"] = cache_dir
         server: LocalServer | DockerServer
         if self.docker is not None:  # a new container starts with an empty compile cache anyway
-            server = DockerServer(self.docker.client, docker_setup.container_spec(cfg, spec, self.docker),
+            from harness.serve.docker_server import DockerServer
+            from harness.serve.docker_setup import container_spec
+
+            server = DockerServer(self.docker.client, container_spec(cfg, spec, self.docker),
                                   cfg.host, cfg.port, log_path)
         else:
             server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
@@ -179,7 +185,7 @@ class _Session:
             t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
             server.start()
             rec["pid"] = server.pid
-            if isinstance(server, DockerServer):
+            if self.docker is not None:
                 rec["container_name"] = server.name
                 self.sampler.set_container(server.monitor)  # container memory instead of the tree's RSS
             else:
@@ -215,7 +221,7 @@ class _Session:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             self.sampler.set_root(None)
             self.sampler.set_container(None)
-            if isinstance(server, DockerServer):
+            if self.docker is not None:
                 rec["container"] = server.describe()
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)
@@ -266,13 +272,28 @@ def _request_line(r: dict[str, Any]) -> str:
     return f"  {name:<10} wall {r['wall_s'] * 1e3:8.1f} ms  tokens {r.get('completion_tokens')}"
 
 
+_NO_DOCKER_SDK = "the Docker SDK for Python (pip package 'docker') is not importable"
+
+
+def _docker_setup(config: ServeConfig):
+    """The docker_setup module, or None where the Docker SDK is missing and the local runner can serve."""
+    try:
+        from harness.serve import docker_setup
+    except ImportError as exc:
+        if config.runner == "docker" and not config.attach:
+            raise ConfigError(f"--runner docker: {_NO_DOCKER_SDK} ({exc})") from None
+        return None
+    return docker_setup
+
+
 def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> ServeOutcome:
     """Runs the serve experiment. exit_code 0: all measured; 1: a fault (partial results kept);
     2: unusable options (nothing started); 130: interrupted."""
     requested = config.runner
     try:
         config.validate()
-        runner, why = docker_setup.choose_runner(config)
+        docker_setup = _docker_setup(config)
+        runner, why = docker_setup.choose_runner(config) if docker_setup else ("local", _NO_DOCKER_SDK)
         if requested == "auto" and not config.attach:
             log(f"runner auto: {runner} ({why})")
         config = dataclasses.replace(config, runner=runner)
@@ -287,7 +308,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
         log(f"error: {msg}")
         return ServeOutcome(EXIT_USAGE, msg)
     try:
-        docker_ctx = docker_setup.prepare(config, log) if runner == "docker" else None
+        docker_ctx = docker_setup.prepare(config, log) if docker_setup and runner == "docker" else None
     except ConfigError as exc:
         log(f"error: {exc}")
         return ServeOutcome(EXIT_USAGE, str(exc))
@@ -302,7 +323,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
 
 
 def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
-         docker_ctx: docker_setup.DockerContext | None, log: Callable[[str], None],
+         docker_ctx: DockerContext | None, log: Callable[[str], None],
          runner_info: dict[str, str]) -> ServeOutcome:
     results.write_json(CONFIG_FILE, {**config.to_dict(), **runner_info})
     extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner, **runner_info}
