@@ -118,6 +118,8 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "cold_latency_s": ((probe or {}).get("cold") or {}).get("latency_s"),
         "ttft_s": (probe or {}).get("ttft_s"),
         "tpot_s": (probe or {}).get("tpot_s"),
+        "itl_p25_s": (probe or {}).get("itl_p25_s"),
+        "itl_p50_s": (probe or {}).get("itl_p50_s"),
         "load_s": (probe or {}).get("load_s"),
         "import_s": (probe or {}).get("import_s"),
         "rss_mb": (probe or {}).get("peak_rss_mb"),

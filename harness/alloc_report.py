@@ -14,6 +14,7 @@ from harness.results import ResultsDir
 CSV_FILE = "alloc/allocator_latency_comparison.csv"
 SUMMARY_FILE = "alloc/summary.md"
 PLOT_FILE = "alloc/gen_latency.png"
+TRACE_FILE = "alloc/itl_trace.png"
 
 # The seed's four columns come first, exactly; the rest follow.
 CSV_COLUMNS = [
@@ -21,6 +22,8 @@ CSV_COLUMNS = [
     "n", "n_failed", "gen_latency_ci_low", "gen_latency_ci_high",
     "ratio_vs_baseline", "ratio_ci_low", "ratio_ci_high", "p_value", "significant",
     "wall_ratio_vs_baseline", "wall_p_value", "rss_diff_mb",
+    "itl_p25_s", "itl_p50_s", "itl_ratio_vs_baseline", "itl_ratio_ci_low", "itl_ratio_ci_high", "itl_p_value",
+    "itl_significant",
     "cold_latency_s", "ttft_s", "tpot_s", "load_s",
     "gpu_peak_allocated_mb", "gpu_peak_reserved_mb", "container_peak_mb", "container_working_set_peak_mb",
     "library", "version",
@@ -46,6 +49,7 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict
         lat = [r["gen_latency_s"] for r in mine]
         summary = stats.summarize(lat)
         comp = stats.compare(lat, [r["gen_latency_s"] for r in base_ok])
+        itl = stats.compare([r.get("itl_p25_s") for r in mine], [r.get("itl_p25_s") for r in base_ok])
         wall = stats.compare([r["wall_real_s"] for r in mine], [r["wall_real_s"] for r in base_ok])
         loaded = next((r["loaded_allocator"] for r in mine if r.get("loaded_allocator")), None) or {}
         rss = _median([r["rss_mb"] for r in mine])
@@ -66,6 +70,13 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict
             "wall_ratio_vs_baseline": wall.ratio,
             "wall_p_value": wall.p_value if name != baseline else None,
             "rss_diff_mb": rss - _median([r["rss_mb"] for r in base_ok]) if base_ok else None,
+            "itl_p25_s": _median([r.get("itl_p25_s") for r in mine]),
+            "itl_p50_s": _median([r.get("itl_p50_s") for r in mine]),
+            "itl_ratio_vs_baseline": itl.ratio,
+            "itl_ratio_ci_low": itl.ratio_ci_low,
+            "itl_ratio_ci_high": itl.ratio_ci_high,
+            "itl_p_value": itl.p_value if name != baseline else None,
+            "itl_significant": itl.significant if name != baseline else None,
             "cold_latency_s": _median([r["cold_latency_s"] for r in mine]),
             "ttft_s": _median([r["ttft_s"] for r in mine]),
             "tpot_s": _median([r["tpot_s"] for r in mine]),
@@ -77,9 +88,18 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict
             "library": loaded.get("malloc_library"),
             "version": loaded.get("version"),
             "_comparison": comp,
+            "_itl": itl,
             "_wall": wall,
         })
     return rows
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1000.0
+
+
+def _range(low: Any, high: Any) -> str:
+    return "–" if _fmt(low) == "–" and _fmt(high) == "–" else f"{_fmt(low)}–{_fmt(high)}"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -98,6 +118,8 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
         if row["allocator"] == baseline:
             continue
         bullets.append(stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency"))
+        if row["_itl"].n_candidate:
+            bullets.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)"))
         wall: stats.Comparison = row["_wall"]
         rss_diff = row["rss_diff_mb"]
         rss_text = ("–" if rss_diff is None or math.isnan(rss_diff)
@@ -110,23 +132,31 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
         f"Setup: {config.get('model')} on {records[0].get('device') if records else config.get('device')}, "
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
         f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
-        f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run.")
+        f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
+        "itl_p25_s = lower quartile of every inter-token gap of those calls.")
     if failed:
         reasons = sorted({r["failure"] or "unknown" for r in failed})
         bullets.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
     table = [[r["allocator"], _fmt(r["gen_latency_s"]),
-              f"{_fmt(r['gen_latency_ci_low'])}–{_fmt(r['gen_latency_ci_high'])}",
-              _fmt(r["ratio_vs_baseline"]), f"{_fmt(r['ratio_ci_low'])}–{_fmt(r['ratio_ci_high'])}",
-              _fmt(r["p_value"], 3), _fmt(r["wall_real_s"]), _fmt(r["rss_mb"]), _fmt(r["ttft_s"]),
-              _fmt(r["tpot_s"]), r["n"], r["n_failed"], f"{r['library'] or '(libc)'} {r['version'] or ''}".strip()]
+              _range(r["gen_latency_ci_low"], r["gen_latency_ci_high"]),
+              _fmt(r["ratio_vs_baseline"]), _range(r["ratio_ci_low"], r["ratio_ci_high"]),
+              _fmt(r["p_value"], 3), _fmt(_ms(r["itl_p25_s"])), _fmt(r["itl_ratio_vs_baseline"]),
+              _range(r["itl_ratio_ci_low"], r["itl_ratio_ci_high"]), _fmt(r["itl_p_value"], 3),
+              _fmt(r["wall_real_s"]), _fmt(r["rss_mb"]), r["n"], r["n_failed"],
+              f"{r['library'] or '(libc)'} {r['version'] or ''}".strip()]
              for r in rows]
     headers = ["allocator", "gen_latency_s", "95% CI", f"ratio vs {baseline}", "ratio CI", "p",
-               "wall_real_s", "rss_mb", "ttft_s", "tpot_s", "n", "failed", "loaded library"]
+               "itl_p25_ms", "ITL ratio", "ITL ratio CI", "ITL p", "wall_real_s", "rss_mb", "n", "failed",
+               "loaded library"]
     return ("# Allocator impact on generation latency\n\n"
-            + "\n".join(f"- {b}" for b in bullets[:5]) + "\n\n"
+            + "\n".join(f"- {b}" for b in bullets) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github") + "\n\n"
             "Medians over runs; CIs are 95 % percentile bootstrap intervals; p-values are two-sided "
-            "Mann–Whitney U tests of per-run gen_latency_s. Raw runs: `runs.jsonl`.\n")
+            "Mann–Whitney U tests of the per-run values. gen_latency_s is what a caller of `generate` waits; "
+            "itl_p25_s is the decode step a token takes when nothing else slows the host: where a shared host "
+            "slows stretches of a run (see `itl_trace.png`), it moves far less than gen_latency_s, so it "
+            "resolves smaller allocator effects, but it does not see allocator costs that only hit some tokens. "
+            "Raw runs: `runs.jsonl`.\n")
 
 
 def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: ResultsDir) -> None:
@@ -137,18 +167,64 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: Res
 
     runs = [r for r in measured(records) if r["status"] == "ok"]
     names = [r["allocator"] for r in rows]
-    data = [[r["gen_latency_s"] * 1000 for r in runs if r["allocator"] == n] for n in names]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 4))
-    ax.boxplot(data, showfliers=False)
-    ax.set_xticks(range(1, len(names) + 1), names)
-    for i, values in enumerate(data, start=1):
-        ax.scatter([i] * len(values), values, s=14, alpha=0.7, zorder=3)
-    ax.set_ylabel("gen_latency per run (ms, median of warm generates)")
-    ax.set_title("Generation latency by allocator")
-    ax.grid(axis="y", alpha=0.3)
+    panels = [("gen_latency_s", "gen_latency per run (ms)\nmedian of warm generates", "Generation latency")]
+    if any(r.get("itl_p25_s") is not None for r in runs):
+        panels.append(("itl_p25_s", "ITL p25 per run (ms)\nlower quartile of inter-token gaps", "Decode step"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.8 + 1.4 * len(names)), 4), squeeze=False)
+    for ax, (key, ylabel, title) in zip(axes[0], panels, strict=True):
+        data = [[r[key] * 1000 for r in runs if r["allocator"] == n and r.get(key) is not None] for n in names]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(names) + 1), names)
+        for i, values in enumerate(data, start=1):
+            ax.scatter([i] * len(values), values, s=14, alpha=0.7, zorder=3)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} by allocator")
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(results.path(PLOT_FILE), dpi=110)
     plt.close(fig)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ranked = sorted((r for r in runs if r.get("gen_latency_s") is not None), key=lambda r: r["gen_latency_s"])
+    return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+
+def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: ResultsDir) -> bool:
+    """Every inter-token gap of one run per allocator (its median run), in order: shows whether noise is
+    bursts of slow steps on a shared host or a steady shift. False when the probes kept no gaps."""
+    runs = [r for r in measured(records) if r["status"] == "ok"]
+    traces = []
+    for row in rows:
+        run = _median_run([r for r in runs if r["allocator"] == row["allocator"]])
+        warm = ((run or {}).get("probe") or {}).get("warm") or []
+        gaps = [g * 1000 for gen in warm for g in (gen.get("itl_s") or [])]
+        if gaps:
+            traces.append((row["allocator"], run, gaps))
+    if not traces:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(traces), 1, figsize=(10, 1.2 + 1.6 * len(traces)), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, run, gaps) in zip(axes[:, 0], traces, strict=True):
+        ax.plot(range(len(gaps)), gaps, lw=0.8)
+        if run.get("itl_p25_s") is not None:
+            ax.axhline(run["itl_p25_s"] * 1000, color="k", lw=0.8, ls="--", label="ITL p25")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.set_ylabel(f"{name}\nITL (ms)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{name}: run {run['run_index']} (median gen_latency run), {run['started_at'][:19]}",
+                     fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel("decode step, all warm generates of the run in order")
+    fig.tight_layout()
+    fig.savefig(results.path(TRACE_FILE), dpi=110)
+    plt.close(fig)
+    return True
 
 
 def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, Any],
@@ -158,4 +234,5 @@ def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, 
     results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records))
     if any(r["n"] for r in rows):
         plot(rows, records, results)
+        plot_itl_trace(rows, records, results)
     return rows

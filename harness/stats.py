@@ -100,10 +100,13 @@ def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency
     change = (comp.ratio - 1.0) * 100.0
     ci = ("" if math.isnan(comp.ratio_ci_low)
           else f" (95 % CI {(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %)")
-    detail = (f"{quantity} ratio {comp.ratio:.3f}{ci}, Mann–Whitney p = {comp.p_value:.3g}, "
+    detail = (f"ratio {comp.ratio:.3f}{ci}, Mann–Whitney p = {comp.p_value:.3g}, "
               f"n = {comp.n_candidate}/{comp.n_baseline}")
     if not comp.significant:
-        return f"{name} vs {baseline}: no significant difference in {quantity} ({detail})"
+        bound = ("" if math.isnan(comp.ratio_ci_low)
+                 else f"; a change beyond ±{max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1)) * 100:.1f} "
+                      "% is ruled out at 95 %")
+        return f"{name} vs {baseline}: no significant difference in {quantity} ({detail}){bound}"
     word = "helped" if change < 0 else "hurt"
     return (f"{name} {word} {quantity} by {abs(change):.1f} % vs {baseline} "
             f"(CI {abs((comp.ratio_ci_high if change < 0 else comp.ratio_ci_low) - 1) * 100:.1f}–"

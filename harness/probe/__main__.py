@@ -62,6 +62,16 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated quantile (numpy's default) without importing numpy into the probe's timings."""
+    if not sorted_values:
+        return None
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
 def timed_generate(model, inputs: dict, max_new_tokens: int, device: str) -> dict[str, Any]:
     clock = TokenClock()
     _sync(device)
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g.pop("output_ids")
     measured = warm or [cold]
 
+    itl = sorted(gap for g in measured for gap in g["itl_s"])
     gpu: dict[str, Any] | None = None
     if device.startswith("cuda"):
         index = torch.cuda.current_device()
@@ -151,6 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_s": statistics.median(g["ttft_s"] for g in measured if g["ttft_s"] is not None),
         "tpot_s": (statistics.median(g["tpot_s"] for g in measured if g["tpot_s"] is not None)
                    if args.max_new_tokens > 1 else None),
+        # Decode step time from every inter-token gap of the measured generations. Its lower quartile stays
+        # on the uncontended steps when a shared host slows some stretches of a run (alloc/summary.md explains).
+        "itl_p25_s": _quantile(itl, 0.25),
+        "itl_p50_s": _quantile(itl, 0.50),
+        "itl_p90_s": _quantile(itl, 0.90),
         "peak_rss_mb": _peak_rss_mb(),
         "final_rss_mb": _rss_mb(),
         "gpu": gpu,
