@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.allocators import Allocator
 from harness.results import ResultsDir, ResultsError
-from harness.runners.base import ProbeOutcome, ProbeRequest, Runner
+from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner
 
 RUNS_FILE = "alloc/runs.jsonl"
 CONFIG_FILE = "alloc/config.json"
@@ -30,17 +31,28 @@ class AllocConfig:
     seed: int = 0
     timeout_s: float = 1800.0
     runner: str = "local"
+    paired: bool = False  # each candidate run alongside a baseline run, on the other half of the host
+    placements: list[Placement] = field(default_factory=list)  # paired: the two halves (GPU, CPUs)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["allocators"] = [a.to_dict() for a in self.allocators]
+        d["baseline"] = self.baseline.name
         return d
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed directory must share with the one it continues."""
-        return {"model": self.model, "device": self.device, "allocators": [a.name for a in self.allocators],
-                "warm_gens": self.warm_gens, "max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
+        ident = {"model": self.model, "device": self.device, "allocators": [a.name for a in self.allocators],
+                 "warm_gens": self.warm_gens, "max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
+        if self.paired:
+            ident["paired"] = True
+        return ident
+
+    @property
+    def baseline(self) -> Allocator:
+        """glibc when it is measured, else the first allocator: every ratio is against it."""
+        return next((a for a in self.allocators if a.name == "glibc"), self.allocators[0])
 
 
 @dataclass(frozen=True)
@@ -48,26 +60,52 @@ class PlannedRun:
     round: int  # negative rounds are warm-up rounds, not counted
     position: int
     allocator: Allocator
+    pair: str | None = None  # paired design: the candidate of the pair this run belongs to
+    slot: int | None = None  # paired design: the half of the host (placement) this run gets
 
     @property
     def warmup(self) -> bool:
         return self.round < 0
 
     @property
-    def key(self) -> tuple[int, str]:
-        return (self.round, self.allocator.name)
+    def key(self) -> tuple[int, str, str | None]:
+        return (self.round, self.allocator.name, self.pair)
+
+
+def record_key(record: dict[str, Any]) -> tuple[int, str, str | None]:
+    return (record["round"], record["allocator"], record.get("pair"))
 
 
 def plan(config: AllocConfig) -> list[PlannedRun]:
     """Warm-up rounds first, then measured rounds; the order rotates every round so drift
-    (thermal, page cache, background load) hits each allocator equally."""
+    (thermal, page cache, background load) hits each allocator equally.
+
+    Paired design: every candidate runs at the same time as a baseline run, each on its own half of
+    the host, so a slow stretch of a shared host hits both; the halves swap every round."""
     runs: list[PlannedRun] = []
+    if config.paired:
+        base = config.baseline
+        candidates = [a for a in config.allocators if a.name != base.name]
+        for r in range(-config.warmup_runs, config.runs):
+            shift = r % len(candidates)
+            for j, cand in enumerate(candidates[shift:] + candidates[:shift]):
+                side = (r + candidates.index(cand)) % 2
+                runs.append(PlannedRun(r, 2 * j, base, pair=cand.name, slot=side))
+                runs.append(PlannedRun(r, 2 * j + 1, cand, pair=cand.name, slot=1 - side))
+        return runs
     k = len(config.allocators)
     for r in range(-config.warmup_runs, config.runs):
         shift = r % k
         order = config.allocators[shift:] + config.allocators[:shift]
         runs.extend(PlannedRun(r, i, a) for i, a in enumerate(order))
     return runs
+
+
+def units(config: AllocConfig) -> list[list[PlannedRun]]:
+    """What runs at one time: single runs, or the two runs of a pair."""
+    runs = plan(config)
+    size = 2 if config.paired else 1
+    return [runs[i:i + size] for i in range(0, len(runs), size)]
 
 
 def verify(allocator: Allocator, probe: dict[str, Any]) -> str | None:
@@ -100,6 +138,10 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "run_index": run_index,
         "round": run.round,
         "position": run.position,
+        "pair": run.pair,
+        "slot": run.slot,
+        "placement": config.placements[run.slot].to_dict() if run.slot is not None else None,
+        "concurrent_with": None,  # paired design: run_index of the run it ran beside
         "warmup": run.warmup,
         "allocator": run.allocator.name,
         "requested_library": run.allocator.library,
@@ -157,29 +199,54 @@ def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bo
             on_start: Callable[[PlannedRun], None] | None = None) -> list[dict[str, Any]]:
     """Runs what is left of the plan, appending each record as it finishes. Returns all records."""
     records = prepare_dir(results, config, resume)
-    done = {(r["round"], r["allocator"]) for r in records}
-    for run in plan(config):
-        if run.key in done:
+    done = {record_key(r) for r in records}
+    for unit in units(config):
+        todo = [run for run in unit if run.key not in done]
+        if not todo:
             continue
-        if on_start:
-            on_start(run)
-        request = ProbeRequest(allocator=run.allocator, model=config.model, device=config.device,
-                               warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
-                               dtype=config.dtype, seed=config.seed, threads=config.threads,
-                               timeout_s=config.timeout_s)
+        for run in todo:
+            if on_start:
+                on_start(run)
+        requests = [ProbeRequest(allocator=run.allocator, model=config.model, device=config.device,
+                                 warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
+                                 dtype=config.dtype, seed=config.seed, threads=config.threads,
+                                 timeout_s=config.timeout_s,
+                                 placement=config.placements[run.slot] if run.slot is not None else None)
+                    for run in todo]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        outcome = runner.run_probe(request)
-        record = build_record(config, run, len(records), started, outcome, runner.name)
-        results.append(RUNS_FILE, record)
-        records.append(record)
-        if on_run:
-            on_run(run, record)
+        outcomes = run_together(runner, requests)
+        new = [build_record(config, run, len(records) + i, started, outcome, runner.name)
+               for i, (run, outcome) in enumerate(zip(todo, outcomes, strict=True))]
+        if len(new) == 2:
+            new[0]["concurrent_with"], new[1]["concurrent_with"] = new[1]["run_index"], new[0]["run_index"]
+        for run, record in zip(todo, new, strict=True):
+            results.append(RUNS_FILE, record)
+            records.append(record)
+            if on_run:
+                on_run(run, record)
         if _first_round_all_failed(records, config):
             break  # the same failure every time: repeating it teaches nothing
     return records
 
 
+def run_together(runner: Runner, requests: list[ProbeRequest]) -> list[ProbeOutcome]:
+    """One request runs in this thread; several start at once, one thread each. On Ctrl-C or any
+    error every probe still running is killed before the exception goes on."""
+    if len(requests) == 1:
+        return [runner.run_probe(requests[0])]
+    pool = ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="probe")
+    try:
+        futures = [pool.submit(runner.run_probe, request) for request in requests]
+        return [f.result() for f in futures]
+    except BaseException:
+        runner.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
 def _first_round_all_failed(records: list[dict[str, Any]], config: AllocConfig) -> bool:
     first = min(-config.warmup_runs, 0)
     firsts = [r for r in records if r["round"] == first]
-    return len(firsts) == len(config.allocators) and all(r["status"] == "failed" for r in firsts)
+    planned = 2 * (len(config.allocators) - 1) if config.paired else len(config.allocators)
+    return len(firsts) == planned and all(r["status"] == "failed" for r in firsts)

@@ -38,7 +38,25 @@ def measured(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if not r.get("warmup")]
 
 
-def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+def side_by_side(records: list[dict[str, Any]], candidate: str, baseline: str) -> list[tuple[dict, dict]]:
+    """Paired design: (candidate run, the baseline run that ran beside it), both verified."""
+    by_index = {r["run_index"]: r for r in records}
+    pairs = []
+    for r in records:
+        partner = by_index.get(r.get("concurrent_with"))
+        if (r["allocator"] == candidate and partner is not None and partner["allocator"] == baseline
+                and r["status"] == "ok" and partner["status"] == "ok"):
+            pairs.append((r, partner))
+    return pairs
+
+
+def _compare(key: str, mine: list[dict], base_ok: list[dict], pairs: list[tuple[dict, dict]] | None):
+    if pairs is not None:
+        return stats.compare_paired([(c.get(key), b.get(key)) for c, b in pairs])
+    return stats.compare([r.get(key) for r in mine], [r.get(key) for r in base_ok])
+
+
+def allocator_rows(records: list[dict[str, Any]], order: list[str], paired: bool = False) -> list[dict[str, Any]]:
     runs = measured(records)
     baseline = "glibc" if "glibc" in order else order[0]
     ok = {name: [r for r in runs if r["allocator"] == name and r["status"] == "ok"] for name in order}
@@ -46,11 +64,11 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict
     rows = []
     for name in order:
         mine = ok[name]
-        lat = [r["gen_latency_s"] for r in mine]
-        summary = stats.summarize(lat)
-        comp = stats.compare(lat, [r["gen_latency_s"] for r in base_ok])
-        itl = stats.compare([r.get("itl_p25_s") for r in mine], [r.get("itl_p25_s") for r in base_ok])
-        wall = stats.compare([r["wall_real_s"] for r in mine], [r["wall_real_s"] for r in base_ok])
+        summary = stats.summarize([r["gen_latency_s"] for r in mine])
+        pairs = side_by_side(runs, name, baseline) if paired and name != baseline else None
+        comp = _compare("gen_latency_s", mine, base_ok, pairs)
+        itl = _compare("itl_p25_s", mine, base_ok, pairs)
+        wall = _compare("wall_real_s", mine, base_ok, pairs)
         loaded = next((r["loaded_allocator"] for r in mine if r.get("loaded_allocator")), None) or {}
         rss = _median([r["rss_mb"] for r in mine])
         rows.append({
@@ -94,6 +112,12 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str]) -> list[dict
     return rows
 
 
+def _cpu_range(cpus: list[int] | None) -> str:
+    if not cpus:
+        return "all"
+    return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
 
@@ -110,6 +134,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else rows[0]["allocator"]
+    paired = bool(config.get("paired"))
     base = next(r for r in rows if r["allocator"] == baseline)
     runs = measured(records)
     failed = [r for r in runs if r["status"] != "ok"]
@@ -117,9 +142,10 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     for row in rows:
         if row["allocator"] == baseline:
             continue
-        bullets.append(stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency"))
+        bullets.append(stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired))
         if row["_itl"].n_candidate:
-            bullets.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)"))
+            bullets.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)",
+                                         paired))
         wall: stats.Comparison = row["_wall"]
         rss_diff = row["rss_diff_mb"]
         rss_text = ("–" if rss_diff is None or math.isnan(rss_diff)
@@ -134,6 +160,13 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
         f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
         f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
+    if paired:
+        halves = "; ".join(f"side {i}: " + (f"GPU {p['cuda_visible_devices']}, " if p.get("cuda_visible_devices")
+                                             is not None else "") + f"CPUs {_cpu_range(p.get('cpus'))}"
+                           for i, p in enumerate(config.get("placements") or []))
+        bullets.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
+                       f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
+                       "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")
     if failed:
         reasons = sorted({r["failure"] or "unknown" for r in failed})
         bullets.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
@@ -152,7 +185,9 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
             + "\n".join(f"- {b}" for b in bullets) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github") + "\n\n"
             "Medians over runs; CIs are 95 % percentile bootstrap intervals; p-values are two-sided "
-            "Mann–Whitney U tests of the per-run values. gen_latency_s is what a caller of `generate` waits; "
+            + ("Wilcoxon signed-rank tests of the per-pair log ratios (paired design). " if paired else
+               "Mann–Whitney U tests of the per-run values. ")
+            + "gen_latency_s is what a caller of `generate` waits; "
             "itl_p25_s is the decode step a token takes when nothing else slows the host: where a shared host "
             "slows stretches of a run (see `itl_trace.png`), it moves far less than gen_latency_s, so it "
             "resolves smaller allocator effects, but it does not see allocator costs that only hit some tokens. "
@@ -229,7 +264,7 @@ def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], re
 
 def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, Any],
           order: list[str]) -> list[dict[str, Any]]:
-    rows = allocator_rows(records, order)
+    rows = allocator_rows(records, order, paired=bool(config.get("paired")))
     results.write_csv(CSV_FILE, CSV_COLUMNS, rows)
     results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records))
     if any(r["n"] for r in rows):

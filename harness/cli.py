@@ -143,6 +143,10 @@ def _csv_list(value: str) -> list[str]:
               help="torch intra-op threads in the probe (0: torch's default).")
 @click.option("--timeout", "timeout_s", default=1800.0, show_default=True, type=click.FloatRange(1),
               help="Seconds before one run is killed and recorded as failed.")
+@click.option("--paired", is_flag=True,
+              help="Run every other allocator at the same time as a glibc run, each on its own half of the host "
+                   "(one GPU and half the CPUs each, sides swapped every round), and compare within pairs: a "
+                   "slow stretch of a shared host then hits both sides. Local runner; on CUDA, 2 GPUs.")
 @click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
@@ -154,9 +158,13 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
               allocators: str = "glibc,jemalloc", allocator_lib: tuple[str, ...] = (),
               allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int = 3,
               max_new_tokens: int = 32, dtype: str = "auto", threads: int = 0, timeout_s: float = 1800.0,
-              out: str | None = None, resume: bool = False) -> int:
+              out: str | None = None, resume: bool = False, paired: bool = False) -> int:
     """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed)."""
     names = _csv_list(allocators)
+    if paired and runner_kind == "docker":
+        raise HarnessError("--paired runs with the local runner only (--runner local)")
+    if paired and len(names) < 2:
+        raise HarnessError("--paired needs a baseline and at least one other allocator")
     try:
         libs = parse_allocator_libs(allocator_lib)
         envs = parse_allocator_envs(allocator_env)
@@ -171,6 +179,15 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
 
+    placements = []
+    if paired:
+        from harness.runners.local import PlacementError, split_host
+
+        try:
+            placements = split_host(dev)
+        except PlacementError as exc:
+            raise HarnessError(str(exc)) from None
+        runner_kind = "local"
     runner = make_runner(runner_kind, dev, names)
     try:
         resolved = runner.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
@@ -179,9 +196,12 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         raise HarnessError(str(exc)) from None
     config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
-                               dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name)
+                               dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
+                               paired=paired, placements=placements)
+    design = (f", paired with {config.baseline.name} on two host halves "
+              f"({'; '.join(_describe_placement(p) for p in placements)})" if paired else "")
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
-                  f"(+{warmup_runs} warm-up) each, runner {runner.name} → {results.root}")
+                  f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:
         results.write_json(environment_file(results, resume), environment.collect({"runner": runner.describe()}))
         records = _run_with_progress(config, runner, results, resume)
@@ -205,6 +225,12 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
+
+
+def _describe_placement(p: Any) -> str:
+    gpu = f"GPU {p.cuda_visible_devices}, " if p.cuda_visible_devices is not None else ""
+    cpus = f"CPUs {p.cpus[0]}-{p.cpus[-1]}" if p.cpus and len(p.cpus) > 1 else f"CPU {p.cpus[0]}" if p.cpus else ""
+    return gpu + cpus
 
 
 def environment_file(results: ResultsDir, resume: bool) -> str:
@@ -234,7 +260,8 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
 
         def on_start(run: alloc.PlannedRun) -> None:
             label = "warm-up" if run.warmup else f"round {run.round + 1}/{config.runs}"
-            progress.update(task, description=f"{run.allocator.name:<9} {label}")
+            who = f"{config.baseline.name} ‖ {run.pair}" if run.pair else run.allocator.name
+            progress.update(task, description=f"{who:<9} {label}")
 
         def on_run(run: alloc.PlannedRun, record: dict[str, Any]) -> None:
             progress.advance(task)

@@ -1,7 +1,9 @@
 """Statistics that can tell a real difference from noise.
 
 Per allocator: the median over runs with a bootstrap CI. Against the baseline: the ratio of medians
-with a 95 % bootstrap CI (runs resampled within each arm) and a two-sided Mann–Whitney U p-value.
+with a 95 % bootstrap CI (runs resampled within each arm) and a two-sided Mann–Whitney U p-value;
+for runs measured side by side (paired design), the median per-pair ratio with a bootstrap CI over
+pairs and a Wilcoxon signed-rank p-value.
 """
 
 from __future__ import annotations
@@ -93,15 +95,36 @@ def compare(candidate: Sequence[float | None], baseline: Sequence[float | None],
     return Comparison(int(c.size), int(b.size), ratio, low, high, p)
 
 
-def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency") -> str:
+def compare_paired(pairs: Sequence[tuple[float | None, float | None]], seed: int = 0) -> Comparison:
+    """(candidate, baseline) values measured side by side: the median of the per-pair ratios with a 95 %
+    bootstrap CI over pairs, and a two-sided Wilcoxon signed-rank p-value of the log ratios."""
+    good = [(c, b) for c, b in pairs if c is not None and b is not None and c > 0 and b > 0
+            and math.isfinite(c) and math.isfinite(b)]
+    nan = float("nan")
+    if not good:
+        return Comparison(0, 0, nan, nan, nan, nan)
+    logs = np.log(np.asarray([c / b for c, b in good]))
+    ratio = float(np.exp(np.median(logs)))
+    low = high = p = nan
+    if logs.size >= 2 and np.ptp(logs) > 0:
+        res = sps.bootstrap((logs,), np.median, confidence_level=CONFIDENCE, n_resamples=N_RESAMPLES,
+                            method="percentile", random_state=np.random.default_rng(seed))
+        low, high = float(np.exp(res.confidence_interval.low)), float(np.exp(res.confidence_interval.high))
+    if logs.size >= 1 and np.any(logs != 0):
+        p = float(sps.wilcoxon(logs).pvalue)
+    return Comparison(len(good), len(good), ratio, low, high, p)
+
+
+def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency", paired: bool = False) -> str:
     """One sentence a reader can act on, computed from the comparison only."""
+    test = "Wilcoxon signed-rank" if paired else "Mann–Whitney"
     if math.isnan(comp.ratio):
         return f"{name}: no successful runs to compare with {baseline}"
     change = (comp.ratio - 1.0) * 100.0
     ci = ("" if math.isnan(comp.ratio_ci_low)
           else f" (95 % CI {(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %)")
-    detail = (f"ratio {comp.ratio:.3f}{ci}, Mann–Whitney p = {comp.p_value:.3g}, "
-              f"n = {comp.n_candidate}/{comp.n_baseline}")
+    detail = (f"ratio {comp.ratio:.3f}{ci}, {test} p = {comp.p_value:.3g}, "
+              + (f"{comp.n_candidate} pairs" if paired else f"n = {comp.n_candidate}/{comp.n_baseline}"))
     if not comp.significant:
         bound = ("" if math.isnan(comp.ratio_ci_low)
                  else f"; a change beyond ±{max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1)) * 100:.1f} "

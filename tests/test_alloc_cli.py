@@ -177,3 +177,25 @@ def test_local_runner_needs_no_docker_sdk(tmp_path):
     proc = subprocess.run([*cmd, "serve", "--runner", "docker", "--out", str(tmp_path / "s")],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "Docker SDK" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_paired_design_runs_pairs_side_by_side(tmp_path):
+    """--paired: each jemalloc run starts with a glibc run, each pinned to its own half of the CPUs."""
+    proc = run_harness("alloc", "--runner", "local", "--paired", "--model", "synthetic:tiny",
+                       "--allocators", "glibc,jemalloc", "--runs", "2", "--warmup-runs", "0", "--warm-gens", "2",
+                       "--max-new-tokens", "8", "--threads", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "alloc/runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 4 and all(r["verified"] for r in runs)
+    by_index = {r["run_index"]: r for r in runs}
+    for r in runs:
+        partner = by_index[r["concurrent_with"]]
+        assert partner["concurrent_with"] == r["run_index"] and {r["allocator"], partner["allocator"]} == {
+            "glibc", "jemalloc"}
+        assert r["started_at"] == partner["started_at"] and r["slot"] != partner["slot"]
+        assert not set(r["placement"]["cpus"]) & set(partner["placement"]["cpus"])
+    assert {r["slot"] for r in runs if r["allocator"] == "glibc"} == {0, 1}  # the sides swap between rounds
+    summary = (tmp_path / "alloc/summary.md").read_text()
+    assert "Paired design" in summary and "2 pairs" in summary
+    proc = run_harness("alloc", "--runner", "docker", "--paired", "--out", str(tmp_path / "x"))
+    assert proc.returncode != 0 and "--runner local" in proc.stderr

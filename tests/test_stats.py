@@ -51,3 +51,22 @@ def test_summary_and_missing_values():
     empty = stats.summarize([])
     assert empty.n == 0 and math.isnan(empty.median)
     assert "no successful runs" in stats.verdict("x", "glibc", stats.compare([], [1.0]))
+
+
+def test_paired_comparison_cancels_noise_both_sides_share():
+    """Host slow phases hit both runs of a pair: the paired ratio sees the 2 % effect, the unpaired one cannot."""
+    rng = np.random.default_rng(1)
+    host = rng.lognormal(0.0, 0.15, size=30)  # the shared host's speed, run to run
+    base = host * rng.lognormal(0.0, 0.005, size=30)
+    cand = 1.02 * host * rng.lognormal(0.0, 0.005, size=30)
+    paired = stats.compare_paired(list(zip(cand, base, strict=True)))
+    unpaired = stats.compare(cand, base)
+    assert paired.n_candidate == 30 and paired.significant
+    assert paired.ratio_ci_low < 1.02 < paired.ratio_ci_high and paired.ratio_ci_high - paired.ratio_ci_low < 0.01
+    assert not unpaired.significant and unpaired.ratio_ci_high - unpaired.ratio_ci_low > 0.1
+    assert "pairs" in stats.verdict("jemalloc", "glibc", paired, paired=True)
+
+
+def test_paired_comparison_skips_missing_values():
+    comp = stats.compare_paired([(1.0, None), (None, 1.0), (1.1, 1.0), (float("nan"), 1.0)])
+    assert comp.n_candidate == 1 and comp.ratio == pytest.approx(1.1) and math.isnan(comp.ratio_ci_low)

@@ -17,6 +17,18 @@ class RunnerError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a probe may run on a shared host: the GPU it sees and the CPUs it may use."""
+
+    cuda_visible_devices: str | None = None
+    cpus: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cuda_visible_devices": self.cuda_visible_devices,
+                "cpus": list(self.cpus) if self.cpus is not None else None}
+
+
+@dataclass(frozen=True)
 class ProbeRequest:
     """Everything one probe run needs; the same for every runner."""
 
@@ -29,6 +41,7 @@ class ProbeRequest:
     seed: int = 0
     threads: int = 0
     timeout_s: float = 1800.0
+    placement: Placement | None = None
 
     def probe_args(self) -> list[str]:
         return ["--model", self.model, "--device", self.device, "--dtype", self.dtype,
@@ -65,6 +78,10 @@ class Runner(Protocol):
         ...
 
     def run_probe(self, request: ProbeRequest) -> ProbeOutcome: ...
+
+    def abort(self) -> None:
+        """Kills every probe this runner has running (another thread may be waiting on it)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -121,6 +121,7 @@ class DockerRunner:
         self.images = probe_images
         self.mem_limit = mem_limit
         self.log = log
+        self._running: set[str] = set()  # names of the probe containers running now
 
     def resolve_allocators(self, names: list[str], libs: dict[str, str],
                            envs: dict[str, dict[str, str]]) -> list[Allocator]:
@@ -180,6 +181,7 @@ class DockerRunner:
             kwargs.update(mem_limit=self.mem_limit, memswap_limit=self.mem_limit)
         name = f"harness-probe-{request.allocator.name}-{uuid.uuid4().hex[:8]}"
         container = None
+        self._running.add(name)
         try:
             container = self.client.containers.create(
                 probe_image.id, args, name=name, environment=env, mounts=mounts, network_mode="none",
@@ -192,6 +194,7 @@ class DockerRunner:
                                   ) from exc
             raise RunnerError(f"Docker error running {probe_image.tag}: {exc}") from exc
         finally:
+            self._running.discard(name)
             if container is not None:
                 try:
                     container.remove(force=True)  # kills it first if it still runs (timeout, Ctrl-C)
@@ -237,6 +240,14 @@ class DockerRunner:
                 "client_wall_s": client_wall, "stats_error": monitor.error, **monitor.peaks.to_dict()}
         return ProbeOutcome(exit_code=code, wall_real_s=wall, probe=probe, error=error,
                             log_tail=(stderr + stdout)[-20:] if probe is None else [], container=info)
+
+    def abort(self) -> None:
+        """Kills this runner's probe containers; the thread running each one removes it."""
+        for name in list(self._running):
+            try:
+                self.client.containers.get(name).kill()
+            except (DockerException, requests.exceptions.RequestException) as exc:
+                self.log(f"docker: could not kill probe container {name}: {exc}")
 
     def close(self) -> None:
         self.client.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.allocators import Allocator, resolve
-from harness.runners.base import ProbeOutcome, ProbeRequest, parse_probe_output
+from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +30,8 @@ def probe_environment(request: ProbeRequest, base: dict[str, str] | None = None)
         env["LD_PRELOAD"] = request.allocator.library
     env.update(request.allocator.env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    if request.placement and request.placement.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = request.placement.cuda_visible_devices
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
     return env
@@ -52,6 +54,8 @@ class LocalRunner:
 
     def __init__(self, python: str | None = None) -> None:
         self.python = python or sys.executable
+        self._live: set[int] = set()  # process groups of the probes running now
+        self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"runner": "local", "python": self.python}
@@ -68,6 +72,12 @@ class LocalRunner:
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=probe_environment(request),
                                         cwd=str(REPO_ROOT), start_new_session=True)
+                with self._lock:
+                    self._live.add(proc.pid)
+                if request.placement and request.placement.cpus:
+                    # Set before the interpreter has started any thread; later threads inherit it.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(proc.pid, request.placement.cpus)
                 timed_out = threading.Event()
 
                 def on_timeout() -> None:
@@ -84,6 +94,8 @@ class LocalRunner:
                     raise
                 finally:
                     timer.cancel()
+                    with self._lock:
+                        self._live.discard(proc.pid)
                 wall = time.perf_counter() - t0
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 _kill_group(proc.pid)  # anything the probe itself forked
@@ -100,5 +112,46 @@ class LocalRunner:
                 parent_maxrss_mb=usage.ru_maxrss / 1024.0,
             )
 
+    def abort(self) -> None:
+        with self._lock:
+            for pid in list(self._live):
+                _kill_group(pid)
+
     def close(self) -> None:
-        pass
+        self.abort()
+
+
+class PlacementError(ValueError):
+    """The host cannot be split for the paired design."""
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library or no driver
+        return []
+
+
+def split_host(device: str, parts: int = 2) -> list[Placement]:
+    """`parts` disjoint halves of this host: CPUs split evenly, and on CUDA one GPU each."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < parts:
+        raise PlacementError(f"--paired needs at least {parts} CPUs to split; this process may use {len(cpus)}")
+    gpus: list[str | None] = [None] * parts
+    if device.startswith("cuda"):
+        visible = _visible_gpus()
+        if len(visible) < parts:
+            raise PlacementError(f"--paired on cuda needs {parts} GPUs, one per side; {len(visible)} visible")
+        gpus = list(visible[:parts])
+    size = len(cpus) // parts
+    return [Placement(cuda_visible_devices=gpus[i], cpus=tuple(cpus[i * size:(i + 1) * size]))
+            for i in range(parts)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Allocator A/B on an NVIDIA GPU host that has torch but no allocator packages installed:
 # unpacks Debian's allocator .debs (carried in .debs/) and runs `harness alloc` on synthetic:phi3-mini.
-# Usage: OUT=/path/to/results bash scripts/device/h100_alloc.sh [extra harness alloc flags, e.g. --resume]
+# Usage: OUT=/path/to/results bash scripts/device/h100_alloc.sh [extra harness alloc flags, e.g. --resume, --paired]
+# Environment: RUNS, WARM_GENS, WARMUP_RUNS, MAX_NEW_TOKENS, BUDGET_S (seconds before SIGINT), NAME (result folder).
 set -uo pipefail
 OUT=${OUT:?set OUT to the results parent directory}
 PY=${PY:-python3}
@@ -10,7 +11,8 @@ mkdir -p "$LIBS"
 for deb in .debs/*.deb; do dpkg -x "$deb" "$LIBS"; done
 lib=$LIBS/usr/lib/x86_64-linux-gnu
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+# Also reads torch and transformers into the page cache before the first measured run.
+$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available(), "gpus", torch.cuda.device_count())'
 # A budget below the device's 10-minute command limit: SIGINT makes harness write its reports and keep its runs;
 # the next call continues with --resume.
 timeout -s INT "${BUDGET_S:-520}" $PY -m harness.cli alloc --runner local --device cuda --model synthetic:phi3-mini \
@@ -18,6 +20,6 @@ timeout -s INT "${BUDGET_S:-520}" $PY -m harness.cli alloc --runner local --devi
   --allocator-lib "jemalloc=$lib/libjemalloc.so.2" \
   --allocator-lib "tcmalloc=$(ls $lib/libtcmalloc_minimal.so.4.*)" \
   --allocator-lib "mimalloc=$(ls $lib/libmimalloc.so.2.*)" \
-  --runs "${RUNS:-8}" --warmup-runs 1 --warm-gens "${WARM_GENS:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-32}" \
-  --out "$OUT/h100-phi3-mini" "$@"
+  --runs "${RUNS:-8}" --warmup-runs "${WARMUP_RUNS:-1}" --warm-gens "${WARM_GENS:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-32}" \
+  --out "$OUT/${NAME:-h100-phi3-mini}" "$@"
 echo "harness alloc exit code: $?"
