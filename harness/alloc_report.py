@@ -16,6 +16,8 @@ SUMMARY_FILE = "alloc/summary.md"
 PLOT_FILE = "alloc/gen_latency.png"
 TRACE_FILE = "alloc/itl_trace.png"
 
+PRECISION_TARGET = 0.03  # the ratio CI half-width the precision line plans for
+
 # The seed's four columns come first, exactly; the rest follow.
 CSV_COLUMNS = [
     "allocator", "gen_latency_s", "wall_real_s", "rss_mb",
@@ -112,6 +114,69 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str], paired: bool
     return rows
 
 
+def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
+    """How noisy this host was: the run-to-run spread of each metric (each run divided by its allocator's
+    median, so allocator effects do not count as noise), how many decode steps were slowed, and for the
+    paired design how much the two sides of a pair moved together."""
+    import numpy as np
+
+    runs = [r for r in measured(records) if r["status"] == "ok"]
+    if len(runs) < 3:
+        return None
+    parts = []
+    for key, label in (("gen_latency_s", "gen_latency"), ("itl_p25_s", "ITL p25")):
+        names = {r["allocator"] for r in runs}
+        medians = {a: float(np.median([r[key] for r in runs if r["allocator"] == a and r.get(key)] or [0.0]))
+                   for a in names}
+        logs = [math.log(r[key] / medians[r["allocator"]]) for r in runs if r.get(key) and medians[r["allocator"]]]
+        if len(logs) >= 3:
+            parts.append(f"run-to-run spread of {label} {np.std(logs, ddof=1) * 100:.1f} %")
+    slowed = []
+    for r in runs:
+        gaps = [g for gen in ((r.get("probe") or {}).get("warm") or []) for g in (gen.get("itl_s") or [])]
+        if gaps and r.get("itl_p25_s"):
+            slowed.append(sum(g > 1.5 * r["itl_p25_s"] for g in gaps) / len(gaps))
+    if slowed:
+        parts.append(f"decode steps slower than 1.5× their run's ITL p25: {np.median(slowed) * 100:.0f} % "
+                     f"(median over runs, up to {max(slowed) * 100:.0f} %)")
+    if paired:
+        by_index = {r["run_index"]: r for r in runs}
+        sides = [(r, by_index[r["concurrent_with"]]) for r in runs
+                 if r.get("concurrent_with") in by_index and r["run_index"] < r["concurrent_with"]]
+        if len(sides) >= 3:
+            a = [math.log(x["itl_p25_s"]) for x, _ in sides]
+            b = [math.log(y["itl_p25_s"]) for _, y in sides]
+            parts.append(f"correlation of the two sides' ITL p25 within pairs r = {np.corrcoef(a, b)[0, 1]:.2f} "
+                         "(near 1: pairing cancels the host's slow stretches; near 0: it cannot)")
+    return ("Noise — " + "; ".join(parts) + ".") if parts else None
+
+
+def runs_needed(comp: stats.Comparison, target: float = PRECISION_TARGET) -> int | None:
+    """Runs per allocator for a ±target CI, assuming the CI's half-width shrinks as 1/sqrt(n) at the spread
+    seen (a rough plan: bootstrap CIs from a few runs are themselves uncertain)."""
+    if comp.n_candidate < 3 or math.isnan(comp.ratio_ci_low):
+        return None
+    half = (comp.ratio_ci_high - comp.ratio_ci_low) / 2
+    return max(comp.n_candidate, math.ceil(comp.n_candidate * (half / target) ** 2))
+
+
+def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool) -> str | None:
+    """How far the widest ratio CI is from ±PRECISION_TARGET, and about how many runs would reach it."""
+    parts = []
+    for key, label in (("_comparison", "generation latency"), ("_itl", "decode step (ITL p25)")):
+        comps = [r[key] for r in rows if r["allocator"] != baseline and not math.isnan(r[key].ratio_ci_low)]
+        if not comps:
+            continue
+        widest = max(comps, key=lambda c: max(abs(c.ratio_ci_low - 1), abs(c.ratio_ci_high - 1)))
+        need = max((runs_needed(c) or 0) for c in comps)
+        half = max(abs(widest.ratio_ci_low - 1), abs(widest.ratio_ci_high - 1)) * 100
+        unit = "pairs" if paired else "runs per allocator"
+        plan = (f"roughly {need} {unit} would narrow every one to ±{PRECISION_TARGET * 100:.0f} % at this spread"
+                if need > widest.n_candidate else f"within ±{PRECISION_TARGET * 100:.0f} %")
+        parts.append(f"{label}: widest ratio CI ±{half:.1f} % with {widest.n_candidate} {unit}; {plan}")
+    return ("Precision — " + "; ".join(parts) + " (`--resume` with a larger `--runs` adds runs).") if parts else None
+
+
 def _cpu_range(cpus: list[int] | None) -> str:
     if not cpus:
         return "all"
@@ -120,6 +185,10 @@ def _cpu_range(cpus: list[int] | None) -> str:
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
 def _range(low: Any, high: Any) -> str:
@@ -138,38 +207,55 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     base = next(r for r in rows if r["allocator"] == baseline)
     runs = measured(records)
     failed = [r for r in runs if r["status"] != "ok"]
-    bullets = []
-    for row in rows:
-        if row["allocator"] == baseline:
-            continue
-        bullets.append(stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired))
+    candidates = [r for r in rows if r["allocator"] != baseline]
+    lead = next((r for r in candidates if r["allocator"] == "jemalloc"), candidates[0] if candidates else None)
+    head: list[str] = []  # 3-5 bullets on the lead allocator (jemalloc), as the seed asks
+    every: list[str] = []  # the full verdicts of the other allocators
+    for row in candidates:
+        lines = [stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired)]
         if row["_itl"].n_candidate:
-            bullets.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)",
-                                         paired))
+            lines.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)",
+                                       paired))
         wall: stats.Comparison = row["_wall"]
         rss_diff = row["rss_diff_mb"]
         rss_text = ("–" if rss_diff is None or math.isnan(rss_diff)
                     else f"{rss_diff:+.1f} MB ({rss_diff / base['rss_mb'] * 100:+.1f} %)")
-        bullets.append(f"{row['allocator']}: process wall time ratio {_fmt(wall.ratio)} "
-                       f"(p = {_fmt(wall.p_value, 3)}); peak RSS {_fmt(row['rss_mb'])} MB vs "
-                       f"{_fmt(base['rss_mb'])} MB, a difference of {rss_text}.")
+        lines.append(f"{row['allocator']}: process wall time ratio {_fmt(wall.ratio)} "
+                     f"(p = {_fmt(wall.p_value, 3)}); peak RSS {_fmt(row['rss_mb'])} MB vs "
+                     f"{_fmt(base['rss_mb'])} MB, a difference of {rss_text}.")
+        (head if row is lead else every).extend(lines)
+    others = [r for r in candidates if r is not lead]
+    if others:
+        head.append("Other allocators vs " + baseline + ": " + "; ".join(
+            f"{r['allocator']} latency ratio {_ratio(r['ratio_vs_baseline'])} "
+            f"({_range(r['ratio_ci_low'], r['ratio_ci_high'])}), ITL ratio {_ratio(r['itl_ratio_vs_baseline'])} "
+            f"({_range(r['itl_ratio_ci_low'], r['itl_ratio_ci_high'])})"
+            + (" — significant" if r["significant"] or r["itl_significant"] else "") for r in others)
+            + " (verdicts below).")
     n_min = min((r["n"] for r in rows), default=0)
-    bullets.append(
+    head.append(
         f"Setup: {config.get('model')} on {records[0].get('device') if records else config.get('device')}, "
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
         f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
         f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
+    sure: list[str] = []  # how far the figures can be trusted
     if paired:
         halves = "; ".join(f"side {i}: " + (f"GPU {p['cuda_visible_devices']}, " if p.get("cuda_visible_devices")
                                              is not None else "") + f"CPUs {_cpu_range(p.get('cpus'))}"
                            for i, p in enumerate(config.get("placements") or []))
-        bullets.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
-                       f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
-                       "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")
+        sure.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
+                    f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
+                    "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")
+    noise = noise_line(records, paired)
+    if noise:
+        sure.append(noise)
+    precision = precision_line(rows, baseline, paired)
+    if precision:
+        sure.append(precision)
     if failed:
         reasons = sorted({r["failure"] or "unknown" for r in failed})
-        bullets.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
+        sure.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
     table = [[r["allocator"], _fmt(r["gen_latency_s"]),
               _range(r["gen_latency_ci_low"], r["gen_latency_ci_high"]),
               _fmt(r["ratio_vs_baseline"]), _range(r["ratio_ci_low"], r["ratio_ci_high"]),
@@ -181,8 +267,12 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     headers = ["allocator", "gen_latency_s", "95% CI", f"ratio vs {baseline}", "ratio CI", "p",
                "itl_p25_ms", "ITL ratio", "ITL ratio CI", "ITL p", "wall_real_s", "rss_mb", "n", "failed",
                "loaded library"]
+    sections = [("How far to trust these figures", sure), ("Every allocator", every)]
     return ("# Allocator impact on generation latency\n\n"
-            + "\n".join(f"- {b}" for b in bullets) + "\n\n"
+            + "\n".join(f"- {b}" for b in head) + "\n\n"
+            + "".join(f"## {title}\n\n" + "\n".join(f"- {b}" for b in items) + "\n\n"
+                      for title, items in sections if items)
+            + "## Per allocator\n\n"
             + tabulate(table, headers=headers, tablefmt="github") + "\n\n"
             "Medians over runs; CIs are 95 % percentile bootstrap intervals; p-values are two-sided "
             + ("Wilcoxon signed-rank tests of the per-pair log ratios (paired design). " if paired else
@@ -251,7 +341,6 @@ def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], re
             ax.axhline(run["itl_p25_s"] * 1000, color="k", lw=0.8, ls="--", label="ITL p25")
             ax.legend(loc="upper right", fontsize=7)
         ax.set_ylabel(f"{name}\nITL (ms)")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.set_title(f"{name}: run {run['run_index']} (median gen_latency run), {run['started_at'][:19]}",
                      fontsize=8, loc="left")

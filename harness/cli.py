@@ -283,6 +283,22 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
                f"\n      {results.root / alloc.RUNS_FILE}\n      {results.root / 'environment.json'}")
 
 
+@main.command("report")
+@click.argument("directory")
+def report_command(directory: str) -> None:
+    """Recompute an allocator experiment's CSV, summary and plots from its runs.jsonl and config.json
+    (after a run was copied off another host, or after the report code changed). Runs nothing."""
+    results = ResultsDir(directory)
+    records = results.read_jsonl(alloc.RUNS_FILE)
+    saved = results.read_json(alloc.CONFIG_FILE)
+    if not records or saved is None:
+        raise HarnessError(f"{results.root} holds no allocator experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE})")
+    config = saved.get("config", {})
+    names = [a["name"] for a in config.get("allocators", [])]
+    rows = alloc_report.write(results, records, config, names)
+    _print_rows(rows, results)
+
+
 @main.command("bench")
 @click.option("--model", default=None, help="Same model for both experiments [default: as `harness alloc`].")
 @click.option("--device", default="auto", show_default=True)

@@ -32,26 +32,39 @@ def _gpu_name(env: dict) -> str:
     return devices[0]["name"] if devices else "no GPU"
 
 
+def _ci(r: dict[str, str], low: str, high: str) -> str:
+    return "–" if r["allocator"] == "glibc" or not r[low] else f"{float(r[low]):.3f}–{float(r[high]):.3f}"
+
+
+def _p(value: str) -> str:
+    return "–" if not value else f"{float(value):.3g}"
+
+
 def alloc_block(d: Path) -> list[str]:
     rows = _rows(d / "alloc/allocator_latency_comparison.csv")
     env = json.loads((d / "environment.json").read_text())
     config = json.loads((d / "alloc/config.json").read_text())["config"]
     hosts = 1 + len(list(d.glob("environment.resume-*.json")))
+    design = ("paired: each allocator's run beside a glibc run, one GPU and half the CPUs each"
+              if config.get("paired") else "fresh process per run, one at a time, order rotated each round")
     out = [f"**Allocator A/B** — `{config['model']}` on {_gpu_name(env)} ({config['device']}, "
-           f"{config['max_new_tokens']} new tokens, median of {config['warm_gens']} warm generates per run, "
-           f"fresh process per run, {hosts} host(s) of this kind):", "",
-           "| allocator | gen_latency_s (median) | ratio vs glibc | 95 % CI of ratio | Mann–Whitney p "
-           "| peak RSS MB | n |",
-           "|---|---|---|---|---|---|---|"]
+           f"{config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per run, "
+           f"{design}, {hosts} host(s) of this kind):", "",
+           "| allocator | gen_latency_s (median) | ratio vs glibc | 95 % CI | p | ITL p25 (ms) | ITL ratio | 95 % CI "
+           "| p | peak RSS MB | n |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ci = "–" if r["allocator"] == "glibc" else f"{float(r['ratio_ci_low']):.3f}–{float(r['ratio_ci_high']):.3f}"
-        p = "–" if not r["p_value"] else f"{float(r['p_value']):.3g}"
-        out.append(f"| {r['allocator']} | {float(r['gen_latency_s']):.4f} | {float(r['ratio_vs_baseline']):.3f} | {ci} "
-                   f"| {p} | {float(r['rss_mb']):.0f} | {r['n']} |")
-    widths = [float(r["ratio_ci_high"]) - float(r["ratio_ci_low"]) for r in rows if r["allocator"] != "glibc"]
-    if widths:
-        out += ["", f"Widest 95 % CI of a ratio: ±{max(widths) / 2 * 100:.1f} % — see `alloc/summary.md` for "
-                    "the verdicts."]
+        out.append(f"| {r['allocator']} | {float(r['gen_latency_s']):.4f} | {float(r['ratio_vs_baseline']):.3f} "
+                   f"| {_ci(r, 'ratio_ci_low', 'ratio_ci_high')} | {_p(r['p_value'])} "
+                   f"| {float(r['itl_p25_s']) * 1e3:.2f} | {float(r['itl_ratio_vs_baseline']):.3f} "
+                   f"| {_ci(r, 'itl_ratio_ci_low', 'itl_ratio_ci_high')} | {_p(r['itl_p_value'])} "
+                   f"| {float(r['rss_mb']):.0f} | {r['n']} |")
+    # The harness's own noise and precision lines (alloc/summary.md), each a paragraph here.
+    lines = [line[2:].strip() for line in (d / "alloc/summary.md").read_text().splitlines()
+             if line.startswith(("- Noise", "- Precision"))]
+    for line in lines:
+        out += ["", line]
+    out += ["", "Verdicts: `alloc/summary.md`; per-run values: `alloc/runs.jsonl`."]
     return out
 
 
