@@ -6,6 +6,9 @@
    Target from the issue: client median within 1 ms or 5 % of the server's.
 2. Sampler overhead: the same streamed request with the memory sampler on and off, interleaved
    (order alternated per pair to cancel drift). Target: under 1 % on median E2E.
+3. Client floor: the same client against a zero-work streaming server in its own process; its TTFT
+   bounds what the client, HTTP and loopback add. Whatever remains of the gap in 1. is server-side work
+   that vLLM's histogram does not cover (HTTP handling, tokenizing, detokenizing, SSE framing).
 
 Usage: PYTHONPATH=. python scripts/bench_ttft_accuracy.py [--url URL] [--requests 40] [--sample-hz 20]
 Without --url a vLLM server (synthetic:tiny, ./.venv-vllm) is started and stopped.
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -107,6 +113,53 @@ def sampler_overhead(client: httpx.Client, url: str, model: str, n: int, max_tok
     print(f"   target (median E2E overhead under 1 %): {verdict}")
 
 
+class _SSEHandler(BaseHTTPRequestHandler):
+    """Streams `max_tokens` OpenAI completion chunks at once: a server that does no work."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [{"choices": [{"index": 0, "text": " x", "finish_reason": None}]}
+                  for _ in range(int(body.get("max_tokens", 4)))]
+        for payload in [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]:
+            data = payload.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        pass
+
+
+def client_floor(client: httpx.Client, n: int, max_tokens: int) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--sse-server", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                stream_request(client, url, "floor", "x", max_tokens)
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        ttfts = [stream_request(client, url, "floor", "test warm", max_tokens).ttft_s for _ in range(n)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    ttfts = sorted(t for t in ttfts if t is not None)
+    print(f"\n3. Client floor (n = {len(ttfts)}, zero-work streaming server in its own process, loopback)")
+    print(f"   client TTFT median {statistics.median(ttfts) * 1e3:.2f} ms, min {ttfts[0] * 1e3:.2f} ms: "
+          "at most what the client, HTTP and loopback add to a TTFT (this server's own HTTP handling included)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url")
@@ -114,12 +167,22 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--sample-hz", type=float, default=20.0)
+    ap.add_argument("--sse-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-vllm", action="store_true", help="only the client floor (3.)")
     args = ap.parse_args()
+    if args.sse_server:
+        ThreadingHTTPServer(("127.0.0.1", args.sse_server), _SSEHandler).serve_forever()
+        return 0
+    if args.skip_vllm:
+        with httpx.Client(timeout=120) as client:
+            client_floor(client, args.requests, args.max_tokens)
+        return 0
     with server_url(args) as (url, model), httpx.Client(timeout=120) as client:
         for _ in range(3):  # warm-up: these benchmarks are about warm requests
             stream_request(client, url, model, "warm-up", args.max_tokens, extra={"ignore_eos": True})
         ttft_accuracy(client, url, model, args.requests, args.max_tokens)
         sampler_overhead(client, url, model, args.requests, args.max_tokens, args.sample_hz)
+        client_floor(client, args.requests, args.max_tokens)
     return 0
 
 
