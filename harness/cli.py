@@ -144,7 +144,8 @@ def _csv_list(value: str) -> list[str]:
 @click.option("--timeout", "timeout_s", default=1800.0, show_default=True, type=click.FloatRange(1),
               help="Seconds before one run is killed and recorded as failed.")
 @click.option("--paired", is_flag=True,
-              help="Run every other allocator at the same time as a glibc run, each on its own half of the host "
+              help="Run every other allocator at the same time as a run of the baseline (glibc, else the first "
+                   "allocator), each on its own half of the host "
                    "(one GPU and half the CPUs each, sides swapped every round), and compare within pairs: a "
                    "slow stretch of a shared host then hits both sides. Local runner; on CUDA, 2 GPUs.")
 @click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
