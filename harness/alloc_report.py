@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from harness import stats
 from harness.results import ResultsDir
+from harness.runners.base import describe_placement
 
 CSV_FILE = "alloc/allocator_latency_comparison.csv"
 SUMMARY_FILE = "alloc/summary.md"
@@ -177,12 +178,6 @@ def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool) -> s
     return ("Precision — " + "; ".join(parts) + " (`--resume` with a larger `--runs` adds runs).") if parts else None
 
 
-def _cpu_range(cpus: list[int] | None) -> str:
-    if not cpus:
-        return "all"
-    return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])
-
-
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
 
@@ -241,9 +236,7 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
     sure: list[str] = []  # how far the figures can be trusted
     if paired:
-        halves = "; ".join(f"side {i}: " + (f"GPU {p['cuda_visible_devices']}, " if p.get("cuda_visible_devices")
-                                             is not None else "") + f"CPUs {_cpu_range(p.get('cpus'))}"
-                           for i, p in enumerate(config.get("placements") or []))
+        halves = "; ".join(f"side {i}: {describe_placement(p)}" for i, p in enumerate(config.get("placements") or []))
         sure.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
                     f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
                     "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")

@@ -16,7 +16,7 @@ from harness import alloc, alloc_report, environment
 from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.probe.models import ModelError, parse_model
 from harness.results import ResultsDir, ResultsError
-from harness.runners.base import RunnerError
+from harness.runners.base import RunnerError, describe_placement
 
 console = Console(stderr=True)
 
@@ -200,7 +200,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
                                dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
                                paired=paired, placements=placements)
     design = (f", paired with {config.baseline.name} on two host halves "
-              f"({'; '.join(_describe_placement(p) for p in placements)})" if paired else "")
+              f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
                   f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:
@@ -226,12 +226,6 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
-
-
-def _describe_placement(p: Any) -> str:
-    gpu = f"GPU {p.cuda_visible_devices}, " if p.cuda_visible_devices is not None else ""
-    cpus = f"CPUs {p.cpus[0]}-{p.cpus[-1]}" if p.cpus and len(p.cpus) > 1 else f"CPU {p.cpus[0]}" if p.cpus else ""
-    return gpu + cpus
 
 
 def environment_file(results: ResultsDir, resume: bool) -> str:

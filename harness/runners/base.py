@@ -28,6 +28,14 @@ class Placement:
                 "cpus": list(self.cpus) if self.cpus is not None else None}
 
 
+def describe_placement(placement: dict[str, Any]) -> str:
+    """'GPU 0, CPUs 0-15' from Placement.to_dict() (as saved in config.json)."""
+    gpu = placement.get("cuda_visible_devices")
+    cpus = placement.get("cpus") or []
+    cpu_text = f"CPUs {cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else f"CPU {cpus[0]}" if cpus else "all CPUs"
+    return (f"GPU {gpu}, " if gpu is not None else "") + cpu_text
+
+
 @dataclass(frozen=True)
 class ProbeRequest:
     """Everything one probe run needs; the same for every runner."""
