@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -152,6 +153,50 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
     return ("Noise — " + "; ".join(parts) + ".") if parts else None
 
 
+def host_key(environment: dict[str, Any]) -> str:
+    """What tells one host apart in an environment file: its GPUs' UUIDs, else its hostname."""
+    devices = (environment.get("gpu") or {}).get("devices") or []
+    if devices:
+        return ",".join(str(d.get("uuid", "?"))[:12] for d in devices)
+    host = environment.get("host") or {}
+    return str(host.get("hostname") or host.get("cpu_model") or "unknown host")
+
+
+def _when(stamp: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(stamp)
+
+
+def run_hosts(records: list[dict[str, Any]], environments: list[dict[str, Any]]) -> dict[int, str]:
+    """run_index → host key. Each invocation (first or --resume) writes an environment file before its
+    first run, so a run belongs to the last environment collected before it started."""
+    sessions = sorted((_when(e["collected_at"]), host_key(e)) for e in environments if e.get("collected_at"))
+    hosts = {}
+    for r in records:
+        if not sessions or not r.get("started_at"):
+            continue
+        started = _when(r["started_at"])
+        earlier = [key for when, key in sessions if when <= started]
+        hosts[r["run_index"]] = earlier[-1] if earlier else sessions[0][1]
+    return hosts
+
+
+def hosts_line(records: list[dict[str, Any]], environments: list[dict[str, Any]]) -> str | None:
+    """Where runs came from more than one host: each host's level of the steady decode step, since a
+    slower host widens every ratio CI."""
+    hosts = run_hosts(records, environments)
+    groups: dict[str, list[float]] = {}
+    for r in measured(records):
+        if r["status"] == "ok" and r.get("itl_p25_s") and r["run_index"] in hosts:
+            groups.setdefault(hosts[r["run_index"]], []).append(r["itl_p25_s"])
+    if len(groups) < 2:
+        return None
+    levels = ", ".join(f"{_median(v) * 1e3:.2f} ms on {key} ({len(v)} runs)" for key, v in groups.items())
+    return (f"Hosts — runs came from {len(groups)} hosts (told apart by GPU UUID or hostname in "
+            f"environment*.json); median ITL p25 of each host's runs: {levels}. The order rotates through every "
+            "allocator each round, so a slower host slows all of them about alike: it widens the ratio CIs "
+            "more than it tilts them.")
+
+
 def runs_needed(comp: stats.Comparison, target: float = PRECISION_TARGET) -> int | None:
     """Runs per allocator for a ±target CI, assuming the CI's half-width shrinks as 1/sqrt(n) at the spread
     seen (a rough plan: bootstrap CIs from a few runs are themselves uncertain)."""
@@ -161,11 +206,14 @@ def runs_needed(comp: stats.Comparison, target: float = PRECISION_TARGET) -> int
     return max(comp.n_candidate, math.ceil(comp.n_candidate * (half / target) ** 2))
 
 
-def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool) -> str | None:
-    """How far the widest ratio CI is from ±PRECISION_TARGET, and about how many runs would reach it."""
+def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead: str | None = None) -> str | None:
+    """How far the widest ratio CI is from ±PRECISION_TARGET, and about how many runs would reach it, for
+    every allocator and for the lead one (jemalloc) alone."""
     parts = []
     for key, label in (("_comparison", "generation latency"), ("_itl", "decode step (ITL p25)")):
-        comps = [r[key] for r in rows if r["allocator"] != baseline and not math.isnan(r[key].ratio_ci_low)]
+        named = {r["allocator"]: r[key] for r in rows
+                 if r["allocator"] != baseline and not math.isnan(r[key].ratio_ci_low)}
+        comps = list(named.values())
         if not comps:
             continue
         widest = max(comps, key=lambda c: max(abs(c.ratio_ci_low - 1), abs(c.ratio_ci_high - 1)))
@@ -174,6 +222,9 @@ def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool) -> s
         unit = "pairs" if paired else "runs per allocator"
         plan = (f"roughly {need} {unit} would narrow every one to ±{PRECISION_TARGET * 100:.0f} % at this spread"
                 if need > widest.n_candidate else f"within ±{PRECISION_TARGET * 100:.0f} %")
+        lead_need = runs_needed(named[lead]) if lead in named and len(named) > 1 else None
+        if lead_need is not None and widest.n_candidate < lead_need < need:
+            plan += f", {lead_need} for {lead} alone"
         parts.append(f"{label}: widest ratio CI ±{half:.1f} % with {widest.n_candidate} {unit}; {plan}")
     return ("Precision — " + "; ".join(parts) + " (`--resume` with a larger `--runs` adds runs).") if parts else None
 
@@ -196,7 +247,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
-def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]],
+                     environments: list[dict[str, Any]] | None = None) -> str:
     baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else rows[0]["allocator"]
     paired = bool(config.get("paired"))
     base = next(r for r in rows if r["allocator"] == baseline)
@@ -243,7 +295,10 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     noise = noise_line(records, paired)
     if noise:
         sure.append(noise)
-    precision = precision_line(rows, baseline, paired)
+    hosts = hosts_line(records, environments or [])
+    if hosts:
+        sure.append(hosts)
+    precision = precision_line(rows, baseline, paired, lead["allocator"] if lead else None)
     if precision:
         sure.append(precision)
     if failed:
@@ -348,7 +403,7 @@ def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, 
           order: list[str]) -> list[dict[str, Any]]:
     rows = allocator_rows(records, order, paired=bool(config.get("paired")))
     results.write_csv(CSV_FILE, CSV_COLUMNS, rows)
-    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records))
+    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records, results.environments()))
     if any(r["n"] for r in rows):
         plot(rows, records, results)
         plot_itl_trace(rows, records, results)

@@ -78,6 +78,7 @@ def collect(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     env = {
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {
+            "hostname": platform.node(),
             "cpu_model": cpu_model(),
             "logical_cores": psutil.cpu_count(logical=True),
             "physical_cores": psutil.cpu_count(logical=False),

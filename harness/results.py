@@ -86,6 +86,10 @@ class ResultsDir:
         p = self.root / relpath
         return json.loads(p.read_text()) if p.exists() else None
 
+    def environments(self) -> list[dict[str, Any]]:
+        """environment.json and every environment.resume-N.json: one per invocation that added runs."""
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("environment*.json"))]
+
     def write_text(self, relpath: str, text: str) -> Path:
         p = self.path(relpath)
         tmp = p.with_suffix(p.suffix + ".tmp")

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness import stats  # noqa: E402
+from harness.alloc_report import host_key  # noqa: E402
 from harness.results import ResultsDir  # noqa: E402
 
 BEGIN, END = "<!-- reference:begin -->", "<!-- reference:end -->"
@@ -44,7 +45,7 @@ def alloc_block(d: Path) -> list[str]:
     rows = _rows(d / "alloc/allocator_latency_comparison.csv")
     env = json.loads((d / "environment.json").read_text())
     config = json.loads((d / "alloc/config.json").read_text())["config"]
-    hosts = 1 + len(list(d.glob("environment.resume-*.json")))
+    hosts = len({host_key(e) for e in ResultsDir(d).environments()})
     design = ("paired: each allocator's run beside a glibc run, one GPU and half the CPUs each"
               if config.get("paired") else "fresh process per run, one at a time, order rotated each round")
     out = [f"**Allocator A/B** — `{config['model']}` on {_gpu_name(env)} ({config['device']}, "
@@ -61,7 +62,7 @@ def alloc_block(d: Path) -> list[str]:
                    f"| {float(r['rss_mb']):.0f} | {r['n']} |")
     # The harness's own noise and precision lines (alloc/summary.md), each a paragraph here.
     lines = [line[2:].strip() for line in (d / "alloc/summary.md").read_text().splitlines()
-             if line.startswith(("- Noise", "- Precision"))]
+             if line.startswith(("- Noise", "- Hosts", "- Precision"))]
     for line in lines:
         out += ["", line]
     out += ["", "Verdicts: `alloc/summary.md`; per-run values: `alloc/runs.jsonl`."]

@@ -218,3 +218,29 @@ def test_report_recomputes_the_artifacts_from_the_runs(alloc_dir, tmp_path):
     assert "Noise — run-to-run spread of gen_latency" in summary and "Precision — generation latency" in summary
     proc = run_harness("report", str(tmp_path / "empty"))
     assert proc.returncode != 0 and "holds no allocator experiment" in proc.stderr
+
+
+def test_report_tells_the_hosts_of_a_resumed_experiment_apart(alloc_dir, tmp_path):
+    """Runs continued on another host (another environment file, another hostname): the summary gives each
+    host's level of the steady decode step, from the runs that ran there."""
+    copy = tmp_path / "copy"
+    (copy / "alloc").mkdir(parents=True)
+    for name in ("alloc/runs.jsonl", "alloc/config.json", "environment.json"):
+        (copy / name).write_bytes((alloc_dir / name).read_bytes())
+    runs = [json.loads(line) for line in (copy / "alloc/runs.jsonl").read_text().splitlines()]
+    first = json.loads((copy / "environment.json").read_text())
+    second = json.loads(json.dumps(first))
+    second["host"]["hostname"] = first["host"]["hostname"] + "-other"
+    second["collected_at"] = runs[4]["started_at"]  # runs 4.. ran after the second invocation began
+    (copy / "environment.resume-1.json").write_text(json.dumps(second))
+    proc = run_harness("report", str(copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in (copy / "alloc/summary.md").read_text().splitlines() if x.startswith("- Hosts"))
+    assert "runs came from 2 hosts" in line
+    for host, mine in ((first["host"]["hostname"], [r for r in runs[:4] if not r["warmup"]]),
+                       (second["host"]["hostname"], runs[4:])):
+        itl = sorted(r["itl_p25_s"] for r in mine)
+        median = (itl[(len(itl) - 1) // 2] + itl[len(itl) // 2]) / 2
+        assert f"{median * 1e3:.2f} ms on {host} ({len(mine)} runs)" in line
+    summary = (alloc_dir / "alloc/summary.md").read_text()
+    assert "- Hosts" not in summary, "one host: no host line"
