@@ -194,11 +194,26 @@ def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool) -> list[
     return existing
 
 
+def environment_file(results: ResultsDir, resume: bool) -> str:
+    """environment.json, or environment.resume-N.json when a resumed run may be on another host."""
+    if not resume or not (results.root / "environment.json").exists():
+        return "environment.json"
+    n = 1
+    while (results.root / f"environment.resume-{n}.json").exists():
+        n += 1
+    return f"environment.resume-{n}.json"
+
+
 def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bool = False,
+            environment: dict[str, Any] | None = None,
             on_run: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
             on_start: Callable[[PlannedRun], None] | None = None) -> list[dict[str, Any]]:
-    """Runs what is left of the plan, appending each record as it finishes. Returns all records."""
+    """Runs what is left of the plan, appending each record as it finishes. Returns all records.
+    `environment` is written only once the directory is accepted, so a refused invocation leaves the
+    experiment's own environment files as they were."""
     records = prepare_dir(results, config, resume)
+    if environment is not None:
+        results.write_json(environment_file(results, resume), environment)
     done = {record_key(r) for r in records}
     for unit in units(config):
         todo = [run for run in unit if run.key not in done]

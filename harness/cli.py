@@ -204,8 +204,8 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
                   f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:
-        results.write_json(environment_file(results, resume), environment.collect({"runner": runner.describe()}))
-        records = _run_with_progress(config, runner, results, resume)
+        records = _run_with_progress(config, runner, results, resume,
+                                     environment.collect({"runner": runner.describe()}))
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
     except RunnerError as exc:
@@ -228,16 +228,6 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     return 0
 
 
-def environment_file(results: ResultsDir, resume: bool) -> str:
-    """environment.json, or environment.resume-N.json when a resumed run may be on another host."""
-    if not resume or not (results.root / "environment.json").exists():
-        return "environment.json"
-    n = 1
-    while (results.root / f"environment.resume-{n}.json").exists():
-        n += 1
-    return f"environment.resume-{n}.json"
-
-
 def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:
     records = results.read_jsonl(alloc.RUNS_FILE)
     if not any(not r.get("warmup") for r in records):
@@ -245,7 +235,8 @@ def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) ->
     return alloc_report.write(results, records, config.to_dict(), names)
 
 
-def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsDir, resume: bool):
+def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsDir, resume: bool,
+                       env: dict[str, Any]):
     total = len(alloc.plan(config))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -263,7 +254,8 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
             if record["status"] != "ok":
                 progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record['failure']}")
 
-        return alloc.execute(config, runner, results, resume=resume, on_run=on_run, on_start=on_start)
+        return alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
+                             on_start=on_start)
 
 
 def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -76,8 +77,11 @@ def test_summary_states_a_verdict_and_environment_is_complete(alloc_dir):
 
 
 def test_rerun_into_the_same_directory_needs_resume(alloc_dir):
+    before = {p.name: p.read_bytes() for p in (alloc_dir / "environment.json", alloc_dir / "alloc/config.json")}
     proc = run_harness(*DONE_WHEN, "--out", str(alloc_dir))
     assert proc.returncode == 2 and "--resume" in proc.stderr
+    after = {p.name: p.read_bytes() for p in (alloc_dir / "environment.json", alloc_dir / "alloc/config.json")}
+    assert after == before, "a refused invocation leaves the experiment's files as they were"
 
 
 def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
@@ -105,6 +109,11 @@ def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
     assert len(runs) == 4 and kept == runs_file.read_text().splitlines()[: len(kept)]
     assert sorted((r["round"], r["allocator"]) for r in runs) == [
         (0, "glibc"), (0, "jemalloc"), (1, "glibc"), (1, "jemalloc")]
+    first, resumed = (json.loads((out / name).read_text()) for name in ("environment.json",
+                                                                         "environment.resume-1.json"))
+    when = datetime.fromisoformat
+    assert when(first["collected_at"]) <= when(runs[0]["started_at"])
+    assert when(first["collected_at"]) < when(resumed["collected_at"]) <= when(runs[-1]["started_at"])
 
 
 def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_path):

@@ -2,7 +2,7 @@
 # Allocator A/B on an NVIDIA GPU host that has torch but no allocator packages installed:
 # unpacks Debian's allocator .debs (carried in .debs/) and runs `harness alloc` on synthetic:phi3-mini.
 # Usage: OUT=/path/to/results bash scripts/device/h100_alloc.sh [extra harness alloc flags, e.g. --resume, --paired]
-# Environment: RUNS, WARM_GENS, WARMUP_RUNS, MAX_NEW_TOKENS, BUDGET_S (seconds before SIGINT), NAME (result folder).
+# Environment: ALLOCATORS (default all four), RUNS, WARM_GENS, WARMUP_RUNS, MAX_NEW_TOKENS, BUDGET_S (seconds before SIGINT), NAME (result folder).
 set -uo pipefail
 OUT=${OUT:?set OUT to the results parent directory}
 PY=${PY:-python3}
@@ -16,7 +16,7 @@ $PY -c 'import torch, transformers; print("torch", torch.__version__, "transform
 # A budget below the device's 10-minute command limit: SIGINT makes harness write its reports and keep its runs;
 # the next call continues with --resume.
 timeout -s INT "${BUDGET_S:-520}" $PY -m harness.cli alloc --runner local --device cuda --model synthetic:phi3-mini \
-  --allocators glibc,jemalloc,tcmalloc,mimalloc \
+  --allocators "${ALLOCATORS:-glibc,jemalloc,tcmalloc,mimalloc}" \
   --allocator-lib "jemalloc=$lib/libjemalloc.so.2" \
   --allocator-lib "tcmalloc=$(ls $lib/libtcmalloc_minimal.so.4.*)" \
   --allocator-lib "mimalloc=$(ls $lib/libmimalloc.so.2.*)" \
