@@ -87,7 +87,7 @@ class ResultsDir:
         return json.loads(p.read_text()) if p.exists() else None
 
     def environments(self) -> list[dict[str, Any]]:
-        """environment.json and every environment.resume-N.json: one per invocation that added runs."""
+        """environment.json and every environment.resume-N.json: one per invocation that ran."""
         return [json.loads(p.read_text()) for p in sorted(self.root.glob("environment*.json"))]
 
     def write_text(self, relpath: str, text: str) -> Path:
