@@ -70,3 +70,22 @@ def test_paired_comparison_cancels_noise_both_sides_share():
 def test_paired_comparison_skips_missing_values():
     comp = stats.compare_paired([(1.0, None), (None, 1.0), (1.1, 1.0), (float("nan"), 1.0)])
     assert comp.n_candidate == 1 and comp.ratio == pytest.approx(1.1) and math.isnan(comp.ratio_ci_low)
+
+
+def test_precision_line_plans_for_every_allocator_and_for_the_lead_alone():
+    """The widest CI sets the plan for every allocator; the lead allocator's own, smaller plan comes beside
+    it, and is left out once the lead is already within ±3 %."""
+    from harness.alloc_report import precision_line, runs_needed
+
+    rng = np.random.default_rng(1)
+    base = list(1.0 + 0.05 * rng.standard_normal(12))
+    wide = stats.compare(list(1.0 + 0.30 * np.abs(rng.standard_normal(12))), base)
+    for spread, mentioned in ((0.05, True), (0.001, False)):
+        lead = stats.compare(list(1.0 + spread * rng.standard_normal(12)), base if mentioned else [1.0] * 12)
+        rows = [{"allocator": "glibc", "_comparison": stats.compare(base, base), "_itl": stats.compare(base, base)},
+                {"allocator": "jemalloc", "_comparison": lead, "_itl": lead},
+                {"allocator": "tcmalloc", "_comparison": wide, "_itl": wide}]
+        line = precision_line(rows, "glibc", paired=False, lead="jemalloc")
+        assert f"roughly {runs_needed(wide)} runs per allocator would narrow every one to ±3 %" in line
+        assert (f", {runs_needed(lead)} for jemalloc alone" in line) is mentioned, line
+        assert 12 < runs_needed(lead) < runs_needed(wide) if mentioned else runs_needed(lead) == 12
