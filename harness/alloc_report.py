@@ -162,20 +162,19 @@ def host_key(environment: dict[str, Any]) -> str:
     return str(host.get("hostname") or host.get("cpu_model") or "unknown host")
 
 
-def _when(stamp: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(stamp)
-
-
 def run_hosts(records: list[dict[str, Any]], environments: list[dict[str, Any]]) -> dict[int, str]:
     """run_index → host key. Each invocation (first or --resume) writes an environment file before its
     first run, so a run belongs to the last environment collected before it started."""
-    sessions = sorted((_when(e["collected_at"]), host_key(e)) for e in environments if e.get("collected_at"))
+    when = dt.datetime.fromisoformat
+    sessions = sorted((when(e["collected_at"]), host_key(e)) for e in environments if e.get("collected_at"))
+    if not sessions:
+        return {}
     hosts = {}
     for r in records:
-        if not sessions or not r.get("started_at"):
+        if not r.get("started_at"):
             continue
-        started = _when(r["started_at"])
-        earlier = [key for when, key in sessions if when <= started]
+        started = when(r["started_at"])
+        earlier = [key for at, key in sessions if at <= started]
         hosts[r["run_index"]] = earlier[-1] if earlier else sessions[0][1]
     return hosts
 

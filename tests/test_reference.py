@@ -31,3 +31,18 @@ def test_every_reference_directory_has_its_environment_and_verified_runs():
         if (d / "serve").exists():
             assert json.loads((d / "serve" / "environment.json").read_text())
             assert (d / "serve" / "first_token_latency.md").read_text().startswith("# First-token latency")
+
+
+def test_committed_reports_are_what_the_harness_computes_from_the_runs(tmp_path):
+    """Each reference summary and CSV is the current `harness report` of its runs, not a stale or edited copy."""
+    from conftest import run_harness
+
+    for d in (d for d in REFERENCE.iterdir() if (d / "alloc" / "runs.jsonl").exists()):
+        copy = tmp_path / d.name
+        (copy / "alloc").mkdir(parents=True)
+        for src in [d / "alloc" / "runs.jsonl", d / "alloc" / "config.json", *d.glob("environment*.json")]:
+            (copy / src.relative_to(d)).write_bytes(src.read_bytes())
+        proc = run_harness("report", str(copy))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for name in ("summary.md", "allocator_latency_comparison.csv"):
+            assert (copy / "alloc" / name).read_text() == (d / "alloc" / name).read_text(), f"{d.name}: {name}"
