@@ -11,7 +11,7 @@ from typing import Any
 
 from harness.allocators import Allocator
 from harness.results import ResultsDir, ResultsError
-from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner
+from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner, format_cpu_list
 
 RUNS_FILE = "alloc/runs.jsonl"
 CONFIG_FILE = "alloc/config.json"
@@ -33,6 +33,7 @@ class AllocConfig:
     runner: str = "local"
     paired: bool = False  # each candidate run alongside a baseline run, on the other half of the host
     placements: list[Placement] = field(default_factory=list)  # paired: the two halves (GPU, CPUs)
+    affinity: tuple[int, ...] | None = None  # sequential: every probe pinned to these CPUs (pyperf's --affinity)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,7 +48,17 @@ class AllocConfig:
                  "warm_gens": self.warm_gens, "max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
         if self.paired:
             ident["paired"] = True
+        if self.affinity:
+            ident["affinity"] = list(self.affinity)
         return ident
+
+    def placement(self, run: PlannedRun) -> Placement | None:
+        """Where `run` may run: its half of the host (paired), the --affinity CPUs, or anywhere."""
+        if run.slot is not None:
+            return self.placements[run.slot]
+        if self.affinity:
+            return Placement(cpus=self.affinity)
+        return None
 
     @property
     def baseline(self) -> Allocator:
@@ -108,8 +119,12 @@ def units(config: AllocConfig) -> list[list[PlannedRun]]:
     return [runs[i:i + size] for i in range(0, len(runs), size)]
 
 
-def verify(allocator: Allocator, probe: dict[str, Any]) -> str | None:
-    """None when the probe's process really used `allocator`; otherwise the reason it did not."""
+def verify(allocator: Allocator, probe: dict[str, Any], placement: Placement | None = None) -> str | None:
+    """None when the probe's process really used `allocator` (and ran only on the CPUs it was pinned to);
+    otherwise the reason it did not."""
+    if placement and placement.cpus and probe.get("cpu_affinity") != sorted(placement.cpus):
+        return (f"pinned to CPUs {format_cpu_list(placement.cpus)}, but the probe process was allowed "
+                f"{format_cpu_list(probe.get('cpu_affinity') or [])}")
     loaded = probe.get("allocator") or {}
     got = loaded.get("name")
     lib = loaded.get("malloc_library")
@@ -128,8 +143,9 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
                  outcome: ProbeOutcome, runner_name: str) -> dict[str, Any]:
     probe = outcome.probe
     failure = outcome.error
+    placement = config.placement(run)
     if probe is not None and failure is None:
-        failure = verify(run.allocator, probe)
+        failure = verify(run.allocator, probe, placement)
     ok = probe is not None and failure is None
     gpu = (probe or {}).get("gpu") or {}
     container = outcome.container or {}
@@ -140,7 +156,7 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "position": run.position,
         "pair": run.pair,
         "slot": run.slot,
-        "placement": config.placements[run.slot].to_dict() if run.slot is not None else None,
+        "placement": placement.to_dict() if placement else None,
         "concurrent_with": None,  # paired design: run_index of the run it ran beside
         "warmup": run.warmup,
         "allocator": run.allocator.name,
@@ -162,6 +178,8 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "tpot_s": (probe or {}).get("tpot_s"),
         "itl_p25_s": (probe or {}).get("itl_p25_s"),
         "itl_p50_s": (probe or {}).get("itl_p50_s"),
+        "steal_pct": ((probe or {}).get("contention") or {}).get("steal_pct"),
+        "involuntary_switches": ((probe or {}).get("contention") or {}).get("involuntary_switches"),
         "load_s": (probe or {}).get("load_s"),
         "import_s": (probe or {}).get("import_s"),
         "rss_mb": (probe or {}).get("peak_rss_mb"),
@@ -226,7 +244,7 @@ def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bo
                                  warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
                                  dtype=config.dtype, seed=config.seed, threads=config.threads,
                                  timeout_s=config.timeout_s,
-                                 placement=config.placements[run.slot] if run.slot is not None else None)
+                                 placement=config.placement(run))
                     for run in todo]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         outcomes = run_together(runner, requests)

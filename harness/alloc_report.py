@@ -141,6 +141,9 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
     if slowed:
         parts.append(f"decode steps slower than 1.5× their run's ITL p25: {np.median(slowed) * 100:.0f} % "
                      f"(median over runs, up to {max(slowed) * 100:.0f} %)")
+    contention = contention_part(runs)
+    if contention:
+        parts.append(contention)
     if paired:
         by_index = {r["run_index"]: r for r in runs}
         sides = [(r, by_index[r["concurrent_with"]]) for r in runs
@@ -151,6 +154,28 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
             parts.append(f"correlation of the two sides' ITL p25 within pairs r = {np.corrcoef(a, b)[0, 1]:.2f} "
                          "(near 1: pairing cancels the host's slow stretches; near 0: it cannot)")
     return ("Noise — " + "; ".join(parts) + ".") if parts else None
+
+
+def contention_part(runs: list[dict[str, Any]]) -> str | None:
+    """What took CPU from the probes while they measured: the hypervisor (steal) or this guest's own
+    scheduler (involuntary preemptions), and whether the runs that lost most were the slow ones."""
+    import numpy as np
+    from scipy import stats as sps
+
+    stolen = [r for r in runs if r.get("steal_pct") is not None and r.get("itl_p25_s")]
+    if len(stolen) < 3:
+        return None
+    steal = [r["steal_pct"] for r in stolen]
+    text = (f"hypervisor steal on the probes' CPUs while they measured: median {np.median(steal):.1f} %, "
+            f"max {max(steal):.1f} %")
+    switches = [r["involuntary_switches"] for r in stolen if r.get("involuntary_switches") is not None]
+    if switches:
+        text += f"; involuntary preemptions per run: median {np.median(switches):.0f}"
+    if len(stolen) >= 8 and len(set(steal)) > 1:
+        rho = sps.spearmanr(steal, [r["itl_p25_s"] for r in stolen]).statistic
+        text += (f"; rank correlation of steal with ITL p25 ρ = {rho:.2f} (near 1: the slow runs are the ones "
+                 "another guest took CPU from)")
+    return text
 
 
 def host_key(environment: dict[str, Any]) -> str:
@@ -282,7 +307,8 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     head.append(
         f"Setup: {config.get('model')} on {records[0].get('device') if records else config.get('device')}, "
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
-        f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
+        + (f"each pinned to {describe_placement({'cpus': config['affinity']})}, " if config.get("affinity") else "")
+        + f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
         f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
     sure: list[str] = []  # how far the figures can be trusted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from harness import alloc, alloc_report, environment
 from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.probe.models import ModelError, parse_model
 from harness.results import ResultsDir, ResultsError
-from harness.runners.base import RunnerError, describe_placement
+from harness.runners.base import RunnerError, describe_placement, format_cpu_list, parse_cpu_list
 
 console = Console(stderr=True)
 
@@ -148,6 +149,10 @@ def _csv_list(value: str) -> list[str]:
                    "allocator), each on its own half of the host "
                    "(one GPU and half the CPUs each, sides swapped every round), and compare within pairs: a "
                    "slow stretch of a shared host then hits both sides. Local runner; on CUDA, 2 GPUs.")
+@click.option("--affinity", default=None, metavar="CPUS",
+              help="Pin every probe (process or container) to these CPUs, e.g. 2-5 or 2,3 (as pyperf's "
+                   "--affinity): the scheduler then cannot move the decode loop across cores or NUMA nodes "
+                   "between runs. Each run checks that its process was pinned.")
 @click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
@@ -159,9 +164,13 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
               allocators: str = "glibc,jemalloc", allocator_lib: tuple[str, ...] = (),
               allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int = 3,
               max_new_tokens: int = 32, dtype: str = "auto", threads: int = 0, timeout_s: float = 1800.0,
-              out: str | None = None, resume: bool = False, paired: bool = False) -> int:
+              out: str | None = None, resume: bool = False, paired: bool = False,
+              affinity: str | None = None) -> int:
     """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed)."""
     names = _csv_list(allocators)
+    cpus = _affinity(affinity) if affinity is not None else None
+    if paired and cpus:
+        raise HarnessError("--paired splits the host's CPUs itself: leave out --affinity")
     if paired and runner_kind == "docker":
         raise HarnessError("--paired runs with the local runner only (--runner local)")
     if paired and len(names) < 2:
@@ -198,9 +207,11 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
                                dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
-                               paired=paired, placements=placements)
+                               paired=paired, placements=placements, affinity=cpus)
     design = (f", paired with {config.baseline.name} on two host halves "
               f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
+    if cpus:
+        design += f", pinned to {describe_placement({'cpus': list(cpus)})}"
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
                   f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:
@@ -226,6 +237,20 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
+
+
+def _affinity(text: str) -> tuple[int, ...]:
+    """--affinity as CPU numbers, each one this process may use (the probes inherit no more than that)."""
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as exc:
+        raise HarnessError(f"--affinity: {exc}") from None
+    allowed = os.sched_getaffinity(0)
+    outside = [c for c in cpus if c not in allowed]
+    if outside:
+        raise HarnessError(f"--affinity: CPU(s) {format_cpu_list(outside)} not available here "
+                           f"(this process may use CPUs {format_cpu_list(allowed)})")
+    return cpus
 
 
 def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ import psutil
 import pytest
 from conftest import HARNESS, REPO, run_harness
 
+from harness import alloc
+
 DONE_WHEN = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
              "--runs", "3", "--warm-gens", "2", "--max-new-tokens", "8"]
 
@@ -44,6 +46,9 @@ def test_every_run_verified_and_interleaved(alloc_dir):
     firsts = [r["allocator"] for r in runs if r["position"] == 0]
     assert set(firsts) == {"glibc", "jemalloc"}, "the order rotates between rounds"
     assert all(r["wall_real_s"] > r["gen_latency_s"] > 0 for r in measured)
+    # what took CPU from each run while it measured, read inside the probe's own process
+    assert all(0.0 <= r["steal_pct"] <= 100.0 and r["involuntary_switches"] >= 0 for r in measured)
+    assert all(r["probe"]["cpu_affinity"] == sorted(os.sched_getaffinity(0)) for r in runs)
 
 
 def test_csv_schema_and_values_come_from_the_runs(alloc_dir):
@@ -67,6 +72,7 @@ def test_summary_states_a_verdict_and_environment_is_complete(alloc_dir):
     bullets = [line for line in headline.splitlines() if line.startswith("- ")]
     assert 3 <= len(bullets) <= 5
     assert "## How far to trust these figures" in summary and "- Noise — " in summary
+    assert "hypervisor steal on the probes' CPUs while they measured: median" in summary
     assert "jemalloc" in bullets[0] and ("no significant difference" in bullets[0] or "helped" in bullets[0]
                                          or "hurt" in bullets[0])
     env = json.loads((alloc_dir / "environment.json").read_text())
@@ -142,6 +148,9 @@ def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_pa
     (["--device", "cuda"], "no NVIDIA GPU is visible"),
     (["--device", "tpu"], "unknown --device"),
     (["--out", "/etc/hostname/results"], "cannot be written"),
+    (["--affinity", "two"], "not a CPU list"),
+    (["--affinity", "4096"], "CPU(s) 4096 not available here"),
+    (["--paired", "--affinity", "0"], "--paired splits the host's CPUs itself"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     if "--device" in args and args[-1] == "cuda" and _has_gpu():
@@ -210,6 +219,51 @@ def test_paired_design_runs_pairs_side_by_side(tmp_path):
     assert "Paired design" in summary and "2 pairs" in summary
     proc = run_harness("alloc", "--runner", "docker", "--paired", "--out", str(tmp_path / "x"))
     assert proc.returncode != 0 and "--runner local" in proc.stderr
+
+
+def test_affinity_pins_every_run_and_is_part_of_the_experiment(tmp_path):
+    """--affinity: every probe process runs only on the CPUs named, checked inside the process itself."""
+    cpu = max(os.sched_getaffinity(0))
+    args = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+            "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    proc = run_harness(*args, "--affinity", str(cpu))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "alloc/runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and all(r["verified"] for r in runs)
+    assert all(r["placement"]["cpus"] == [cpu] and r["probe"]["cpu_affinity"] == [cpu] for r in runs)
+    assert f"pinned to CPU {cpu}" in (tmp_path / "alloc/summary.md").read_text()
+    # a resumed experiment keeps its pinning: continuing it unpinned would mix two set-ups
+    proc = run_harness(*args, "--resume", timeout=120)
+    assert proc.returncode == 2 and "different settings" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_run_that_escaped_its_cpus_fails_verification():
+    from harness.allocators import Allocator
+    from harness.runners.base import Placement
+
+    probe = {"allocator": {"name": "glibc", "malloc_library": "/usr/lib/x86_64-linux-gnu/libc.so.6"},
+             "cpu_affinity": [0, 1]}
+    glibc = Allocator(name="glibc", library=None)
+    assert alloc.verify(glibc, probe) is None
+    assert alloc.verify(glibc, probe, Placement(cpus=(0, 1))) is None
+    assert "pinned to CPUs 2-3, but the probe process was allowed 0-1" in alloc.verify(
+        glibc, probe, Placement(cpus=(2, 3)))
+
+
+@pytest.mark.parametrize("text, cpus, canonical", [
+    ("3", (3,), "3"), ("2-5,8", (2, 3, 4, 5, 8), "2-5,8"), ("8, 2-3,3", (2, 3, 8), "2-3,8"), ("0-0", (0,), "0")])
+def test_cpu_lists_read_and_write_like_taskset(text, cpus, canonical):
+    from harness.runners.base import format_cpu_list, parse_cpu_list
+
+    assert parse_cpu_list(text) == cpus and format_cpu_list(cpus) == canonical
+
+
+@pytest.mark.parametrize("text", ["", ",", "a", "1-", "-1", "5-2", "1.5"])
+def test_cpu_lists_refuse_what_is_not_one(text):
+    from harness.runners.base import parse_cpu_list
+
+    with pytest.raises(ValueError, match="not a CPU list"):
+        parse_cpu_list(text)
 
 
 def test_report_recomputes_the_artifacts_from_the_runs(alloc_dir, tmp_path):

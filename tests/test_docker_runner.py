@@ -189,12 +189,14 @@ def test_working_set_as_docker_stats_computes_it():
 
 def test_cli_alloc_runner_docker_end_to_end(runner, tmp_path):
     out = tmp_path / "y"
+    cpu = max(os.sched_getaffinity(0))  # --affinity becomes the container's cpuset
     proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
                        "--runs", "2", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4",
-                       "--out", str(out))
+                       "--affinity", str(cpu), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
     assert len(runs) == 4 and all(r["status"] == "ok" and r["runner"] == "docker" for r in runs)
+    assert all(r["probe"]["cpu_affinity"] == [cpu] for r in runs)
     assert all(r["container_peak_mb"] > 100 and r["container"]["image"].startswith("harness-probe:") for r in runs)
     rows = list(csv.DictReader((out / "alloc/allocator_latency_comparison.csv").open()))
     assert [r["allocator"] for r in rows] == ["glibc", "jemalloc"]

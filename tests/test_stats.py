@@ -89,3 +89,16 @@ def test_precision_line_plans_for_every_allocator_and_for_the_lead_alone():
         assert f"roughly {runs_needed(wide)} runs per allocator would narrow every one to ±3 %" in line
         assert (f", {runs_needed(lead)} for jemalloc alone" in line) is mentioned, line
         assert 12 < runs_needed(lead) < runs_needed(wide) if mentioned else runs_needed(lead) == 12
+
+
+def test_contention_part_tells_whether_the_slow_runs_lost_cpu_to_other_guests():
+    from harness.alloc_report import contention_part
+
+    runs = [{"steal_pct": float(i), "involuntary_switches": 10 + i, "itl_p25_s": 0.020 + 0.001 * i}
+            for i in range(10)]
+    text = contention_part(runs)
+    assert "median 4.5 %, max 9.0 %" in text and "median 14" in text and "ρ = 1.00" in text
+    assert "ρ = -1.00" in contention_part([{**r, "steal_pct": 9.0 - r["steal_pct"]} for r in runs])
+    # too few runs, or runs recorded before the probe measured steal: nothing to say
+    assert contention_part(runs[:2]) is None
+    assert contention_part([{k: v for k, v in r.items() if k != "steal_pct"} for r in runs]) is None

@@ -62,6 +62,31 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _contention() -> dict[str, float]:
+    """Counters of what took CPU time from this process: the hypervisor's steal on the CPUs it may run on
+    (/proc/stat, in clock ticks, with their total) and the kernel's involuntary preemptions of its threads."""
+    mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+    steal = total = 0
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                name, *ticks = line.split()
+                if name in mine:  # user nice system idle iowait irq softirq steal (guest time is inside user)
+                    values = [int(v) for v in ticks[:8]]
+                    steal += values[7] if len(values) > 7 else 0
+                    total += sum(values)
+    except (OSError, ValueError):
+        pass
+    return {"steal": steal, "total": total,
+            "involuntary_switches": resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw}
+
+
+def _contention_during(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    ticks = after["total"] - before["total"]
+    return {"steal_pct": 100.0 * (after["steal"] - before["steal"]) / ticks if ticks > 0 else None,
+            "involuntary_switches": int(after["involuntary_switches"] - before["involuntary_switches"])}
+
+
 def _quantile(sorted_values: list[float], q: float) -> float | None:
     """Linear-interpolated quantile (numpy's default) without importing numpy into the probe's timings."""
     if not sorted_values:
@@ -127,8 +152,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     gens = []
     with torch.inference_mode():
-        for _ in range(1 + args.warm_gens):
+        before = _contention()  # the window is the measured generations: the warm ones, else the cold one
+        gens.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
+        if args.warm_gens:
+            before = _contention()
+        for _ in range(args.warm_gens):
             gens.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
+        contention = _contention_during(before, _contention())
     cold, warm = gens[0], gens[1:]
     text = tokenizer.decode(cold["output_ids"][inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
     for g in gens:
@@ -172,6 +202,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": gpu,
         "sample_text": text[:200],
         "torch_threads": torch.get_num_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),  # where the measuring process was allowed to run
+        # While the warm generations ran: CPU time the hypervisor gave to other guests, and preemptions.
+        "contention": contention,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "cuda": torch.version.cuda},
         "pid": os.getpid(),

@@ -28,11 +28,38 @@ class Placement:
                 "cpus": list(self.cpus) if self.cpus is not None else None}
 
 
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'2-5,8' → (2, 3, 4, 5, 8): the CPU list syntax of taskset, cpusets and pyperf's --affinity."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"not a CPU list: {text!r} (expected e.g. 2-5 or 2,3,8)")
+        first, last = int(low), int(high) if sep else int(low)
+        if last < first:
+            raise ValueError(f"not a CPU list: {text!r} ({part} runs backwards)")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"not a CPU list: {text!r} (expected e.g. 2-5 or 2,3,8)")
+    return tuple(sorted(cpus))
+
+
+def format_cpu_list(cpus: Any) -> str:
+    """(2, 3, 4, 5, 8) → '2-5,8', the inverse of parse_cpu_list."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
+
+
 def describe_placement(placement: dict[str, Any]) -> str:
     """'GPU 0, CPUs 0-15' from Placement.to_dict() (as saved in config.json)."""
     gpu = placement.get("cuda_visible_devices")
     cpus = placement.get("cpus") or []
-    cpu_text = f"CPUs {cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else f"CPU {cpus[0]}" if cpus else "all CPUs"
+    cpu_text = f"CPUs {format_cpu_list(cpus)}" if len(cpus) > 1 else f"CPU {cpus[0]}" if cpus else "all CPUs"
     return (f"GPU {gpu}, " if gpu is not None else "") + cpu_text
 
 

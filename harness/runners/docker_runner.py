@@ -22,7 +22,7 @@ from docker.types import DeviceRequest, Mount
 
 from harness import images as img
 from harness.allocators import Allocator, AllocatorError
-from harness.runners.base import ProbeOutcome, ProbeRequest, RunnerError, parse_probe_output
+from harness.runners.base import ProbeOutcome, ProbeRequest, RunnerError, format_cpu_list, parse_probe_output
 from harness.runners.docker_stats import StatsMonitor
 
 LABEL_KEY = "harness"
@@ -179,6 +179,8 @@ class DockerRunner:
             kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         if self.mem_limit:
             kwargs.update(mem_limit=self.mem_limit, memswap_limit=self.mem_limit)
+        if request.placement and request.placement.cpus:
+            kwargs["cpuset_cpus"] = format_cpu_list(request.placement.cpus)
         name = f"harness-probe-{request.allocator.name}-{uuid.uuid4().hex[:8]}"
         container = None
         self._running.add(name)

@@ -2,7 +2,8 @@
 # Allocator A/B on an NVIDIA GPU host that has torch but no allocator packages installed:
 # unpacks Debian's allocator .debs (carried in .debs/) and runs `harness alloc` on synthetic:phi3-mini.
 # Usage: OUT=/path/to/results bash scripts/device/h100_alloc.sh [extra harness alloc flags, e.g. --resume, --paired]
-# Environment: ALLOCATORS (default all four), RUNS, WARM_GENS, WARMUP_RUNS, MAX_NEW_TOKENS, BUDGET_S (seconds before SIGINT), NAME (result folder).
+# Environment: ALLOCATORS (default all four), RUNS, WARM_GENS, WARMUP_RUNS, MAX_NEW_TOKENS, BUDGET_S (seconds before SIGINT), NAME (result folder),
+# AFFINITY (a CPU list for --affinity, or "gpu:N": the last N CPUs local to GPU 0, read from sysfs).
 set -uo pipefail
 OUT=${OUT:?set OUT to the results parent directory}
 PY=${PY:-python3}
@@ -11,6 +12,18 @@ mkdir -p "$LIBS"
 for deb in .debs/*.deb; do dpkg -x "$deb" "$LIBS"; done
 lib=$LIBS/usr/lib/x86_64-linux-gnu
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+pin=()
+case "${AFFINITY:-}" in
+  "") ;;
+  gpu:*)
+    bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i 0)  # 00000000:1B:00.0; sysfs: 0000:1b:00.0
+    local_cpus=$(cat "/sys/bus/pci/devices/$(echo "${bus:4}" | tr 'A-F' 'a-f')/local_cpulist")
+    cpus=$($PY -c 'import sys; from harness.runners.base import parse_cpu_list as p, format_cpu_list as f
+print(f(p(sys.argv[1])[-int(sys.argv[2]):]))' "$local_cpus" "${AFFINITY#gpu:}")
+    echo "CPUs local to GPU 0 ($bus): $local_cpus; probes pinned to $cpus"
+    pin=(--affinity "$cpus") ;;
+  *) pin=(--affinity "$AFFINITY") ;;
+esac
 # Also reads torch and transformers into the page cache before the first measured run.
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available(), "gpus", torch.cuda.device_count())'
 # A budget below the device's 10-minute command limit: SIGINT makes harness write its reports and keep its runs;
@@ -21,5 +34,5 @@ timeout -s INT "${BUDGET_S:-520}" $PY -m harness.cli alloc --runner local --devi
   --allocator-lib "tcmalloc=$(ls $lib/libtcmalloc_minimal.so.4.*)" \
   --allocator-lib "mimalloc=$(ls $lib/libmimalloc.so.2.*)" \
   --runs "${RUNS:-8}" --warmup-runs "${WARMUP_RUNS:-1}" --warm-gens "${WARM_GENS:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-32}" \
-  --out "$OUT/${NAME:-h100-phi3-mini}" "$@"
+  --out "$OUT/${NAME:-h100-phi3-mini}" "${pin[@]}" "$@"
 echo "harness alloc exit code: $?"
