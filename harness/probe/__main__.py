@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sample_text": text[:200],
         "torch_threads": torch.get_num_threads(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)),  # where the measuring process was allowed to run
-        # While the warm generations ran: CPU time the hypervisor gave to other guests, and preemptions.
+        # While the measured generations ran: CPU time the hypervisor gave to other guests, and preemptions.
         "contention": contention,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "cuda": torch.version.cuda},
