@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from harness import stats
 from harness.results import ResultsDir
-from harness.runners.base import describe_placement
+from harness.runners.base import describe_cpus, describe_placement
 
 CSV_FILE = "alloc/allocator_latency_comparison.csv"
 SUMMARY_FILE = "alloc/summary.md"
@@ -307,7 +307,7 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     head.append(
         f"Setup: {config.get('model')} on {records[0].get('device') if records else config.get('device')}, "
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
-        + (f"each pinned to {describe_placement({'cpus': config['affinity']})}, " if config.get("affinity") else "")
+        + (f"each pinned to {describe_cpus(config['affinity'])}, " if config.get("affinity") else "")
         + f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
         f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")

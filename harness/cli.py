@@ -17,7 +17,7 @@ from harness import alloc, alloc_report, environment
 from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.probe.models import ModelError, parse_model
 from harness.results import ResultsDir, ResultsError
-from harness.runners.base import RunnerError, describe_placement, format_cpu_list, parse_cpu_list
+from harness.runners.base import RunnerError, describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
 
 console = Console(stderr=True)
 
@@ -211,7 +211,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     design = (f", paired with {config.baseline.name} on two host halves "
               f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
     if cpus:
-        design += f", pinned to {describe_placement({'cpus': list(cpus)})}"
+        design += f", pinned to {describe_cpus(cpus)}"
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
                   f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:

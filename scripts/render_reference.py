@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 from harness import stats  # noqa: E402
 from harness.alloc_report import host_key  # noqa: E402
 from harness.results import ResultsDir  # noqa: E402
-from harness.runners.base import describe_placement  # noqa: E402
+from harness.runners.base import describe_cpus  # noqa: E402
 
 BEGIN, END = "<!-- reference:begin -->", "<!-- reference:end -->"
 
@@ -50,7 +50,7 @@ def alloc_block(d: Path) -> list[str]:
     design = ("paired: each allocator's run beside a glibc run, one GPU and half the CPUs each"
               if config.get("paired") else "fresh process per run, one at a time, order rotated each round")
     if config.get("affinity"):
-        design += f", each pinned to {describe_placement({'cpus': config['affinity']})}"
+        design += f", each pinned to {describe_cpus(config['affinity'])}"
     out = [f"**Allocator A/B** — `{config['model']}` on {_gpu_name(env)} ({config['device']}, "
            f"{config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per run, "
            f"{design}, {hosts} host(s) of this kind):", "",

@@ -55,12 +55,16 @@ def format_cpu_list(cpus: Any) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
 
 
+def describe_cpus(cpus: Any) -> str:
+    """'CPUs 12-15', 'CPU 3' or 'all CPUs'."""
+    cpus = sorted(cpus or [])
+    return f"CPUs {format_cpu_list(cpus)}" if len(cpus) > 1 else f"CPU {cpus[0]}" if cpus else "all CPUs"
+
+
 def describe_placement(placement: dict[str, Any]) -> str:
     """'GPU 0, CPUs 0-15' from Placement.to_dict() (as saved in config.json)."""
     gpu = placement.get("cuda_visible_devices")
-    cpus = placement.get("cpus") or []
-    cpu_text = f"CPUs {format_cpu_list(cpus)}" if len(cpus) > 1 else f"CPU {cpus[0]}" if cpus else "all CPUs"
-    return (f"GPU {gpu}, " if gpu is not None else "") + cpu_text
+    return (f"GPU {gpu}, " if gpu is not None else "") + describe_cpus(placement.get("cpus"))
 
 
 @dataclass(frozen=True)
