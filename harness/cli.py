@@ -298,17 +298,26 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
 @main.command("report")
 @click.argument("directory")
 def report_command(directory: str) -> None:
-    """Recompute an allocator experiment's CSV, summary and plots from its runs.jsonl and config.json
-    (after a run was copied off another host, or after the report code changed). Runs nothing."""
+    """Recompute an experiment's reports from what it left on disk (after a run was copied off another
+    host, or after the report code changed). Runs nothing. Allocator experiment: CSV, summary and plots
+    from runs.jsonl and config.json; serve experiment: the start-up analysis (from each server's log and
+    stacks), first_token_latency.md and the timeline plot."""
     results = ResultsDir(directory)
     records = results.read_jsonl(alloc.RUNS_FILE)
     saved = results.read_json(alloc.CONFIG_FILE)
-    if not records or saved is None:
-        raise HarnessError(f"{results.root} holds no allocator experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE})")
-    config = saved.get("config", {})
-    names = [a["name"] for a in config.get("allocators", [])]
-    rows = alloc_report.write(results, records, config, names)
-    _print_rows(rows, results)
+    has_serve = (results.root / "serve" / "config.json").exists()
+    if not (records and saved is not None) and not has_serve:
+        raise HarnessError(f"{results.root} holds no experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE}, "
+                           "or serve/config.json)")
+    if records and saved is not None:
+        config = saved.get("config", {})
+        names = [a["name"] for a in config.get("allocators", [])]
+        rows = alloc_report.write(results, records, config, names)
+        _print_rows(rows, results)
+    if has_serve:
+        from harness.serve import report as serve_report
+
+        click.echo(f"wrote {serve_report.rebuild(results)}")
 
 
 @main.command("bench")

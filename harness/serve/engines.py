@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,31 @@ def server_env(config: ServeConfig) -> dict[str, str]:
     hf_home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     os.makedirs(env.get("HF_HUB_CACHE") or os.path.join(hf_home, "hub"), exist_ok=True)
     return env
+
+
+_BUILD_PROBE = """import json, torch, vllm
+print(json.dumps({"vllm": vllm.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "build": "cuda" if torch.version.cuda else "cpu"}))"""
+
+
+def vllm_build(python: str) -> dict[str, str | None]:
+    """Which vLLM the server's Python imports: its version, torch's, and whether the build is CUDA or CPU.
+    `{"error": ...}` when it cannot import vLLM."""
+    try:
+        proc = subprocess.run([python, "-c", _BUILD_PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"cannot run {python}: {exc}"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"{python} cannot import vllm: {tail[:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def describe_build(build: dict[str, str | None]) -> str:
+    if "error" in build:
+        return str(build["error"])
+    where = f"CUDA {build['cuda']}" if build.get("build") == "cuda" else "CPU"
+    return f"vllm {build['vllm']} ({where} build, torch {build['torch']})"
 
 
 CONTAINER_MODELS = "/models"

@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from harness.results import ResultsDir
-from harness.serve import timeline
+from harness.serve import startup, timeline
 from harness.serve.config import ServeConfig
-from harness.serve.sampler import MemorySampler
+from harness.serve.timeline import Timeline
 from harness.stats import Summary, summarize
 
 REPORT_FILE = "serve/first_token_latency.md"
+REQUESTS_FILE = "serve/requests.jsonl"
+STARTUP_FILE = "serve/startup.jsonl"
+CONFIG_FILE = "serve/config.json"
 
 
 def _ms(x: float | None) -> str:
@@ -64,18 +67,70 @@ def drop_ratios(requests: list[dict[str, Any]], key: str) -> list[tuple[int, flo
     return out
 
 
-def phase_table(startup: dict[str, Any]) -> list[str]:
-    lines = ["| phase (ends at log line) | from (s) | to (s) | duration (s) | server's own figure (s) |",
-             "|---|---|---|---|---|"]
-    for p in startup.get("phases") or []:
+def phase_table(record: dict[str, Any]) -> list[str]:
+    total = record.get("spawn_to_health_s")
+    lines = ["| phase (the work that ends at its log line) | from (s) | to (s) | duration (s) | share | "
+             "server's own figure (s) |", "|---|---|---|---|---|---|"]
+
+    def share(d: float) -> str:
+        return f"{100 * d / total:.1f} %" if total else "–"
+
+    for p in record.get("phases") or []:
         lines.append(f"| {p['label']} | {p['start_s']:.2f} | {p['end_s']:.2f} | {p['duration_s']:.2f} | "
-                     f"{_s(p.get('reported_s'))} |")
-    if startup.get("unaccounted_s") is not None:
-        last = (startup.get("phases") or [{}])[-1].get("end_s", 0.0)
+                     f"{share(p['duration_s'])} | {_s(p.get('reported_s'))} |")
+    if record.get("unaccounted_s") is not None:
+        last = (record.get("phases") or [{}])[-1].get("end_s", 0.0)
         lines.append(f"| unaccounted (after the last log milestone, until /health 200) | {last:.2f} | "
-                     f"{(startup.get('spawn_to_health_s') or last + startup['unaccounted_s']):.2f} | "
-                     f"{startup['unaccounted_s']:.2f} | – |")
+                     f"{(total or last + record['unaccounted_s']):.2f} | "
+                     f"{record['unaccounted_s']:.2f} | {share(record['unaccounted_s'])} | – |")
     return lines
+
+
+FIGURE_TEXT = [
+    ("weights_gib", "weights {:.2f} GiB"), ("weights_s", "loaded in {:.2f} s"),
+    ("dynamo_s", "Dynamo transform {:.2f} s"), ("graph_compile_s", "graph compile {:.2f} s"),
+    ("graph_cache_load_s", "compiled graphs loaded from cache in {:.2f} s"),
+    ("compile_s", "torch.compile {:.2f} s in total"), ("profile_run_s", "profiling run {:.2f} s"),
+    ("kv_cache_gib", "KV cache {:.2f} GiB"), ("kv_cache_tokens", "{:,.0f} tokens"),
+    ("graph_capture_s", "CUDA graphs captured in {:.0f} s"), ("graph_gib", "taking {:.2f} GiB"),
+    ("init_engine_s", "engine init {:.2f} s"),
+]
+
+
+def figures_line(record: dict[str, Any]) -> str | None:
+    """The server's own start-up figures in one sentence."""
+    figures = record.get("server_figures") or {}
+    parts = [text.format(figures[key]) for key, text in FIGURE_TEXT if figures.get(key) is not None]
+    return ("The server's own figures: " + "; ".join(parts) + ".") if parts else None
+
+
+def silence_table(record: dict[str, Any]) -> list[str]:
+    """Silent stretches of the log and what the server's stacks show it doing in each."""
+    silent = record.get("silences") or []
+    if not silent:
+        return []
+    lines = ["Silent stretches (no log line for 2 s or more) and what the server was doing, from its Python "
+             "stacks (share of that process's samples in the stretch):", "",
+             "| from (s) | to (s) | duration (s) | in phase | stack samples | top frames |",
+             "|---|---|---|---|---|---|"]
+    for s in silent:
+        top = "<br>".join(f"{100 * share:.0f} % {what.replace('|', '/')}" for what, share in s.get("top") or [])
+        if not top:
+            top = f"no stacks: {record.get('stacks_reason') or 'no sample fell in this stretch'}"
+        lines.append(f"| {s['start_s']:.2f} | {s['end_s']:.2f} | {s['end_s'] - s['start_s']:.2f} | {s['phase']} "
+                     f"| {s.get('stack_samples', 0)} | {top} |")
+    return lines + [""]
+
+
+def coverage_line(record: dict[str, Any]) -> str | None:
+    cov = startup.coverage(record)
+    if cov is None:
+        return None
+    silent = sum(s["end_s"] - s["start_s"] for s in record.get("silences") or [])
+    unnamed = sum(s["end_s"] - s["start_s"] for s in record.get("silences") or [] if not s.get("top"))
+    return (f"Named phases cover {100 * cov:.1f} % of spawn → /health 200; "
+            f"{record.get('unaccounted_s') or 0:.2f} s lie after the last milestone. The log was silent for "
+            f"{silent:.1f} s in stretches of 2 s or more, {unnamed:.1f} s of it with no stack sample.")
 
 
 def slo_paragraph(requests: list[dict[str, Any]], startups: list[dict[str, Any]], key: str) -> str:
@@ -126,7 +181,7 @@ def slo_paragraph(requests: list[dict[str, Any]], startups: list[dict[str, Any]]
     return " ".join(parts) if parts else "No successful requests: nothing to say about SLOs."
 
 
-def memory_section(sampler: MemorySampler) -> list[str]:
+def memory_section(sampler: Timeline) -> list[str]:
     lines: list[str] = []
     if sampler.gpu_reason:
         lines.append(f"GPU memory: not sampled — {sampler.gpu_reason}.")
@@ -143,7 +198,9 @@ def memory_section(sampler: MemorySampler) -> list[str]:
         lines.append(f"| {name} | {_f0(s_lo)} | {_f0(s_hi)} | {lo:.0f} | {hi:.0f} |")
     js = timeline.jumps(sampler.rows, sampler.markers)
     if js:
-        lines += ["", "| server | series | before cold (MiB) | after cold | after last warm | cold jump "
+        lines += ["", "Readings: the last sample before the cold request; the last after it and before the next "
+                  "request; the last after the last warm request and before anything else (idle gap, stop).", "",
+                  "| server | series | before cold (MiB) | after cold | after last warm | cold jump "
                   "| warm jump |",
                   "|---|---|---|---|---|---|---|"]
         for j in js:
@@ -165,7 +222,7 @@ def _f0(x: float | None) -> str:
 
 
 def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any]],
-          startups: list[dict[str, Any]], sampler: MemorySampler, error: str | None) -> Path:
+          startups: list[dict[str, Any]], sampler: Timeline, error: str | None) -> Path:
     key = "ttft_s" if any(r.get("ttft_s") is not None for r in requests) else "wall_s"
     out = [f"# First-token latency and warm start: {config.model} on {config.engine}", ""]
     if error:
@@ -201,7 +258,8 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
         out.append("")
         cache = st.get("compile_cache") or {}
         if cache.get("mode"):
-            out.append(f"torch.compile cache: {cache['mode']}"
+            triton = f"; Triton kernel cache {cache['triton']}" if cache.get("triton") else ""
+            out.append(f"torch.compile cache: {cache['mode']}{triton}"
                        + (f" (the log shows a cache {cache['use']})" if cache.get("use") else "") + ".")
             out.append("")
         out.append(f"spawn → /health 200: {_s(st.get('spawn_to_health_s'))} s; → /v1/models: "
@@ -217,6 +275,8 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "
                 "line itself reports, which may span several phases (vLLM's `init engine ... took` covers "
                 "profiling, KV cache and warm-up).", ""]
+        out += [line for line in (coverage_line(st), figures_line(st)) if line]
+        out += ["", *silence_table(st)]
         maps = st.get("allocators_mapped") or {}
         libs = sorted({lib.rsplit("/", 1)[-1] for v in maps.values() for lib in v})
         preloads = sorted({p["ld_preload"] for p in st.get("processes") or [] if p.get("ld_preload")})
@@ -235,3 +295,20 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     out += ["Raw data: `requests.jsonl`, `startup.jsonl`, `server-*.log`, `config.json`, "
             "`environment.json`.", ""]
     return results.write_text(REPORT_FILE, "\n".join(out))
+
+
+def rebuild(results: ResultsDir) -> Path:
+    """The report, timeline plot and start-up analysis again from what the run left on disk: config.json,
+    requests.jsonl, startup.jsonl (re-analysed from each server's log and stacks) and the timeline CSV."""
+    saved = results.read_json(CONFIG_FILE)
+    if saved is None:
+        raise FileNotFoundError(f"{results.root / CONFIG_FILE} is missing: not a serve run")
+    config = ServeConfig.from_dict(saved)
+    requests = results.read_jsonl(REQUESTS_FILE)
+    startups = [startup.reanalyse(results.root, r) for r in results.read_jsonl(STARTUP_FILE)]
+    if startups:
+        results.write_text(STARTUP_FILE, "".join(results.dumps(r) + "\n" for r in startups))
+    snapshot = timeline.load(results)
+    timeline.plot(results.path(timeline.PNG_FILE), snapshot, startups)
+    error = next((s.get("failure") for s in startups if s.get("failure")), None)
+    return write(results, config, requests, startups, snapshot, error)

@@ -24,7 +24,7 @@ import psutil
 
 from harness import environment
 from harness.results import ResultsDir, ResultsError
-from harness.serve import engines, metrics, phases, report, timeline
+from harness.serve import engines, metrics, report, startup, timeline
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request
 from harness.serve.config import ConfigError, ServeConfig
 from harness.serve.sampler import MemorySampler
@@ -38,14 +38,13 @@ from harness.serve.server import (
     mapped_allocators,
     process_facts,
 )
+from harness.serve.stacks import StackSampler
 
 if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
     from harness.serve.docker_server import DockerServer
     from harness.serve.docker_setup import DockerContext
 
-REQUESTS_FILE = "serve/requests.jsonl"
-STARTUP_FILE = "serve/startup.jsonl"
-CONFIG_FILE = "serve/config.json"
+REQUESTS_FILE, STARTUP_FILE, CONFIG_FILE = report.REQUESTS_FILE, report.STARTUP_FILE, report.CONFIG_FILE
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -164,8 +163,10 @@ class _Session:
         env = dict(spec.env)
         cache_dir = None
         if cfg.engine == "vllm" and cfg.compile_cache == "fresh" and self.docker is None:
+            # A new node: neither vLLM's torch.compile cache nor Triton's kernel cache (kept apart) is warm.
             cache_dir = tempfile.mkdtemp(prefix=f"harness-vllm-cache-s{k}-")
             env["VLLM_CACHE_ROOT"] = cache_dir
+            env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
         server: LocalServer | DockerServer
         if self.docker is not None:  # a new container starts with an empty compile cache anyway
             from harness.serve.docker_server import DockerServer
@@ -179,6 +180,7 @@ class _Session:
                                "runner": cfg.runner, "argv": spec.argv, "started_at": _now_iso(),
                                "log": f"serve/server-{k}.log"}
         ready = None
+        profiler: StackSampler | None = None
         try:
             where = f" in a container of {self.docker.image.tag}" if self.docker else ""
             self.log(f"server {k}: starting {cfg.engine}{where} on {cfg.host}:{cfg.port}")
@@ -190,8 +192,14 @@ class _Session:
                 self.sampler.set_container(server.monitor)  # container memory instead of the tree's RSS
             else:
                 self.sampler.set_root(server.pid)
+            if cfg.profile_startup and server.pid:
+                profiler = StackSampler(server.pid, server.t_spawn, self.results.path(startup.stacks_file(k)),
+                                        hz=cfg.stack_hz).start()
+                if profiler.reason:
+                    self.log(f"server {k}: no start-up stacks: {profiler.reason}")
             ready = server.wait_ready(cfg.health_timeout_s, spec.served_model)
             t_ready = self.sampler.mark(f"s{k} ready", "ready")
+            self._stop_profiler(profiler, k)
             model = spec.served_model or ready.models[0]
             pids = server.pids()
             maps = mapped_allocators(pids)
@@ -215,6 +223,7 @@ class _Session:
             rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=server.log_tail(15))
             raise
         finally:
+            self._stop_profiler(profiler, k)
             self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
             server.stop()
             if cache_dir:
@@ -225,12 +234,22 @@ class _Session:
                 rec["container"] = server.describe()
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)
-            ph, unaccounted = phases.phases(server.lines, ready.health_s if ready else server.since_spawn())
-            rec.update(phases=[p.to_dict() for p in ph], unaccounted_s=unaccounted,
-                       compile_cache={"mode": cfg.compile_cache if cfg.engine == "vllm" else None,
-                                      "use": phases.compile_cache_use(server.lines)})
+            samples = startup.stacks.load(self.results.root / startup.stacks_file(k)) if profiler else []
+            analysis = startup.analyse(server.lines, ready.health_s if ready else server.since_spawn(), samples,
+                                       profiler.reason if profiler else "not asked for (--profile-startup)")
+            vllm_cache = cfg.compile_cache if cfg.engine == "vllm" else None
+            rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
+                                                "triton": ("fresh" if cache_dir else "shared") if vllm_cache
+                                                else None})
             self.results.append(STARTUP_FILE, rec)
             self.startups.append(rec)
+
+    def _stop_profiler(self, profiler: StackSampler | None, k: int) -> None:
+        if profiler is None or not profiler.running:
+            return
+        profiler.stop()
+        self.log(f"server {k}: {profiler.samples} stack samples" if not profiler.reason
+                 else f"server {k}: no start-up stacks: {profiler.reason}")
 
     def attach(self) -> None:
         cfg = self.config
@@ -251,8 +270,9 @@ class _Session:
         self.request_sequence(base_url, expected, 0, self.sampler.now())
 
     def finish(self, error: str | None) -> Path:
-        timeline.write(self.results, self.sampler)
-        return report.write(self.results, self.config, self.requests, self.startups, self.sampler, error)
+        snapshot = timeline.from_sampler(self.sampler)
+        timeline.write(self.results, snapshot, self.startups)
+        return report.write(self.results, self.config, self.requests, self.startups, snapshot, error)
 
 
 def preload_verified(lib: str | None, maps: dict[str, list[str]]) -> bool | None:
@@ -331,6 +351,9 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         extra["docker"] = docker_ctx.describe()
     else:
         extra["vllm_python"] = config.vllm_python
+        if config.engine == "vllm" and not config.attach:
+            extra["server_vllm"] = engines.vllm_build(config.vllm_python)
+            log(f"server: {engines.describe_build(extra['server_vllm'])}")
     results.write_json("serve/environment.json", environment.collect(extra))
     session = _Session(config, results, log, docker_ctx)
     error = None

@@ -179,16 +179,3 @@ class MemorySampler:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def columns(self) -> list[str]:
-        gpus = [f"gpu{i}_used_mb" for i in range(self.n_gpus)]
-        if not self.has_container:
-            return ["t_s", "server_rss_mb", *gpus, "marker"]
-        rss = ["server_rss_mb"] if any(r.get("server_rss_mb") is not None for r in self.rows) else []
-        return ["t_s", *rss, "container_usage_mb", "container_working_set_mb", *gpus, "marker"]
-
-    def csv_rows(self) -> list[dict[str, Any]]:
-        """Samples and markers merged in time order; a marker row carries only t_s and its label."""
-        merged = [dict(r) for r in self.rows]
-        merged += [{"t_s": m.t_s, "marker": f"{m.kind}:{m.label}"} for m in self.markers]
-        return sorted(merged, key=lambda r: r["t_s"])

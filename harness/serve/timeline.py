@@ -4,15 +4,60 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.results import ResultsDir
+from harness.serve.phases import SHORT
 from harness.serve.sampler import Marker, MemorySampler
 
 CSV_FILE = "serve/memory_timeline.csv"
 PNG_FILE = "serve/memory_timeline.png"
+META_FILE = "serve/timeline.json"
+
+
+@dataclass
+class Timeline:
+    """The samples and markers of one serve run, and how they were taken: what the report and the plot
+    read, from the live sampler or back from disk (`load`)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+    hz: float = 20.0
+    enabled: bool = True
+    gpu_reason: str | None = None
+    has_container: bool = False
+
+    def columns(self) -> list[str]:
+        names = series_names(self.rows)
+        gpus = [n for n in names if n.startswith("gpu")]
+        host = [n for n in names if not n.startswith("gpu")] or (["server_rss_mb"] if not self.has_container
+                                                                   else ["container_usage_mb"])
+        return ["t_s", *host, *gpus, "marker"]
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """Samples and markers merged in time order; a marker row carries only t_s and its label."""
+        merged = [dict(r) for r in self.rows]
+        merged += [{"t_s": m.t_s, "marker": f"{m.kind}:{m.label}"} for m in self.markers]
+        return sorted(merged, key=lambda r: r["t_s"])
+
+    def meta(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("rows", "markers")}
+
+
+def from_sampler(sampler: MemorySampler) -> Timeline:
+    return Timeline(list(sampler.rows), list(sampler.markers), sampler.hz, sampler.enabled, sampler.gpu_reason,
+                    sampler.has_container)
+
+
+def load(results: ResultsDir) -> Timeline:
+    """The timeline of a finished run, from memory_timeline.csv and timeline.json."""
+    meta = results.read_json(META_FILE) or {}
+    csv_path = results.root / CSV_FILE
+    rows, markers = load_csv(csv_path) if csv_path.exists() else ([], [])
+    return Timeline(rows, markers, **{k: meta[k] for k in ("hz", "enabled", "gpu_reason", "has_container")
+                                      if k in meta})
 
 
 def series_names(rows: list[dict[str, Any]]) -> list[str]:
@@ -32,6 +77,12 @@ def value_at(rows: list[dict[str, Any]], name: str, t: float, after: bool = Fals
         return later[0] if later else None
     earlier = [v for ts, v in pts if ts <= t]
     return earlier[-1] if earlier else None
+
+
+def value_between(rows: list[dict[str, Any]], name: str, start: float, end: float) -> float | None:
+    """The last sample in [start, end): the state after one event and before the next."""
+    inside = [r[name] for r in rows if r.get(name) is not None and start <= r["t_s"] < end]
+    return inside[-1] if inside else None
 
 
 @dataclass(frozen=True)
@@ -69,9 +120,18 @@ def jumps(rows: list[dict[str, Any]], markers: list[Marker]) -> list[Jump]:
             continue
         for name in series_names(rows):
             out.append(Jump(s, name, value_at(rows, name, cold_start),
-                            value_at(rows, name, cold_end, after=True) if cold_end is not None else None,
-                            value_at(rows, name, warm_ends[-1], after=True) if warm_ends else None))
+                            _reading_after(rows, name, mine, cold_end),
+                            _reading_after(rows, name, mine, warm_ends[-1] if warm_ends else None)))
     return out
+
+
+def _reading_after(rows: list[dict[str, Any]], name: str, mine: list[Marker], t: float | None) -> float | None:
+    """The last sample after `t` and before this server's next marker (its next request, an idle gap or
+    the stop request): never a reading taken while the server was already stopping."""
+    if t is None:
+        return None
+    following = [m.t_s for m in mine if m.t_s > t]
+    return value_between(rows, name, t, min(following) if following else math.inf)
 
 
 def serving_windows(markers: list[Marker]) -> list[tuple[float, float]]:
@@ -110,9 +170,10 @@ def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
     return rows, markers
 
 
-def write(results: ResultsDir, sampler: MemorySampler) -> tuple[Path, Path | None]:
-    csv_path = results.write_csv(CSV_FILE, sampler.columns(), sampler.csv_rows())
-    return csv_path, plot(results.path(PNG_FILE), sampler.rows, sampler.markers, sampler.gpu_reason)
+def write(results: ResultsDir, timeline: Timeline, startups: list[dict[str, Any]]) -> tuple[Path, Path | None]:
+    csv_path = results.write_csv(CSV_FILE, timeline.columns(), timeline.csv_rows())
+    results.write_json(META_FILE, timeline.meta())
+    return csv_path, plot(results.path(PNG_FILE), timeline, startups)
 
 
 MAX_ZOOMS = 3
@@ -156,9 +217,40 @@ def _draw(ax: Any, rows: list[dict[str, Any]], markers: list[Marker], every_labe
     ax.grid(alpha=0.3)
 
 
-def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
-         gpu_reason: str | None) -> Path | None:
-    """Top: the whole run (spawn/ready/stop lines, request spans). Below: each server's requests zoomed."""
+def phase_bands(markers: list[Marker], startups: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(short label, start, end) on the sampler's clock for every start-up phase of every server: the
+    phases are timed from spawn, and each server's spawn marker places them."""
+    out = []
+    for st in startups:
+        spawn = next((m.t_s for m in markers if m.kind == "spawn" and m.label == f"s{st['server']} spawn"), None)
+        if spawn is None:
+            continue
+        for p in st.get("phases") or []:
+            out.append((SHORT.get(p["key"], p["key"]), spawn + p["start_s"], spawn + p["end_s"]))
+    return out
+
+
+BAND_COLORS = ("#e8e8ff", "#fff0d8", "#e0f4e0", "#f8e0f0", "#e0f0f8", "#f4f4d8")
+
+
+def _draw_bands(ax: Any, bands: list[tuple[str, float, float]]) -> None:
+    """Each start-up phase as a shaded band, labelled at the bottom where it is wide enough to read."""
+    if not bands:
+        return
+    lo, hi = ax.get_xlim()
+    min_width = 0.012 * (hi - lo)
+    bottom = ax.get_ylim()[0]
+    for i, (label, t0, t1) in enumerate(bands):
+        ax.axvspan(t0, t1, color=BAND_COLORS[i % len(BAND_COLORS)], alpha=0.9, lw=0, zorder=0)
+        if t1 - t0 >= min_width:
+            ax.text((t0 + t1) / 2, bottom, label + " ", rotation=90, va="bottom", ha="center", fontsize=6.5,
+                    color="0.35", zorder=1)
+
+
+def plot(path: Path, timeline: Timeline, startups: list[dict[str, Any]] | None = None) -> Path | None:
+    """Top: the whole run (start-up phases as bands, spawn/ready/stop lines, request spans). Below: each
+    server's requests zoomed."""
+    rows, markers, gpu_reason = timeline.rows, timeline.markers, timeline.gpu_reason
     if not rows:
         return None
     import matplotlib
@@ -168,18 +260,19 @@ def plot(path: Path, rows: list[dict[str, Any]], markers: list[Marker],
 
     spans = request_spans(markers)
     servers = sorted({label.split()[0] for label, _, _ in spans})[:MAX_ZOOMS]
-    fig = plt.figure(figsize=(12, 8 if servers else 5), dpi=110)
+    fig = plt.figure(figsize=(13, 8.5 if servers else 5.5), dpi=110)
     grid = fig.add_gridspec(2 if servers else 1, max(len(servers), 1),
                             height_ratios=[3, 2] if servers else [1])
     ax = fig.add_subplot(grid[0, :])
     _draw(ax, rows, markers, every_label=False)
-    ax.set_xlabel("time since sampler start (s)")
+    _draw_bands(ax, phase_bands(markers, startups or []))
+    ax.set_xlabel("time since sampler start (s); shaded bands: start-up phases from the server log")
     title = "Server memory timeline"
     if gpu_reason:
         title += f" (no GPU series: {gpu_reason.replace('no GPU series: ', '')[:60]})"
     ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
     for i, server in enumerate(servers):
         mine = [(t0, t1) for label, t0, t1 in spans if label.split()[0] == server]
         pad = max(0.2, 0.05 * (mine[-1][1] - mine[0][0]))

@@ -1,0 +1,57 @@
+"""One server's start-up, analysed from its stamped log and its stack samples: the fields of its
+start-up record (phases, unaccounted time, the server's own figures, compile-cache use, silent
+stretches named from stacks). Used live by `run` and again by `harness report`, so a better parser
+re-reads old runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.serve import phases, stacks
+
+
+def stacks_file(server: int) -> str:
+    return f"serve/startup-stacks-{server}.jsonl"
+
+
+def analyse(lines: list[tuple[float, str]], ready_s: float | None, stack_samples: list[dict[str, Any]],
+            stacks_reason: str | None) -> dict[str, Any]:
+    """Start-up fields for the record. `stacks_reason`: why no stacks were sampled (None: sampled, or
+    not asked for when there are no samples either)."""
+    ph, unaccounted = phases.phases(lines, ready_s)
+    silent = phases.silences(lines, ready_s, ph)
+    named = stacks.name_silences(silent, stack_samples)
+    return {
+        "phases": [p.to_dict() for p in ph],
+        "unaccounted_s": unaccounted,
+        "server_figures": phases.facts(lines),
+        "compile_cache_use": phases.compile_cache_use(lines),
+        "silences": [{"start_s": n.silence.start_s, "end_s": n.silence.end_s, "phase": n.silence.phase,
+                      "stack_samples": n.n_samples, "top": [[what, share] for what, share in n.top]}
+                     for n in named],
+        "stacks_reason": stacks_reason,
+    }
+
+
+def reanalyse(results_root: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its analysis redone from its log and stacks files on disk (unchanged when the
+    log is gone)."""
+    log = results_root / record.get("log", f"serve/server-{record['server']}.log")
+    if not log.exists():
+        return record
+    lines = phases.lines_from_stamped_log(log.read_text(errors="replace"))
+    ready = record.get("spawn_to_health_s") or (lines[-1][0] if lines else None)
+    samples = stacks.load(results_root / stacks_file(record["server"]))
+    fields = analyse(lines, ready, samples, record.get("stacks_reason"))
+    cache = dict(record.get("compile_cache") or {})
+    cache["use"] = fields.pop("compile_cache_use")
+    return {**record, **fields, "compile_cache": cache}
+
+
+def coverage(record: dict[str, Any]) -> float | None:
+    """Share of spawn -> /health 200 that lies in a named phase."""
+    total = record.get("spawn_to_health_s")
+    if not total or record.get("unaccounted_s") is None:
+        return None
+    return max(0.0, 1.0 - record["unaccounted_s"] / total)
