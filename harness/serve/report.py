@@ -122,6 +122,15 @@ def silence_table(record: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def imports_line(record: dict[str, Any]) -> str | None:
+    """How much of each process's sampled start-up went to Python imports, and to compiling source."""
+    shares = record.get("import_shares") or {}
+    parts = [f"{role} {100 * v['importing']:.0f} % importing ({100 * v['compiling_bytecode']:.0f} % compiling "
+             f"source to bytecode; {v['samples']} samples)" for role, v in shares.items() if v["samples"] >= 5]
+    return ("Stack samples over the whole start-up: " + "; ".join(parts) + ". Compiling to bytecode means the "
+            "interpreter found no usable `.pyc` cache and pays that again at every start.") if parts else None
+
+
 def coverage_line(record: dict[str, Any]) -> str | None:
     cov = startup.coverage(record)
     if cov is None:
@@ -275,7 +284,7 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "
                 "line itself reports, which may span several phases (vLLM's `init engine ... took` covers "
                 "profiling, KV cache and warm-up).", ""]
-        out += [line for line in (coverage_line(st), figures_line(st)) if line]
+        out += [line for line in (coverage_line(st), figures_line(st), imports_line(st)) if line]
         out += ["", *silence_table(st)]
         maps = st.get("allocators_mapped") or {}
         libs = sorted({lib.rsplit("/", 1)[-1] for v in maps.values() for lib in v})

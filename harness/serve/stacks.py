@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import psutil
 
 from harness.serve.phases import Silence
 
+_PID_TAG = re.compile(r"^\(([A-Za-z][\w-]*) pid=(\d+)\)")
 DEFAULT_HZ = 2.0
 MAX_FRAMES = 40
 DUMP_TIMEOUT_S = 5.0
@@ -143,7 +145,12 @@ class StackSampler:
             name = proc.name()
         except psutil.Error:
             name = "?"
-        return {"t_s": round(t, 3), "pid": proc.pid, "process": name, "threads": _threads(dump)}
+        try:
+            command = " ".join(proc.cmdline())[:200]
+        except psutil.Error:
+            command = ""
+        return {"t_s": round(t, 3), "pid": proc.pid, "process": name, "cmdline": command,
+                "threads": _threads(dump)}
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -159,40 +166,112 @@ def load(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _package(frame: str) -> str:
+    """'torch' for 'f (torch/cuda/__init__.py:12)'; 'stdlib' for frozen or top-level modules."""
+    where = frame.rsplit(" (", 1)[-1].rstrip(")")
+    if where.startswith("<"):
+        return "stdlib"
+    return where.split("/", 1)[0] if "/" in where else "stdlib"
+
+
+def _func(frame: str) -> str:
+    return frame.split(" (", 1)[0]
+
+
 def doing(frames: list[str]) -> str:
-    """What one stack is doing, in a few words: the import in progress, or the innermost frame that is
-    not plumbing, with the nearest vLLM frame that called it."""
+    """What one stack is doing, in a few words: waiting for the engine core, compiling or importing a
+    package, or the package of the innermost working frame and the vLLM function that called it."""
     if not frames:
         return "no Python frame"
+    if any("wait_for_engine_startup" in f for f in frames):
+        return "waiting for the engine core to start (wait_for_engine_startup)"
     modules = [f for f in frames if f.startswith("<module> (")]
-    if modules and any("importlib" in f or f.startswith("_find_and_load") for f in frames):
-        return "import " + modules[0][len("<module> ("):].split(":")[0]
+    if modules and any("_find_and_load" in f or "importlib" in f for f in frames):
+        what = "compiling to bytecode" if any("source_to_code" in f for f in frames) else "import"
+        return f"{what}: {_package(modules[0])}"
     work = next((f for f in frames if not any(p in f for p in _PLUMBING)), frames[0])
-    caller = next((f for f in frames[frames.index(work) + 1:] if "vllm/" in f), None)
-    return work + (f" ← {caller}" if caller and caller != work else "")
+    caller = next((f for f in frames[frames.index(work):] if "vllm/" in f), None)
+    if caller is None:
+        return work
+    if _package(work) == "vllm":
+        return caller
+    return f"{_package(work)} in {caller}"
+
+
+def process_roles(lines: list[tuple[float, str]]) -> dict[int, str]:
+    """PID -> role ('APIServer', 'EngineCore', ...) from vLLM's `(Role pid=N)` line prefixes."""
+    roles: dict[int, str] = {}
+    for _, line in lines:
+        m = _PID_TAG.match(line)
+        if m:
+            roles.setdefault(int(m.group(2)), m.group(1))
+    return roles
+
+
+def _role(pid: int, samples: list[dict[str, Any]], roles: dict[int, str]) -> str | None:
+    """The role of a sampled process; None for multiprocessing's resource tracker (never start-up work)."""
+    if pid in roles:
+        return roles[pid]
+    frames = [f for x in samples for t in x.get("threads") or [] for f in t.get("frames") or []]
+    if any("resource_tracker.py" in f for f in frames):
+        return None
+    command = next((x.get("cmdline") for x in samples if x.get("cmdline")), None)
+    if command:
+        return f"pid {pid} ({command[:60]})"
+    mains = [f for f in frames if "_run_module_as_main" in f or "spawn_main" in f]
+    return f"pid {pid} ({'child process' if mains else 'process'})"
+
+
+def _waiting(activities: Counter[str]) -> bool:
+    return activities.most_common(1)[0][0].startswith("waiting")
+
+
+def import_shares(samples: list[dict[str, Any]], roles: dict[int, str]) -> dict[str, tuple[float, float, int]]:
+    """Per process role over the whole start-up: (share of samples importing, share of them compiling
+    source to bytecode, samples), a process that cannot use a bytecode cache pays the compile on every start."""
+    out: dict[str, tuple[float, float, int]] = {}
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for x in samples:
+        by_pid.setdefault(x["pid"], []).append(x)
+    for pid, xs in by_pid.items():
+        role = _role(pid, xs, roles)
+        if role is None:
+            continue
+        what = [doing(next((t["frames"] for t in x.get("threads") or [] if t.get("name") == "MainThread"), []))
+                for x in xs]
+        importing = sum(w.startswith(("import:", "compiling")) for w in what)
+        compiling = sum(w.startswith("compiling") for w in what)
+        out[role] = (importing / len(what), compiling / len(what), len(what))
+    return out
 
 
 @dataclass(frozen=True)
 class NamedSilence:
     silence: Silence
     n_samples: int
-    top: list[tuple[str, float]]  # (process: what it does, share of that process's samples)
+    top: list[tuple[str, float]]  # ("role: what it does", share of that role's samples in the stretch)
 
 
-def name_silences(silent: list[Silence], samples: list[dict[str, Any]], top_n: int = 3) -> list[NamedSilence]:
-    """For each silent stretch: the most frequent activities of the busiest threads in it."""
+def name_silences(silent: list[Silence], samples: list[dict[str, Any]], roles: dict[int, str] | None = None,
+                  per_role: int = 2) -> list[NamedSilence]:
+    """For each silent stretch: per process (resource tracker left out), its most frequent activities."""
+    roles = roles or {}
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for x in samples:
+        by_pid.setdefault(x["pid"], []).append(x)
+    role_of = {pid: _role(pid, xs, roles) for pid, xs in by_pid.items()}
     out = []
     for s in silent:
-        inside = [x for x in samples if s.start_s <= x["t_s"] <= s.end_s]
-        counts: Counter[str] = Counter()
-        per_process: Counter[str] = Counter()
+        inside = [x for x in samples if s.start_s <= x["t_s"] <= s.end_s and role_of.get(x["pid"])]
+        counts: dict[str, Counter[str]] = {}
         for x in inside:
             threads = x.get("threads") or []
             main = next((t for t in threads if t.get("name") == "MainThread"), threads[0] if threads else None)
-            if main is None:
-                continue
-            counts[f"{x['process']}: {doing(main['frames'])}"] += 1
-            per_process[x["process"]] += 1
-        top = [(what, n / per_process[what.split(":", 1)[0]]) for what, n in counts.most_common(top_n)]
+            if main is not None:
+                counts.setdefault(role_of[x["pid"]], Counter())[doing(main["frames"])] += 1
+        top = []
+        for role, c in sorted(counts.items(), key=lambda rc: (_waiting(rc[1]), -sum(rc[1].values()))):
+            total = sum(c.values())
+            top += [(f"{role}: {what}", n / total) for what, n in c.most_common(per_role)]
         out.append(NamedSilence(s, len(inside), top))
     return out

@@ -21,7 +21,8 @@ def analyse(lines: list[tuple[float, str]], ready_s: float | None, stack_samples
     not asked for when there are no samples either)."""
     ph, unaccounted = phases.phases(lines, ready_s)
     silent = phases.silences(lines, ready_s, ph)
-    named = stacks.name_silences(silent, stack_samples)
+    roles = stacks.process_roles(lines)
+    named = stacks.name_silences(silent, stack_samples, roles)
     return {
         "phases": [p.to_dict() for p in ph],
         "unaccounted_s": unaccounted,
@@ -31,6 +32,8 @@ def analyse(lines: list[tuple[float, str]], ready_s: float | None, stack_samples
                       "stack_samples": n.n_samples, "top": [[what, share] for what, share in n.top]}
                      for n in named],
         "stacks_reason": stacks_reason,
+        "import_shares": {role: {"importing": imp, "compiling_bytecode": comp, "samples": n}
+                          for role, (imp, comp, n) in stacks.import_shares(stack_samples, roles).items()},
     }
 
 
