@@ -97,6 +97,71 @@ def serve_block(d: Path) -> list[str]:
     return out
 
 
+def _median(values: list[float]) -> float:
+    return stats.summarize(values).median
+
+
+def _startups(run: Path) -> list[dict]:
+    return [s for s in ResultsDir(run).read_jsonl("serve/startup.jsonl") if s.get("spawn_to_health_s")]
+
+
+def vllm_block(d: Path) -> list[str]:
+    """A vLLM serving reference: `fresh/` (empty compile and Triton caches per start) and `shared/`
+    (one cache across starts: the first fills it, the next ones hit it)."""
+    runs = {name: d / name for name in ("fresh", "shared") if (d / name / "serve/startup.jsonl").exists()}
+    env = json.loads((runs["fresh"] / "serve/environment.json").read_text())
+    config = json.loads((runs["fresh"] / "serve/config.json").read_text())
+    build = (env.get("extra") or env).get("server_vllm") or {}
+    groups = {"fresh caches": _startups(runs["fresh"])}
+    if "shared" in runs:
+        groups["compile cache hit"] = [s for s in _startups(runs["shared"])
+                                       if (s.get("compile_cache") or {}).get("use") == "hit"]
+    requests = {name: [r for r in ResultsDir(path).read_jsonl("serve/requests.jsonl") if r.get("status") == "ok"]
+                for name, path in runs.items()}
+    every = [r for rs in requests.values() for r in rs]
+    out = [f"**vLLM first-token path** — `{config['model']}` on vLLM {build.get('vllm', '?')} "
+           f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {_gpu_name(env)}, `--dtype "
+           f"{config['dtype']} --max-model-len {config['max_model_len']} --gpu-memory-utilization "
+           f"{config['gpu_memory_utilization']}`, {sum(len(_startups(run)) for run in runs.values())} "
+           f"fresh servers (H100 figures), {config['max_tokens']} tokens per request:", "",
+           "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms) | n |",
+           "|---|---|---|---|---|---|"]
+    for kind, name in (("cold", "cold"), ("warm", "warm"), ("idle", "after an idle gap")):
+        rows = [r for r in every if r["kind"] == kind]
+        if rows:
+            t = stats.summarize([r["ttft_s"] for r in rows])
+            out.append(f"| {name} | {t.median * 1e3:.1f} | {t.minimum * 1e3:.1f}–{t.maximum * 1e3:.1f} | "
+                       f"{_median([r['tpot_s'] for r in rows]) * 1e3:.2f} | "
+                       f"{_median([r['e2e_s'] for r in rows]) * 1e3:.1f} | {len(rows)} |")
+    out += ["", "Start-up (s, median over servers; phases from the server log, calibrated on these logs):", "",
+            "| phase | " + " | ".join(f"{g} (n = {len(v)})" for g, v in groups.items()) + " |",
+            "|---|" + "---|" * len(groups)]
+    labels = list(dict.fromkeys(p["label"] for v in groups.values() for s in v for p in s["phases"]))
+    for label in labels:
+        cells = []
+        for v in groups.values():
+            found = [sum(p["duration_s"] for p in s["phases"] if p["label"] == label) for s in v]
+            cells.append(f"{_median(found):.1f}" if found else "–")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    totals = {g: _median([s["spawn_to_health_s"] for s in v]) for g, v in groups.items() if v}
+    out.append("| **spawn → /health 200** | " + " | ".join(f"**{t:.1f}**" for t in totals.values()) + " |")
+    coverage = min(1 - s["unaccounted_s"] / s["spawn_to_health_s"] for v in groups.values() for s in v)
+    gpu = [float(row["gpu0_used_mb"]) for run in runs.values() for row in _rows(run / "serve/memory_timeline.csv")
+           if row.get("gpu0_used_mb")]
+    figures = groups["fresh caches"][0].get("server_figures") or {}
+    out += ["", f"Named phases cover at least {100 * coverage:.2f} % of every start-up (spawn → /health 200). "
+            + (f"A compile-cache hit saved {totals['fresh caches'] - totals['compile cache hit']:.1f} s "
+               f"({100 * (1 - totals['compile cache hit'] / totals['fresh caches']):.0f} %) of the median start-up. "
+               if "compile cache hit" in totals else "")
+            + f"vLLM's own figures (first fresh server): weights {figures.get('weights_gib', float('nan')):.2f} GiB, "
+            f"KV cache {figures.get('kv_cache_gib', float('nan')):.2f} GiB ({figures.get('kv_cache_tokens', 0):,.0f} "
+            f"tokens), CUDA graphs {figures.get('graph_gib', float('nan')):.2f} GiB. GPU memory used: "
+            f"{min(gpu):.0f}–{max(gpu):.0f} MiB over {len(gpu)} samples.", "",
+            "Per-server tables, silent stretches named from stacks, memory readings: "
+            + ", ".join(f"`{name}/serve/first_token_latency.md`" for name in runs) + "."]
+    return out
+
+
 def render(root: Path = REPO / "results" / "reference") -> str:
     lines = [BEGIN]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -105,6 +170,8 @@ def render(root: Path = REPO / "results" / "reference") -> str:
             lines += alloc_block(d) + [""]
         if (d / "serve/requests.jsonl").exists():
             lines += serve_block(d) + [""]
+        if (d / "fresh/serve/requests.jsonl").exists():
+            lines += vllm_block(d) + [""]
     lines.append(END)
     return "\n".join(lines)
 

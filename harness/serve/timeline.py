@@ -238,7 +238,7 @@ def _draw_bands(ax: Any, bands: list[tuple[str, float, float]]) -> None:
     if not bands:
         return
     lo, hi = ax.get_xlim()
-    min_width = 0.012 * (hi - lo)
+    min_width = 0.008 * (hi - lo)
     bottom = ax.get_ylim()[0]
     for i, (label, t0, t1) in enumerate(bands):
         ax.axvspan(t0, t1, color=BAND_COLORS[i % len(BAND_COLORS)], alpha=0.9, lw=0, zorder=0)
