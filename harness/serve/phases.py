@@ -47,7 +47,7 @@ MILESTONES: list[Milestone] = [
     _m("args", "API server: interpreter start and imports",
        r"non-default args|vLLM API server version|^\[transformers\] Loading "),
     _m("device_init", "engine core: executor and worker start, device and distributed init",
-       r"Starting to load model"),
+       r"Starting to load model|Loading model from scratch"),
     _m("model_init", "model construction", r"Initializing model took"),
     _m("weights_loaded", "weights load",
        r"Model loading took|Loading weights took|Loading weights: 100%"),
@@ -79,7 +79,7 @@ _STAMPED = re.compile(r"^\[\s*(-?[\d.]+)\] ?(.*)$")
 # Figures the server reports about its own start-up: (name, pattern, group -> value).
 _FACTS: list[tuple[str, re.Pattern[str]]] = [
     ("weights_gib", re.compile(r"Model loading took ([\d.]+) GiB")),
-    ("weights_s", re.compile(r"Model loading took [\d.]+ GiB memory and ([\d.]+) seconds|"
+    ("weights_s", re.compile(r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) seconds|"
                              r"Loading weights took ([\d.]+) seconds")),
     ("dynamo_s", re.compile(r"Dynamo bytecode transform time: ([\d.]+) s")),
     ("compile_s", re.compile(r"torch\.compile took ([\d.]+) s in total|torch\.compile takes ([\d.]+) s in total")),
@@ -179,7 +179,7 @@ def phases(lines: list[tuple[float, str]], ready_s: float | None) -> tuple[list[
     for key, label, t, line in find_milestones(lines):
         if ready_s is not None and t > ready_s:
             break
-        out.append(Phase(key, label, prev, t, self_reported(line), line[-200:]))
+        out.append(Phase(key, label, prev, t, self_reported(line), line[:240]))
         prev = t
     unaccounted = None if ready_s is None else max(ready_s - prev, 0.0)
     return out, unaccounted
