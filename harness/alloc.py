@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,11 @@ from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner, 
 
 RUNS_FILE = "alloc/runs.jsonl"
 CONFIG_FILE = "alloc/config.json"
+
+DEFAULT_WARM_GENS = 3  # measured warm generates per run, when the window is a count
+DEFAULT_MEASURE_S = 20.0  # the measured window in seconds of generation, when a target or a time limit is set
+METRICS = {"itl_p25": "itl_p25_s", "gen_latency": "gen_latency_s"}  # --metric → the per-run value compared
+DEFAULT_METRIC = "itl_p25"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,9 @@ class AllocConfig:
     paired: bool = False  # each candidate run alongside a baseline run, on the other half of the host
     placements: list[Placement] = field(default_factory=list)  # paired: the two halves (GPU, CPUs)
     affinity: tuple[int, ...] | None = None  # sequential: every probe pinned to these CPUs (pyperf's --affinity)
+    measure_s: float | None = None  # the measured window in seconds of generation (replaces warm_gens)
+    target_ci: float | None = None  # open-ended: stop once every ratio CI's half-width is this fraction or less
+    metric: str = DEFAULT_METRIC  # the per-run value target_ci applies to (a key of METRICS)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +59,9 @@ class AllocConfig:
             ident["paired"] = True
         if self.affinity:
             ident["affinity"] = list(self.affinity)
+        if self.measure_s is not None:  # a window in seconds: the count of generates varies, the window not
+            del ident["warm_gens"]
+            ident["measure_s"] = self.measure_s
         return ident
 
     def placement(self, run: PlannedRun) -> Placement | None:
@@ -89,34 +101,50 @@ def record_key(record: dict[str, Any]) -> tuple[int, str, str | None]:
 
 def plan(config: AllocConfig) -> list[PlannedRun]:
     """Warm-up rounds first, then measured rounds; the order rotates every round so drift
-    (thermal, page cache, background load) hits each allocator equally.
+    (thermal, page cache, background load) hits each allocator equally."""
+    return [run for r in range(-config.warmup_runs, config.runs) for run in round_runs(config, r)]
+
+
+def round_runs(config: AllocConfig, r: int) -> list[PlannedRun]:
+    """The runs of round `r`, in order.
 
     Paired design: every candidate runs at the same time as a baseline run, each on its own half of
     the host, so a slow stretch of a shared host hits both; the halves swap every round."""
-    runs: list[PlannedRun] = []
     if config.paired:
         base = config.baseline
         candidates = [a for a in config.allocators if a.name != base.name]
-        for r in range(-config.warmup_runs, config.runs):
-            shift = r % len(candidates)
-            for j, cand in enumerate(candidates[shift:] + candidates[:shift]):
-                side = (r + candidates.index(cand)) % 2
-                runs.append(PlannedRun(r, 2 * j, base, pair=cand.name, slot=side))
-                runs.append(PlannedRun(r, 2 * j + 1, cand, pair=cand.name, slot=1 - side))
+        shift = r % len(candidates)
+        runs = []
+        for j, cand in enumerate(candidates[shift:] + candidates[:shift]):
+            side = (r + candidates.index(cand)) % 2
+            runs.append(PlannedRun(r, 2 * j, base, pair=cand.name, slot=side))
+            runs.append(PlannedRun(r, 2 * j + 1, cand, pair=cand.name, slot=1 - side))
         return runs
-    k = len(config.allocators)
-    for r in range(-config.warmup_runs, config.runs):
-        shift = r % k
-        order = config.allocators[shift:] + config.allocators[:shift]
-        runs.extend(PlannedRun(r, i, a) for i, a in enumerate(order))
-    return runs
+    shift = r % len(config.allocators)
+    order = config.allocators[shift:] + config.allocators[:shift]
+    return [PlannedRun(r, i, a) for i, a in enumerate(order)]
+
+
+def round_units(config: AllocConfig, r: int) -> list[list[PlannedRun]]:
+    """What runs at one time in round `r`: single runs, or the two runs of a pair."""
+    runs = round_runs(config, r)
+    size = 2 if config.paired else 1
+    return [runs[i:i + size] for i in range(0, len(runs), size)]
 
 
 def units(config: AllocConfig) -> list[list[PlannedRun]]:
-    """What runs at one time: single runs, or the two runs of a pair."""
-    runs = plan(config)
-    size = 2 if config.paired else 1
-    return [runs[i:i + size] for i in range(0, len(runs), size)]
+    """The fixed plan's units, round after round."""
+    return [unit for r in range(-config.warmup_runs, config.runs) for unit in round_units(config, r)]
+
+
+def measured_seconds(probe: dict[str, Any] | None) -> float | None:
+    """Seconds of measured generation in a run: its warm generates, else its cold one."""
+    if not probe:
+        return None
+    if probe.get("measured_s") is not None:
+        return probe["measured_s"]
+    gens = probe.get("warm") or ([probe["cold"]] if probe.get("cold") else [])
+    return sum(g["latency_s"] for g in gens) if gens else None
 
 
 def verify(allocator: Allocator, probe: dict[str, Any], placement: Placement | None = None) -> str | None:
@@ -149,6 +177,7 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
     ok = probe is not None and failure is None
     gpu = (probe or {}).get("gpu") or {}
     container = outcome.container or {}
+    measured_s = measured_seconds(probe)
     return {
         "schema": "alloc-run/1",
         "run_index": run_index,
@@ -180,6 +209,9 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "itl_p50_s": (probe or {}).get("itl_p50_s"),
         "steal_pct": ((probe or {}).get("contention") or {}).get("steal_pct"),
         "involuntary_switches": ((probe or {}).get("contention") or {}).get("involuntary_switches"),
+        "noise": (probe or {}).get("noise"),  # page faults, GPU clocks and throttle reasons, CPU frequency
+        "measured_s": measured_s,
+        "measured_share": measured_s / outcome.wall_real_s if measured_s and outcome.wall_real_s else None,
         "load_s": (probe or {}).get("load_s"),
         "import_s": (probe or {}).get("import_s"),
         "rss_mb": (probe or {}).get("peak_rss_mb"),
@@ -225,29 +257,78 @@ def environment_file(results: ResultsDir, resume: bool) -> str:
 def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bool = False,
             environment: dict[str, Any] | None = None,
             on_run: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
-            on_start: Callable[[PlannedRun], None] | None = None) -> list[dict[str, Any]]:
+            on_start: Callable[[PlannedRun], None] | None = None,
+            stopper: Any = None) -> list[dict[str, Any]]:
     """Runs what is left of the plan, appending each record as it finishes. Returns all records.
     `environment` is written only once the directory is accepted, so a refused invocation leaves the
-    experiment's own environment files as they were."""
+    experiment's own environment files as they were.
+
+    Without `stopper` the plan is fixed (--runs rounds). With one (harness.stopping.Stopper) rounds go on
+    until it stops them: it holds back a run that would likely end after the deadline and checks the
+    precision after each measured round; every stop, Ctrl-C included, is recorded."""
     records = prepare_dir(results, config, resume)
     if environment is not None:
         results.write_json(environment_file(results, resume), environment)
+    if stopper is None:
+        for r in range(-config.warmup_runs, config.runs):
+            if not _run_round(config, runner, results, records, r, on_run, on_start):
+                break
+        return records
+    try:
+        reason = _run_open_ended(config, runner, results, records, stopper, on_run, on_start)
+    except BaseException as exc:
+        stopper.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "error", records)
+        raise
+    if reason:
+        stopper.stop(reason, records)
+    return records
+
+
+def _run_open_ended(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[dict[str, Any]],
+                    stopper: Any, on_run: Any, on_start: Any) -> str | None:
+    """Rounds until the stopper stops them; the stop reason, or None where the stopper recorded it itself."""
     done = {record_key(r) for r in records}
-    for unit in units(config):
-        todo = [run for run in unit if run.key not in done]
-        if not todo:
+    complete = None  # the last round that an earlier invocation finished: checked once before going on
+    for r in stopper.rounds():
+        if all(run.key in done for run in round_runs(config, r)):
+            complete = r
             continue
+        if complete is not None and complete >= 0 and stopper.round_done(complete, records):
+            return None
+        complete = None
+        if not _run_round(config, runner, results, records, r, on_run, on_start, stopper):
+            return "time" if stopper.held_back else "failed"
+        if r >= 0 and stopper.round_done(r, records):
+            return None
+    if complete is not None and complete >= 0 and stopper.round_done(complete, records):
+        return None
+    return "max-runs"
+
+
+def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[dict[str, Any]], r: int,
+               on_run: Any, on_start: Any, stopper: Any = None) -> bool:
+    """Runs what is left of round `r`, appending each record as it finishes; False when the experiment
+    must end here (the stopper held a run back, or every run of the first round failed alike)."""
+    done = {record_key(x) for x in records}
+    left = [[run for run in unit if run.key not in done] for unit in round_units(config, r)]
+    left = [todo for todo in left if todo]
+    for i, todo in enumerate(left):
+        if stopper is not None and not stopper.may_start(len(left) - i, records):
+            return False
         for run in todo:
             if on_start:
                 on_start(run)
         requests = [ProbeRequest(allocator=run.allocator, model=config.model, device=config.device,
                                  warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
                                  dtype=config.dtype, seed=config.seed, threads=config.threads,
-                                 timeout_s=config.timeout_s,
-                                 placement=config.placement(run))
+                                 timeout_s=config.timeout_s, placement=config.placement(run),
+                                 measure_s=config.measure_s)
                     for run in todo]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        t0 = time.monotonic()
         outcomes = run_together(runner, requests)
+        if stopper is not None:
+            stopper.unit_done(time.monotonic() - t0)
         new = [build_record(config, run, len(records) + i, started, outcome, runner.name)
                for i, (run, outcome) in enumerate(zip(todo, outcomes, strict=True))]
         if len(new) == 2:
@@ -258,8 +339,8 @@ def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bo
             if on_run:
                 on_run(run, record)
         if _first_round_all_failed(records, config):
-            break  # the same failure every time: repeating it teaches nothing
-    return records
+            return False  # the same failure every time: repeating it teaches nothing
+    return True
 
 
 def run_together(runner: Runner, requests: list[ProbeRequest]) -> list[ProbeOutcome]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tabulate import tabulate
 
 from harness import stats
+from harness.alloc import DEFAULT_METRIC, METRICS, measured_seconds
 from harness.results import ResultsDir
 from harness.runners.base import describe_cpus, describe_placement
 
@@ -17,8 +20,11 @@ CSV_FILE = "alloc/allocator_latency_comparison.csv"
 SUMMARY_FILE = "alloc/summary.md"
 PLOT_FILE = "alloc/gen_latency.png"
 TRACE_FILE = "alloc/itl_trace.png"
+STOP_FILE = "alloc/stopping.jsonl"  # each precision check and each stop of an open-ended experiment
 
 PRECISION_TARGET = 0.03  # the ratio CI half-width the precision line plans for
+METRIC_LABELS = {"itl_p25": "decode step (ITL p25)", "gen_latency": "generation latency"}
+Z95 = 1.959964
 
 # The seed's four columns come first, exactly; the rest follow.
 CSV_COLUMNS = [
@@ -58,6 +64,20 @@ def _compare(key: str, mine: list[dict], base_ok: list[dict], pairs: list[tuple[
     if pairs is not None:
         return stats.compare_paired([(c.get(key), b.get(key)) for c, b in pairs])
     return stats.compare([r.get(key) for r in mine], [r.get(key) for r in base_ok])
+
+
+def baseline_of(order: list[str]) -> str:
+    return "glibc" if "glibc" in order else order[0]
+
+
+def comparisons(records: list[dict[str, Any]], order: list[str], key: str,
+                paired: bool = False) -> dict[str, stats.Comparison]:
+    """Every allocator but the baseline against it on one per-run value: the CIs of the CSV and summary."""
+    runs = measured(records)
+    baseline = baseline_of(order)
+    ok = {name: [r for r in runs if r["allocator"] == name and r["status"] == "ok"] for name in order}
+    return {name: _compare(key, ok[name], ok[baseline], side_by_side(runs, name, baseline) if paired else None)
+            for name in order if name != baseline}
 
 
 def allocator_rows(records: list[dict[str, Any]], order: list[str], paired: bool = False) -> list[dict[str, Any]]:
@@ -116,7 +136,22 @@ def allocator_rows(records: list[dict[str, Any]], order: list[str], paired: bool
     return rows
 
 
-def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
+def run_to_run_spread(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The standard deviation of log(run / its allocator's median) over verified runs (0.05: about 5 %), so
+    allocator effects do not count as noise; an allocator with a single run tells nothing of it. None under
+    3 runs that count."""
+    import numpy as np
+
+    medians = {}
+    for name in {r["allocator"] for r in runs}:
+        values = [r[key] for r in runs if r["allocator"] == name and r.get(key)]
+        if len(values) >= 2:
+            medians[name] = float(np.median(values))
+    logs = [math.log(r[key] / medians[r["allocator"]]) for r in runs if r.get(key) and r["allocator"] in medians]
+    return float(np.std(logs, ddof=1)) if len(logs) >= 3 else None
+
+
+def noise_line(records: list[dict[str, Any]], paired: bool, metric: str = DEFAULT_METRIC) -> str | None:
     """How noisy this host was: the run-to-run spread of each metric (each run divided by its allocator's
     median, so allocator effects do not count as noise), how many decode steps were slowed, and for the
     paired design how much the two sides of a pair moved together."""
@@ -127,12 +162,9 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
         return None
     parts = []
     for key, label in (("gen_latency_s", "gen_latency"), ("itl_p25_s", "ITL p25")):
-        names = {r["allocator"] for r in runs}
-        medians = {a: float(np.median([r[key] for r in runs if r["allocator"] == a and r.get(key)] or [0.0]))
-                   for a in names}
-        logs = [math.log(r[key] / medians[r["allocator"]]) for r in runs if r.get(key) and medians[r["allocator"]]]
-        if len(logs) >= 3:
-            parts.append(f"run-to-run spread of {label} {np.std(logs, ddof=1) * 100:.1f} %")
+        spread = run_to_run_spread(runs, key)
+        if spread is not None:
+            parts.append(f"run-to-run spread of {label} {spread * 100:.1f} %")
     slowed = []
     for r in runs:
         gaps = [g for gen in ((r.get("probe") or {}).get("warm") or []) for g in (gen.get("itl_s") or [])]
@@ -141,9 +173,9 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
     if slowed:
         parts.append(f"decode steps slower than 1.5× their run's ITL p25: {np.median(slowed) * 100:.0f} % "
                      f"(median over runs, up to {max(slowed) * 100:.0f} %)")
-    contention = contention_part(runs)
-    if contention:
-        parts.append(contention)
+    signals = signals_part(runs, metric)
+    if signals:
+        parts.append(signals)
     if paired:
         by_index = {r["run_index"]: r for r in runs}
         sides = [(r, by_index[r["concurrent_with"]]) for r in runs
@@ -156,26 +188,103 @@ def noise_line(records: list[dict[str, Any]], paired: bool) -> str | None:
     return ("Noise — " + "; ".join(parts) + ".") if parts else None
 
 
-def contention_part(runs: list[dict[str, Any]]) -> str | None:
-    """What took CPU from the probes while they measured: the hypervisor (steal) or this guest's own
-    scheduler (involuntary preemptions), and whether the runs that lost most were the slow ones."""
+def _noise(record: dict[str, Any], *path: str) -> Any:
+    value: Any = record.get("noise") or {}
+    for key in path:
+        value = (value or {}).get(key)
+    return value
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Something besides the allocator that can slow a run, as each run recorded it."""
+
+    label: str
+    read: Callable[[dict[str, Any]], float | None]
+    unit: str
+    worse: int  # +1: more of it takes more from the run (steal); -1: less of it does (a clock)
+    unreadable: Callable[[dict[str, Any]], str | None] = lambda r: None  # why the probe could not read it
+    needs_noise: bool = True  # recorded only by probes that write "noise" (older runs lack it)
+
+
+SIGNALS = [
+    Signal("hypervisor steal", lambda r: r.get("steal_pct"), " %", +1, needs_noise=False),
+    Signal("involuntary preemptions", lambda r: r.get("involuntary_switches"), "", +1, needs_noise=False),
+    Signal("minor page faults", lambda r: _noise(r, "minor_faults"), "", +1),
+    Signal("major page faults", lambda r: _noise(r, "major_faults"), "", +1),
+    Signal("GPU SM clock (lowest)", lambda r: _noise(r, "gpu", "sm_clock_min_mhz"), " MHz", -1,
+           lambda r: _noise(r, "gpu_unreadable")),
+    Signal("GPU memory clock (lowest)", lambda r: _noise(r, "gpu", "mem_clock_min_mhz"), " MHz", -1,
+           lambda r: _noise(r, "gpu_unreadable")),
+    Signal("GPU slowdown reasons (share of samples)", lambda r: _noise(r, "gpu", "slowdown_pct"), " %", +1,
+           lambda r: _noise(r, "gpu_unreadable")),
+    Signal("CPU frequency (mean)", lambda r: _noise(r, "cpu_freq", "mean_mhz"), " MHz", -1,
+           lambda r: _noise(r, "cpu_freq_unreadable")),
+]
+MIN_RUNS_FOR_RHO = 8
+
+
+def _within_allocator(runs: list[dict[str, Any]], values: list[float]) -> list[float]:
+    """Each value minus its allocator's median: what varies from run to run, not between allocators."""
+    import numpy as np
+
+    names = [r["allocator"] for r in runs]
+    medians = {a: float(np.median([v for n, v in zip(names, values, strict=True) if n == a])) for a in set(names)}
+    return [v - medians[n] for n, v in zip(names, values, strict=True)]
+
+
+def _signal_text(signal: Signal, runs: list[dict[str, Any]], slowness: list[float]) -> tuple[str, bool] | None:
+    """(what the signal did, whether it moved with the slow runs), or None where no run recorded it."""
     import numpy as np
     from scipy import stats as sps
 
-    stolen = [r for r in runs if r.get("steal_pct") is not None and r.get("itl_p25_s")]
-    if len(stolen) < 3:
+    if signal.needs_noise and not any(r.get("noise") for r in runs):
+        return None  # runs made before the probe recorded it
+    pairs = [(signal.read(r), s, r) for r, s in zip(runs, slowness, strict=True) if signal.read(r) is not None]
+    if not pairs:
+        why = next((signal.unreadable(r) for r in runs if signal.unreadable(r)), None)
+        return f"{signal.label} not readable on this host" + (f" ({why})" if why else ""), False
+    values = [float(v) for v, _, _ in pairs]
+    if min(values) == max(values):
+        return f"{signal.label} {_num(values[0])}{signal.unit} in every run", False
+    text = f"{signal.label} median {_num(float(np.median(values)))}{signal.unit} ({_num(min(values))}–" \
+           f"{_num(max(values))})"
+    if len(pairs) < MIN_RUNS_FOR_RHO:
+        return text, False
+    centred = _within_allocator([r for _, _, r in pairs], values)
+    if min(centred) == max(centred):
+        return text, False
+    res = sps.spearmanr(centred, [s for _, s, _ in pairs])
+    moved = bool(res.pvalue < stats.ALPHA and signal.worse * res.statistic > 0)
+    return text + f", ρ = {res.statistic:.2f}" + (" (moved with the slow runs)" if moved else ""), moved
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 or x == int(x) else f"{x:.1f}"
+
+
+def signals_part(runs: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> str | None:
+    """What besides the allocator could have slowed each run while it measured (hypervisor steal, preemptions,
+    page faults, GPU clocks and throttle reasons, CPU frequency), and which of them moved with the slow runs:
+    the rank correlation ρ of each, within each allocator, with the run's `metric` (relative to its allocator's
+    median). A signal that moved with the slow runs points at the host, not the allocator."""
+    key = METRICS[metric]
+    runs = [r for r in runs if r.get(key)]
+    if len(runs) < 3:
         return None
-    steal = [r["steal_pct"] for r in stolen]
-    text = (f"hypervisor steal on the probes' CPUs while they measured: median {np.median(steal):.1f} %, "
-            f"max {max(steal):.1f} %")
-    switches = [r["involuntary_switches"] for r in stolen if r.get("involuntary_switches") is not None]
-    if switches:
-        text += f"; involuntary preemptions per run: median {np.median(switches):.0f}"
-    if len(stolen) >= 8 and len(set(steal)) > 1:
-        rho = sps.spearmanr(steal, [r["itl_p25_s"] for r in stolen]).statistic
-        text += (f"; rank correlation of steal with ITL p25 ρ = {rho:.2f} (near 1: the slow runs are the ones "
-                 "another guest took CPU from)")
-    return text
+    names = {r["allocator"] for r in runs}
+    medians = {a: statistics.median(r[key] for r in runs if r["allocator"] == a) for a in names}
+    slowness = [math.log(r[key] / medians[r["allocator"]]) for r in runs]
+    texts = [(sig, t) for sig, t in ((sig, _signal_text(sig, runs, slowness)) for sig in SIGNALS) if t is not None]
+    if not texts:
+        return None
+    moved = [sig.label for sig, (_, did) in texts if did]
+    rho = (f"ρ: rank correlation, within each allocator, with the run's {METRIC_LABELS[metric]}"
+           if len(runs) >= MIN_RUNS_FOR_RHO else f"ρ from {MIN_RUNS_FOR_RHO} runs on")
+    verdict = (f"moved with the slow runs: {', '.join(moved)} (the host, not the allocator, slowed those runs)"
+               if moved else "none of them moved with the slow runs" if len(runs) >= MIN_RUNS_FOR_RHO else "")
+    return (f"while the runs measured ({rho}): " + "; ".join(t for _, (t, _) in texts)
+            + (f"; {verdict}" if verdict else ""))
 
 
 def host_key(environment: dict[str, Any]) -> str:
@@ -253,6 +362,102 @@ def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead
     return ("Precision — " + "; ".join(parts) + " (`--resume` with a larger `--runs` adds runs).") if parts else None
 
 
+def share_line(records: list[dict[str, Any]]) -> str | None:
+    """How much of each run's wall time was measured generation, the rest being start-up and exit."""
+    runs = [r for r in measured(records) if r["status"] == "ok" and r.get("wall_real_s")]
+    shares = [(measured_seconds(r.get("probe")) or 0.0, r["wall_real_s"]) for r in runs]
+    shares = [(m, w) for m, w in shares if m > 0]
+    if not shares:
+        return None
+    share = statistics.median(m / w for m, w in shares)
+    return (f"Run cost — measured generation took {share * 100:.0f} % of each run's wall time (median over "
+            f"{len(shares)} runs: {statistics.median(m for m, _ in shares):.1f} s of "
+            f"{statistics.median(w for _, w in shares):.1f} s); the rest is the fresh process's start-up (imports, "
+            "model, cold generate) and exit.")
+
+
+STOP_REASONS = {
+    "target": "the precision target was reached",
+    "time": "the time was up (--max-time: the next run would likely have ended after it)",
+    "max-runs": "--max-runs rounds were done",
+    "failed": "every run of the first round failed",
+    "interrupted": "it was interrupted (continue with --resume)",
+    "error": "the runner failed (continue with --resume)",
+}
+
+
+def stopping_line(stop: dict[str, Any] | None, records: list[dict[str, Any]], order: list[str],
+                  paired: bool) -> str | None:
+    """What stopped an open-ended experiment (--target-ci / --max-time), and the CI its runs reached."""
+    if not stop:
+        return None
+    rule = stop.get("rule") or {}
+    metric = rule.get("metric", DEFAULT_METRIC)
+    comps = comparisons(records, order, METRICS[metric], paired)
+    widths = [c.half_width for c in comps.values()]
+    reached = ("no ratio CI yet" if not widths or any(math.isnan(w) for w in widths)
+               else f"widest ratio CI ±{max(widths) * 100:.1f} %")
+    target = rule.get("target")
+    aim = f" against a target of ±{target * 100:g} %" if target else ""
+    limit = f", --max-time {format_duration(rule['max_time_s'])}" if rule.get("max_time_s") else ""
+    rounds = len({r["round"] for r in measured(records)})
+    text = (f"Stopping — stopped because {STOP_REASONS.get(stop['reason'], stop['reason'])}, after {rounds} "
+            f"measured round(s) in {format_duration(stop.get('elapsed_s') or 0)}{limit}: on the "
+            f"{METRIC_LABELS[metric]}, {reached}{aim}.")
+    if target:
+        text += (f" The rule stops on the CIs' width alone (never on where they lie or on a p-value), checked once "
+                 f"a round from round {rule.get('min_rounds', 1)} on.")
+    return text
+
+
+def format_duration(seconds: float) -> str:
+    """132.4 → '2m12s'; 45 → '45s'."""
+    seconds = max(0, round(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
+
+
+def runs_for(spread: float, target: float) -> int:
+    """Runs per allocator for a ratio CI of ±target at this run-to-run spread: the median of n runs has a
+    standard error of about sqrt(pi/2) spread/sqrt(n), and a ratio adds two of them (a rough plan)."""
+    return math.ceil(math.pi * (Z95 * spread / math.log1p(target)) ** 2)
+
+
+def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: list[str]) -> list[str]:
+    """The answer a user can act on, per allocator against the baseline, on the experiment's metric: a
+    verdict (a significant change, or none beyond a bound within the target), or 'inconclusive on this
+    host' with the spread and how many runs (and minutes) a target-wide answer would need."""
+    metric = config.get("metric") or DEFAULT_METRIC
+    key, label = METRICS[metric], METRIC_LABELS[metric]
+    target = config.get("target_ci") or PRECISION_TARGET
+    paired = bool(config.get("paired"))
+    baseline = baseline_of(order)
+    runs = [r for r in measured(records) if r["status"] == "ok"]
+    spread = run_to_run_spread(runs, key)
+    walls = [r["wall_real_s"] for r in runs if r.get("wall_real_s")]
+    lines = []
+    for name, comp in comparisons(records, order, key, paired).items():
+        head = f"{name} vs {baseline}, {label}:"
+        if comp.significant:
+            lines.append(stats.verdict(name, baseline, comp, label, paired))
+        elif comp.half_width <= target:
+            bound = max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1)) * 100
+            lines.append(f"{head} no change beyond ±{bound:.1f} % (ratio {comp.ratio:.3f}, 95 % CI "
+                         f"{(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %, "
+                         f"n = {comp.n_candidate}/{comp.n_baseline}).")
+        elif spread is None:
+            lines.append(f"{head} inconclusive on this host: too few verified runs ({comp.n_candidate} of {name}) "
+                         "to tell the run-to-run spread; run it longer (--max-time, or more --runs).")
+        else:
+            need = runs_for(spread, target)
+            per_unit = (len(order) - 1 if paired else len(order)) * (statistics.median(walls) if walls else 0.0)
+            lines.append(f"{head} inconclusive on this host: run-to-run spread {spread * 100:.1f} %, a "
+                         f"±{target * 100:g} % answer needs about {need} runs per allocator "
+                         f"({math.ceil(need * per_unit / 60)} minutes).")
+    return lines
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
 
@@ -272,7 +477,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]],
-                     environments: list[dict[str, Any]] | None = None) -> str:
+                     environments: list[dict[str, Any]] | None = None, stop: dict[str, Any] | None = None) -> str:
     baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else rows[0]["allocator"]
     paired = bool(config.get("paired"))
     base = next(r for r in rows if r["allocator"] == baseline)
@@ -282,11 +487,12 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     lead = next((r for r in candidates if r["allocator"] == "jemalloc"), candidates[0] if candidates else None)
     head: list[str] = []  # 3-5 bullets on the lead allocator (jemalloc), as the seed asks
     every: list[str] = []  # the full verdicts of the other allocators
+    useful = max(config.get("target_ci") or 0.0, stats.USEFUL_BOUND)
     for row in candidates:
-        lines = [stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired)]
+        lines = [stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired, useful)]
         if row["_itl"].n_candidate:
             lines.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)",
-                                       paired))
+                                       paired, useful))
         wall: stats.Comparison = row["_wall"]
         rss_diff = row["rss_diff_mb"]
         rss_text = ("–" if rss_diff is None or math.isnan(rss_diff)
@@ -309,15 +515,17 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
         + (f"each pinned to {describe_cpus(config['affinity'])}, " if config.get("affinity") else "")
         + f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
-        f"{config.get('warm_gens')} warm generate calls of {config.get('max_new_tokens')} tokens per run; "
+        + (f"the warm generate calls that filled {config['measure_s']:g} s of generation"
+           if config.get("measure_s") is not None else f"{config.get('warm_gens')} warm generate calls")
+        + f" of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
-    sure: list[str] = []  # how far the figures can be trusted
+    sure: list[str] = [f"Answer — {line}" for line in answer_lines(records, config, [r["allocator"] for r in rows])]
     if paired:
         halves = "; ".join(f"side {i}: {describe_placement(p)}" for i, p in enumerate(config.get("placements") or []))
         sure.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
                     f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
                     "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")
-    noise = noise_line(records, paired)
+    noise = noise_line(records, paired, config.get("metric") or DEFAULT_METRIC)
     if noise:
         sure.append(noise)
     hosts = hosts_line(records, environments or [])
@@ -326,6 +534,9 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
     precision = precision_line(rows, baseline, paired, lead["allocator"] if lead else None)
     if precision:
         sure.append(precision)
+    for line in (stopping_line(stop, records, [r["allocator"] for r in rows], paired), share_line(records)):
+        if line:
+            sure.append(line)
     if failed:
         reasons = sorted({r["failure"] or "unknown" for r in failed})
         sure.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
@@ -428,7 +639,9 @@ def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, 
           order: list[str]) -> list[dict[str, Any]]:
     rows = allocator_rows(records, order, paired=bool(config.get("paired")))
     results.write_csv(CSV_FILE, CSV_COLUMNS, rows)
-    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records, results.environments()))
+    stops = [e for e in results.read_jsonl(STOP_FILE) if e.get("event") == "stop"]
+    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records, results.environments(),
+                                                      stops[-1] if stops else None))
     if any(r["n"] for r in rows):
         plot(rows, records, results)
         plot_itl_trace(rows, records, results)

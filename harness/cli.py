@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness import alloc, alloc_report, environment
+from harness import alloc, alloc_report, environment, stopping
 from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.probe.models import ModelError, parse_model
 from harness.results import ResultsDir, ResultsError
@@ -22,6 +22,10 @@ from harness.runners.base import RunnerError, describe_cpus, describe_placement,
 console = Console(stderr=True)
 
 REAL_PHI3 = "microsoft/Phi-3-mini-4k-instruct"
+# `harness bench` (what `make bench` runs): the allocator part on a time budget, about 2 minutes on 2 cores.
+BENCH_ALLOC_TIME = "2m"
+BENCH_MEASURE_S = 3.0
+BENCH_MIN_ROUNDS = 3
 
 
 class HarnessError(click.ClickException):
@@ -132,11 +136,15 @@ def _csv_list(value: str) -> list[str]:
 @click.option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
 @click.option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
               help="Environment for one allocator's runs, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per allocator.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1),
+              help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
 @click.option("--warmup-runs", default=1, show_default=True, type=click.IntRange(0),
               help="Discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
-@click.option("--warm-gens", default=3, show_default=True, type=click.IntRange(0),
-              help="Warm generate calls per run after the cold one.")
+@click.option("--warm-gens", default=None, type=click.IntRange(0),
+              help=f"Warm generate calls per run after the cold one [default: {alloc.DEFAULT_WARM_GENS}].")
+@click.option("--measure-s", default=None, type=click.FloatRange(0, min_open=True), metavar="S",
+              help="The measured window in seconds instead: warm generates until S seconds of generation are "
+                   f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
@@ -153,6 +161,17 @@ def _csv_list(value: str) -> list[str]:
               help="Pin every probe (process or container) to these CPUs, e.g. 2-5 or 2,3 (as pyperf's "
                    "--affinity): the scheduler then cannot move the decode loop across cores or NUMA nodes "
                    "between runs. Each run checks that its process was pinned.")
+@click.option("--target-ci", default=None, type=click.FloatRange(0, min_open=True), metavar="PCT",
+              help="Add interleaved rounds until the ratio CI of every allocator against the baseline, on --metric, "
+                   "is ±PCT % wide or narrower (its width alone, checked once a round from round --runs on), or "
+                   "--max-time is up. --resume continues towards the same target.")
+@click.option("--max-time", default=None, metavar="DURATION",
+              help="Start no run that would likely end after this much time (90s, 2m, 1h30m); a run in flight "
+                   "is never cut. Without --target-ci: rounds until then.")
+@click.option("--max-runs", default=None, type=click.IntRange(1),
+              help="With --target-ci or --max-time: at most this many measured rounds.")
+@click.option("--metric", default=None, type=click.Choice(sorted(alloc.METRICS)),
+              help=f"The value --target-ci applies to [default: {alloc.DEFAULT_METRIC}].")
 @click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
@@ -162,12 +181,15 @@ def alloc_command(**kw: Any) -> None:
 
 def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str = "auto",
               allocators: str = "glibc,jemalloc", allocator_lib: tuple[str, ...] = (),
-              allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int = 3,
+              allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int | None = None,
               max_new_tokens: int = 32, dtype: str = "auto", threads: int = 0, timeout_s: float = 1800.0,
               out: str | None = None, resume: bool = False, paired: bool = False,
-              affinity: str | None = None) -> int:
-    """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed)."""
+              affinity: str | None = None, measure_s: float | None = None, target_ci: float | None = None,
+              max_time: str | None = None, max_runs: int | None = None, metric: str | None = None) -> int:
+    """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed). `target_ci` is in
+    percent, `max_time` a duration such as 2m."""
     names = _csv_list(allocators)
+    max_time_s = _duration(max_time) if max_time is not None else None
     cpus = _affinity(affinity) if affinity is not None else None
     if paired and cpus:
         raise HarnessError("--paired splits the host's CPUs itself: leave out --affinity")
@@ -188,6 +210,12 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         results.ensure_writable()
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
+    saved = (results.read_json(alloc.CONFIG_FILE) or {}).get("config") if resume else None
+    if saved and target_ci is None and saved.get("target_ci"):  # --resume continues towards the same target
+        target_ci = saved["target_ci"] * 100
+    metric = metric or (saved or {}).get("metric") or alloc.DEFAULT_METRIC
+    open_ended = target_ci is not None or max_time_s is not None
+    warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
 
     placements = []
     if paired:
@@ -207,16 +235,19 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
                                dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
-                               paired=paired, placements=placements, affinity=cpus)
+                               paired=paired, placements=placements, affinity=cpus, measure_s=measure_s,
+                               target_ci=target_ci / 100 if target_ci is not None else None, metric=metric)
+    stop_rule = (stopping.StopRule(target=config.target_ci, metric=metric, max_time_s=max_time_s, min_rounds=runs,
+                                   max_rounds=max_runs) if open_ended else None)
     design = (f", paired with {config.baseline.name} on two host halves "
               f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
     if cpus:
         design += f", pinned to {describe_cpus(cpus)}"
-    console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {runs} runs "
+    console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {_extent(config, stop_rule)} "
                   f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
     try:
         records = _run_with_progress(config, runner, results, resume,
-                                     environment.collect({"runner": runner.describe()}))
+                                     environment.collect({"runner": runner.describe()}), stop_rule)
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
     except RunnerError as exc:
@@ -231,12 +262,50 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         runner.close()
     rows = _report(results, config, names)
     _print_rows(rows, results)
+    for line in alloc_answer(results):
+        click.echo(line)
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         for reason in sorted({r["failure"] or "unknown" for r in failed}):
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return stopping.parse_duration(text)
+    except ValueError as exc:
+        raise HarnessError(f"--max-time: {exc}") from None
+
+
+def _window(warm_gens: int | None, measure_s: float | None, open_ended: bool,
+            saved: dict[str, Any] | None) -> tuple[int, float | None]:
+    """(warm generates, measured seconds): a count of warm generates, or a window in seconds (the default of
+    an open-ended experiment). A resumed experiment keeps its own window unless one is given."""
+    if warm_gens is not None and measure_s is not None:
+        raise HarnessError("--warm-gens counts the measured generates and --measure-s times them: give one of them")
+    if saved and warm_gens is None and measure_s is None:
+        return saved.get("warm_gens", alloc.DEFAULT_WARM_GENS), saved.get("measure_s")
+    if warm_gens is not None:
+        return warm_gens, None
+    return alloc.DEFAULT_WARM_GENS, measure_s if measure_s is not None else (
+        alloc.DEFAULT_MEASURE_S if open_ended else None)
+
+
+def _extent(config: alloc.AllocConfig, rule: stopping.StopRule | None) -> str:
+    """How many runs: '5 runs', or until what an open-ended experiment goes on."""
+    if rule is None:
+        return f"{config.runs} runs"
+    until = []
+    if rule.target is not None:
+        until.append(f"every ratio CI on {config.metric} is ±{rule.target * 100:g} % (checked from round "
+                     f"{rule.min_rounds})")
+    if rule.max_time_s is not None:
+        until.append(f"{alloc_report.format_duration(rule.max_time_s)} are up")
+    if rule.max_rounds is not None:
+        until.append(f"{rule.max_rounds} rounds")
+    return "runs until " + " or ".join(until)
 
 
 def _affinity(text: str) -> tuple[int, ...]:
@@ -261,16 +330,25 @@ def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) ->
 
 
 def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsDir, resume: bool,
-                       env: dict[str, Any]):
-    total = len(alloc.plan(config))
+                       env: dict[str, Any], rule: stopping.StopRule | None = None):
+    per_round = len(alloc.round_runs(config, 0))
+    rounds = config.runs if rule is None else rule.max_rounds
+    total = (config.warmup_runs + rounds) * per_round if rounds is not None else None  # open-ended: n/?
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("runs", total=total)
         done_before = len(results.read_jsonl(alloc.RUNS_FILE)) if resume else 0
         progress.update(task, completed=done_before)
+        stopper = None
+        if rule is not None:
+            stopper = stopping.Stopper(rule, results, [a.name for a in config.allocators], config.paired,
+                                       config.warmup_runs, on_check=lambda c: progress.console.print(
+                                           _check_text(c, stopper)))
 
         def on_start(run: alloc.PlannedRun) -> None:
-            label = "warm-up" if run.warmup else f"round {run.round + 1}/{config.runs}"
+            label = "warm-up" if run.warmup else f"round {run.round + 1}" + (f"/{rounds}" if rounds else "")
+            if stopper is not None and stopper.remaining() is not None:
+                label += f", {alloc_report.format_duration(max(0.0, stopper.remaining()))} left"
             who = f"{config.baseline.name} ‖ {run.pair}" if run.pair else run.allocator.name
             progress.update(task, description=f"{who:<9} {label}")
 
@@ -279,8 +357,21 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
             if record["status"] != "ok":
                 progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record['failure']}")
 
-        return alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
-                             on_start=on_start)
+        records = alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
+                                on_start=on_start, stopper=stopper)
+    if stopper is not None and stopper.outcome is not None:
+        console.print(f"stopped: {alloc_report.STOP_REASONS.get(stopper.outcome['reason'], '')}")
+    return records
+
+
+def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
+    """One line per precision check: the round, the widest CI against the target, the time used and left."""
+    widest = check["widest"]
+    width = "no CI yet" if widest != widest else f"widest ratio CI ±{widest * 100:.1f} %"  # NaN: too few runs
+    left = stopper.remaining()
+    return (f"round {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
+            f"{alloc_report.format_duration(check['elapsed_s'])} elapsed"
+            + (f", {alloc_report.format_duration(max(0.0, left))} left" if left is not None else ""))
 
 
 def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
@@ -326,15 +417,25 @@ def report_command(directory: str) -> None:
 @click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
               show_default=True, help="Runner of both experiments (probes and the server).")
 @click.option("--allocators", default="glibc,jemalloc", show_default=True)
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--runs", default=BENCH_MIN_ROUNDS, show_default=True, type=click.IntRange(1),
+              help="Allocator rounds before the first precision check.")
+@click.option("--target-ci", default=alloc_report.PRECISION_TARGET * 100, show_default=True,
+              type=click.FloatRange(0, min_open=True), metavar="PCT",
+              help="Allocator rounds stop once every ratio CI is ±PCT % wide or narrower ...")
+@click.option("--alloc-time", default=BENCH_ALLOC_TIME, show_default=True, metavar="DURATION",
+              help="... or when this time is up: the allocator part's budget.")
+@click.option("--measure-s", default=BENCH_MEASURE_S, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds of measured generation per allocator run.")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="vllm", show_default=True)
 @click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--warm-requests", default=5, show_default=True, type=click.IntRange(0))
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--out", default=None, help="Results directory [default: results/bench-<timestamp>].")
-def bench_command(model: str | None, device: str, runner_kind: str, allocators: str, runs: int, engine: str,
-                  cold_starts: int, warm_requests: int, port: int, out: str | None) -> None:
-    """Both experiments on one model: `alloc`, then `serve`, and DIR/index.md linking both reports."""
+def bench_command(model: str | None, device: str, runner_kind: str, allocators: str, runs: int, target_ci: float,
+                  alloc_time: str, measure_s: float, engine: str, cold_starts: int, warm_requests: int, port: int,
+                  out: str | None) -> None:
+    """Both experiments on one model: `alloc` on a time budget, then `serve`, and DIR/index.md linking both
+    reports. Ends with the allocator answer: a verdict, or how many runs a usable one needs on this host."""
     from harness.serve.config import ServeConfig
     from harness.serve.run import run_serve
 
@@ -342,7 +443,7 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
     dev = resolve_device(device)
     model_name = validate_model(model or default_model(dev))
     alloc_code = run_alloc(runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators,
-                           runs=runs, out=out)
+                           runs=runs, out=out, target_ci=target_ci, max_time=alloc_time, measure_s=measure_s)
     if alloc_code == 130:
         sys.exit(130)
     outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, runner=runner_kind,
@@ -350,7 +451,18 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
                                     device=dev if engine == "transformers" else "auto"))
     index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
     click.echo(f"wrote {index}")
+    for line in alloc_answer(ResultsDir(out)):  # the last word: what the allocator part found
+        click.echo(line)
     sys.exit(alloc_code or outcome.exit_code)
+
+
+def alloc_answer(results: ResultsDir) -> list[str]:
+    """The allocator experiment's answer lines (alloc_report.answer_lines), from its files."""
+    records = results.read_jsonl(alloc.RUNS_FILE)
+    config = (results.read_json(alloc.CONFIG_FILE) or {}).get("config")
+    if not records or not config:
+        return []
+    return alloc_report.answer_lines(records, config, [a["name"] for a in config["allocators"]])
 
 
 def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: int, serve_error: str | None) -> Path:
@@ -367,7 +479,8 @@ def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: in
              + (f": {serve_error}" if serve_error else "") + "): [report](serve/first_token_latency.md), "
              "[requests](serve/requests.jsonl), [start-up](serve/startup.jsonl), "
              "[memory timeline](serve/memory_timeline.png)",
-             "- Environment: [environment.json](environment.json)", ""]
+             "- Environment: [environment.json](environment.json)", "",
+             *(f"**{line}**" for line in alloc_answer(results)), ""]
     for rel in (SUMMARY_FILE, "serve/first_token_latency.md"):
         if (results.root / rel).exists():
             text = re.sub(r"^(#+) ", r"#\1 ", (results.root / rel).read_text(), flags=re.M)  # one level down

@@ -18,6 +18,8 @@ from scipy import stats as sps
 CONFIDENCE = 0.95
 ALPHA = 0.05
 N_RESAMPLES = 4000
+# Beyond this, "a change beyond ±X % is ruled out" tells a user nothing they can act on: say inconclusive.
+USEFUL_BOUND = 0.20
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,13 @@ class Comparison:
     ratio_ci_low: float
     ratio_ci_high: float
     p_value: float
+
+    @property
+    def half_width(self) -> float:
+        """The CI's half-width relative to the ratio (0.03: ratio ±3 %), its width alone; NaN without a CI."""
+        if math.isnan(self.ratio_ci_low) or math.isnan(self.ratio_ci_high) or not self.ratio:
+            return float("nan")
+        return (self.ratio_ci_high - self.ratio_ci_low) / 2 / self.ratio
 
     @property
     def significant(self) -> bool:
@@ -115,8 +124,10 @@ def compare_paired(pairs: Sequence[tuple[float | None, float | None]], seed: int
     return Comparison(len(good), len(good), ratio, low, high, p)
 
 
-def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency", paired: bool = False) -> str:
-    """One sentence a reader can act on, computed from the comparison only."""
+def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency", paired: bool = False,
+            useful: float = USEFUL_BOUND) -> str:
+    """One sentence a reader can act on, computed from the comparison only. Without a significant change,
+    the bound it rules out is stated only up to ±`useful`; a wider CI is called inconclusive."""
     test = "Wilcoxon signed-rank" if paired else "Mann–Whitney"
     if math.isnan(comp.ratio):
         return f"{name}: no successful runs to compare with {baseline}"
@@ -126,10 +137,14 @@ def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency
     detail = (f"ratio {comp.ratio:.3f}{ci}, {test} p = {comp.p_value:.3g}, "
               + (f"{comp.n_candidate} pairs" if paired else f"n = {comp.n_candidate}/{comp.n_baseline}"))
     if not comp.significant:
-        bound = ("" if math.isnan(comp.ratio_ci_low)
-                 else f"; a change beyond ±{max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1)) * 100:.1f} "
-                      "% is ruled out at 95 %")
-        return f"{name} vs {baseline}: no significant difference in {quantity} ({detail}){bound}"
+        if math.isnan(comp.ratio_ci_low):
+            return f"{name} vs {baseline}: no significant difference in {quantity} ({detail})"
+        bound = max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1))
+        if bound > useful:
+            return (f"{name} vs {baseline}: inconclusive in {quantity} ({detail}): the CI is too wide to bound "
+                    "the change (the Precision line says how many runs would narrow it)")
+        return (f"{name} vs {baseline}: no significant difference in {quantity} ({detail}); a change beyond "
+                f"±{bound * 100:.1f} % is ruled out at 95 %")
     word = "helped" if change < 0 else "hurt"
     return (f"{name} {word} {quantity} by {abs(change):.1f} % vs {baseline} "
             f"(CI {abs((comp.ratio_ci_high if change < 0 else comp.ratio_ci_low) - 1) * 100:.1f}–"

@@ -307,3 +307,81 @@ def test_report_tells_the_hosts_of_a_resumed_experiment_apart(alloc_dir, tmp_pat
         assert f"{median * 1e3:.2f} ms on {host} ({len(mine)} runs)" in line
     summary = (alloc_dir / "alloc/summary.md").read_text()
     assert "- Hosts" not in summary, "one host: no host line"
+
+
+def _recomputed_half_width(runs: list[dict], metric_key: str = "itl_p25_s") -> float:
+    """The ratio CI half-width of jemalloc vs glibc, computed again from runs.jsonl's verified measured runs."""
+    from harness import stats
+
+    ok = [r for r in runs if not r["warmup"] and r["status"] == "ok"]
+    return stats.compare([r[metric_key] for r in ok if r["allocator"] == "jemalloc"],
+                         [r[metric_key] for r in ok if r["allocator"] == "glibc"]).half_width
+
+
+def check_stopped_experiment(out: Path, target: float, max_time_s: float, started: float, ended: float) -> dict:
+    """What every --target-ci experiment must show, whichever rule stopped it: the stop and each check recorded
+    and recomputable from runs.jsonl, no run started after the deadline, the summary naming the reason."""
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (out / "alloc/stopping.jsonl").read_text().splitlines()]
+    stop = [e for e in events if e["event"] == "stop"][-1]
+    assert stop["reason"] in ("target", "time"), stop
+    assert stop["rule"]["target"] == target and stop["rule"]["metric"] == "itl_p25"
+    widest = _recomputed_half_width(runs)
+    assert (stop["widest"] is None and widest != widest) or stop["widest"] == pytest.approx(widest)
+    for check in (e for e in events if e["event"] == "check"):
+        upto = [r for r in runs if r["round"] <= check["round"]]
+        assert check["widest"] == pytest.approx(_recomputed_half_width(upto))
+        assert check["reached"] == (check["widest"] <= target) and check["round"] + 1 >= stop["rule"]["min_rounds"]
+    measured_rounds = {r["round"] for r in runs if not r["warmup"]}
+    if stop["reason"] == "target":
+        assert stop["widest"] <= target and len(measured_rounds) >= stop["rule"]["min_rounds"]
+        assert events[-2]["event"] == "check" and events[-2]["reached"]
+    else:  # time: no run started after the deadline, and the experiment ended within about one run of it
+        clock_started = datetime.fromisoformat(stop["at"]).timestamp() - stop["elapsed_s"]
+        assert started <= clock_started and stop["elapsed_s"] < max_time_s + max(r["wall_real_s"] for r in runs)
+        assert all(datetime.fromisoformat(r["started_at"]).timestamp() < clock_started + max_time_s for r in runs)
+    assert ended - started < max_time_s + max(r["wall_real_s"] for r in runs) + 60
+    assert all(0 < r["measured_share"] < 1 and r["measured_s"] >= r["probe"]["measure_s"] > 0 for r in runs)
+    summary = (out / "alloc/summary.md").read_text()
+    reason = "the precision target was reached" if stop["reason"] == "target" else "the time was up"
+    assert f"- Stopping — stopped because {reason}" in summary and f"against a target of ±{target * 100:g} %" in summary
+    assert "- Run cost — measured generation took" in summary
+    return stop
+
+
+def test_target_ci_stops_on_precision_or_time_and_resume_goes_on_towards_it(tmp_path):
+    """--target-ci 50 --max-time: can stop either way on this host; the stop is recorded with the CI reached.
+    --resume without --target-ci continues towards the saved target, with the saved measured window."""
+    out = tmp_path / "target"
+    args = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+            "--warmup-runs", "0", "--max-new-tokens", "8", "--out", str(out)]
+    t0 = time.time()
+    proc = run_harness(*args, "--target-ci", "50", "--max-time", "30s", "--measure-s", "0.5", "--runs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = check_stopped_experiment(out, 0.5, 30, t0, time.time())
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("jemalloc") and ("inconclusive on this host" in last_line
+                                                 or "no change beyond" in last_line or "by " in last_line)
+    n_before = len((out / "alloc/runs.jsonl").read_text().splitlines())
+    t0 = time.time()
+    proc = run_harness(*args, "--resume", "--max-time", "60s", "--runs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "alloc/config.json").read_text())
+    assert config["config"]["target_ci"] == 0.5 and config["identity"]["measure_s"] == 0.5
+    second = check_stopped_experiment(out, 0.5, 60, t0, time.time())
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    if first["reason"] == "target":  # already there: the resumed invocation checks once and adds nothing
+        assert second["reason"] == "target" and len(runs) == n_before
+    # a different window is another experiment
+    proc = run_harness(*args, "--resume", "--measure-s", "1", timeout=120)
+    assert proc.returncode == 2 and "different settings" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-time", "soon"], "--max-time: not a duration: 'soon'"),
+    (["--warm-gens", "2", "--measure-s", "1"], "give one of them"),
+])
+def test_bad_stopping_input_gives_one_clear_line(args, message, tmp_path):
+    proc = run_harness("alloc", "--runner", "local", "--runs", "1", *args, "--out", str(tmp_path / "o"), timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr

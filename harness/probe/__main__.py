@@ -1,4 +1,5 @@
-"""The probe: one fresh process, one model load, one cold and K warm `generate` calls.
+"""The probe: one fresh process, one model load, one cold `generate`, then the measured window: K warm
+`generate` calls, or as many as fill S seconds of generation (`--measure-s`).
 
 Run as `python -m harness.probe --model synthetic:tiny ...`. Prints exactly one line starting with
 RESULT_MARKER followed by a JSON object (or ERROR_MARKER on failure). Imports nothing of the driver:
@@ -14,6 +15,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -87,6 +89,136 @@ def _contention_during(before: dict[str, float], after: dict[str, float]) -> dic
             "involuntary_switches": int(after["involuntary_switches"] - before["involuntary_switches"])}
 
 
+def _page_faults() -> tuple[int, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_majflt
+
+
+def _cpu_freq_files() -> list[str]:
+    """cpufreq's current frequency of each CPU this process may run on (absent on many VMs)."""
+    files = [f"/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq" for c in sorted(os.sched_getaffinity(0))]
+    return [f for f in files if os.access(f, os.R_OK)]
+
+
+def _read_mhz(files: list[str]) -> float | None:
+    """The mean current frequency of those CPUs in MHz (sysfs gives kHz)."""
+    values = []
+    for path in files:
+        try:
+            with open(path) as fh:
+                values.append(int(fh.read()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    return statistics.fmean(values) if values else None
+
+
+def _nvml_handle(device: str) -> tuple[Any, Any, str | None]:
+    """(pynvml, the NVML handle of the GPU torch uses, None), or (None, None, why it cannot be read)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, None, "pynvml (nvidia-ml-py) is not installed where the probe runs"
+    try:
+        import torch
+
+        pynvml.nvmlInit()
+        index = torch.cuda.current_device()
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+        if uuid:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        else:  # NVML numbers every GPU of the host; torch only the visible ones
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml, handle, None
+    except Exception as exc:  # no driver library, or an NVML error
+        return None, None, f"NVML: {exc}"
+
+
+# NVML's clock event ("throttle") reasons that slow the GPU down, as opposed to idling or app clocks.
+SLOWDOWN_REASONS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80  # SW power cap, HW slowdown, SW/HW thermal, power brake
+
+
+class NoiseSampler:
+    """What besides the allocator could slow the measured generations, read every `period_s` while they run
+    (one daemon thread, started and stopped around the window; it mostly sleeps): the GPU's SM and memory
+    clocks and clock event (throttle) reasons through NVML, and the mean current frequency of the CPUs this
+    process may use (cpufreq). Where one cannot be read, the result says why instead of giving a number."""
+
+    def __init__(self, device: str, period_s: float = 0.1) -> None:
+        self.period_s = period_s
+        self.cpu_files = _cpu_freq_files()
+        self.nvml, self.handle, self.gpu_unreadable = (None, None, None)
+        if device.startswith("cuda"):
+            self.nvml, self.handle, self.gpu_unreadable = _nvml_handle(device)
+        else:
+            self.gpu_unreadable = "no GPU in use"
+        self.sm: list[int] = []
+        self.mem: list[int] = []
+        self.reasons: list[int] = []
+        self.cpu_mhz: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="noise-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        if self.handle is not None:
+            nvml = self.nvml
+            try:
+                self.sm.append(nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM))
+                self.mem.append(nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_MEM))
+                reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+                    nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+                self.reasons.append(int(reasons(self.handle)))
+            except Exception as exc:  # NVML error mid-window: say so, keep what was read
+                self.gpu_unreadable, self.handle = f"NVML: {exc}", None
+        if self.cpu_files:
+            mhz = _read_mhz(self.cpu_files)
+            if mhz is not None:
+                self.cpu_mhz.append(mhz)
+
+    def _loop(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self) -> NoiseSampler:
+        self._faults = _page_faults()
+        if self.handle is not None or self.cpu_files:  # no thread where there is nothing to read
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        minor, major = _page_faults()
+        self.minor_faults, self.major_faults = minor - self._faults[0], major - self._faults[1]
+
+    def result(self) -> dict[str, Any]:
+        gpu = None
+        if self.sm:
+            gpu = {"sm_clock_min_mhz": min(self.sm), "sm_clock_max_mhz": max(self.sm),
+                   "mem_clock_min_mhz": min(self.mem), "mem_clock_max_mhz": max(self.mem),
+                   "clock_event_reasons": _union(self.reasons),
+                   "slowdown_pct": 100.0 * sum(bool(r & SLOWDOWN_REASONS) for r in self.reasons) / len(self.reasons),
+                   "samples": len(self.sm)}
+        cpu = None
+        if self.cpu_mhz:
+            cpu = {"min_mhz": min(self.cpu_mhz), "mean_mhz": statistics.fmean(self.cpu_mhz),
+                   "max_mhz": max(self.cpu_mhz), "samples": len(self.cpu_mhz)}
+        return {"period_s": self.period_s, "minor_faults": self.minor_faults, "major_faults": self.major_faults,
+                "gpu": gpu, "gpu_unreadable": None if gpu else self.gpu_unreadable or "no NVML sample taken",
+                "cpu_freq": cpu, "cpu_freq_unreadable": None if cpu else (
+                    "no cpufreq scaling_cur_freq in sysfs for these CPUs" if not self.cpu_files
+                    else "no cpufreq sample taken")}
+
+
+def _union(masks: list[int]) -> int:
+    out = 0
+    for m in masks:
+        out |= m
+    return out
+
+
 def _quantile(sorted_values: list[float], q: float) -> float | None:
     """Linear-interpolated quantile (numpy's default) without importing numpy into the probe's timings."""
     if not sorted_values:
@@ -121,6 +253,14 @@ def timed_generate(model, inputs: dict, max_new_tokens: int, device: str) -> dic
     }
 
 
+def _window_open(warm: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Another warm generate? --measure-s: until that much generation time is measured (at least one);
+    otherwise until --warm-gens are done."""
+    if args.measure_s is not None:
+        return not warm or sum(g["latency_s"] for g in warm) < args.measure_s
+    return len(warm) < args.warm_gens
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from harness.probe.loaded_allocator import loaded_allocator
 
@@ -150,16 +290,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_loaded = time.perf_counter()
 
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
-    gens = []
+    cold_measured = args.measure_s is None and args.warm_gens == 0
     with torch.inference_mode():
-        before = _contention()  # the window is the measured generations: the warm ones, else the cold one
-        gens.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
-        if args.warm_gens:
+        if not cold_measured:
+            cold = timed_generate(model, dict(inputs), args.max_new_tokens, device)
+        # The measured window: the warm generations (K of them, or as many as fill --measure-s seconds);
+        # with --warm-gens 0, the cold one.
+        with NoiseSampler(device) as sampler:
             before = _contention()
-        for _ in range(args.warm_gens):
-            gens.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
-        contention = _contention_during(before, _contention())
-    cold, warm = gens[0], gens[1:]
+            t_window = time.perf_counter()
+            if cold_measured:
+                cold = timed_generate(model, dict(inputs), args.max_new_tokens, device)
+            warm = []
+            while _window_open(warm, args):
+                warm.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
+            window_s = time.perf_counter() - t_window
+            contention = _contention_during(before, _contention())
+    gens = [cold, *warm]
     text = tokenizer.decode(cold["output_ids"][inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
     for g in gens:
         g.pop("output_ids")
@@ -181,7 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).replace("torch.", ""),
         "prompt_tokens": int(inputs["input_ids"].shape[-1]),
         "max_new_tokens": args.max_new_tokens,
-        "warm_gens": args.warm_gens,
+        "warm_gens": len(warm),
+        "measure_s": args.measure_s,
         "allocator": allocator,
         "import_s": t_imported - T_PROCESS_START,
         "device_init_s": t_context - t_imported,
@@ -189,6 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold": cold,
         "warm": warm,
         "gen_latency_s": statistics.median(g["latency_s"] for g in measured),
+        "measured_s": sum(g["latency_s"] for g in measured),  # seconds of measured generation
+        "window_s": window_s,
         "ttft_s": statistics.median(g["ttft_s"] for g in measured if g["ttft_s"] is not None),
         "tpot_s": (statistics.median(g["tpot_s"] for g in measured if g["tpot_s"] is not None)
                    if args.max_new_tokens > 1 else None),
@@ -203,8 +353,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sample_text": text[:200],
         "torch_threads": torch.get_num_threads(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)),  # where the measuring process was allowed to run
-        # While the measured generations ran: CPU time the hypervisor gave to other guests, and preemptions.
+        # While the measured generations ran: CPU time the hypervisor gave to other guests, and preemptions;
+        # page faults, GPU clocks and throttle reasons, CPU frequency (each None with the reason where unreadable).
         "contention": contention,
+        "noise": sampler.result(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "cuda": torch.version.cuda},
         "pid": os.getpid(),
@@ -218,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--warm-gens", type=int, default=3)
+    p.add_argument("--measure-s", type=float, default=None,
+                   help="warm generates until this many seconds of generation are measured (replaces --warm-gens)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
@@ -238,4 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the result is out: skip tearing down torch, the model and the CUDA context (seconds)

@@ -81,11 +81,13 @@ class ProbeRequest:
     threads: int = 0
     timeout_s: float = 1800.0
     placement: Placement | None = None
+    measure_s: float | None = None  # the measured window in seconds of generation (replaces warm_gens)
 
     def probe_args(self) -> list[str]:
-        return ["--model", self.model, "--device", self.device, "--dtype", self.dtype,
-                "--warm-gens", str(self.warm_gens), "--max-new-tokens", str(self.max_new_tokens),
-                "--seed", str(self.seed), "--threads", str(self.threads)]
+        window = (["--measure-s", str(self.measure_s)] if self.measure_s is not None
+                  else ["--warm-gens", str(self.warm_gens)])
+        return ["--model", self.model, "--device", self.device, "--dtype", self.dtype, *window,
+                "--max-new-tokens", str(self.max_new_tokens), "--seed", str(self.seed), "--threads", str(self.threads)]
 
 
 @dataclass
