@@ -204,12 +204,13 @@ class Signal:
     unit: str
     worse: int  # +1: more of it takes more from the run (steal); -1: less of it does (a clock)
     unreadable: Callable[[dict[str, Any]], str | None] = lambda r: None  # why the probe could not read it
-    needs_noise: bool = True  # recorded only by probes that write "noise" (older runs lack it)
+    recorded: Callable[[dict[str, Any]], bool] = lambda r: bool(r.get("noise"))  # older probes did not record it
 
 
 SIGNALS = [
-    Signal("hypervisor steal", lambda r: r.get("steal_pct"), " %", +1, needs_noise=False),
-    Signal("involuntary preemptions", lambda r: r.get("involuntary_switches"), "", +1, needs_noise=False),
+    Signal("hypervisor steal", lambda r: r.get("steal_pct"), " %", +1, recorded=lambda r: "steal_pct" in r),
+    Signal("involuntary preemptions", lambda r: r.get("involuntary_switches"), "", +1,
+           recorded=lambda r: "involuntary_switches" in r),
     Signal("minor page faults", lambda r: _noise(r, "minor_faults"), "", +1),
     Signal("major page faults", lambda r: _noise(r, "major_faults"), "", +1),
     Signal("GPU SM clock (lowest)", lambda r: _noise(r, "gpu", "sm_clock_min_mhz"), " MHz", -1,
@@ -238,7 +239,7 @@ def _signal_text(signal: Signal, runs: list[dict[str, Any]], slowness: list[floa
     import numpy as np
     from scipy import stats as sps
 
-    if signal.needs_noise and not any(r.get("noise") for r in runs):
+    if not any(signal.recorded(r) for r in runs):
         return None  # runs made before the probe recorded it
     pairs = [(signal.read(r), s, r) for r, s in zip(runs, slowness, strict=True) if signal.read(r) is not None]
     if not pairs:
@@ -427,7 +428,8 @@ def runs_for(spread: float, target: float) -> int:
 def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: list[str]) -> list[str]:
     """The answer a user can act on, per allocator against the baseline, on the experiment's metric: a
     verdict (a significant change, or none beyond a bound within the target), or 'inconclusive on this
-    host' with the spread and how many runs (and minutes) a target-wide answer would need."""
+    host' with the spread and how many runs (and minutes) a target-wide answer would need: scaled from the
+    CI itself as the Precision line does, or from the spread while a few runs make the CI itself unreliable."""
     metric = config.get("metric") or DEFAULT_METRIC
     key, label = METRICS[metric], METRIC_LABELS[metric]
     target = config.get("target_ci") or PRECISION_TARGET
@@ -450,7 +452,7 @@ def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: l
             lines.append(f"{head} inconclusive on this host: too few verified runs ({comp.n_candidate} of {name}) "
                          "to tell the run-to-run spread; run it longer (--max-time, or more --runs).")
         else:
-            need = runs_for(spread, target)
+            need = runs_needed(comp, target) if comp.n_candidate >= MIN_RUNS_FOR_RHO else runs_for(spread, target)
             per_unit = (len(order) - 1 if paired else len(order)) * (statistics.median(walls) if walls else 0.0)
             lines.append(f"{head} inconclusive on this host: run-to-run spread {spread * 100:.1f} %, a "
                          f"±{target * 100:g} % answer needs about {need} runs per allocator "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,43 @@ def tcmalloc_path() -> str:
     path = find_library("tcmalloc")
     assert path, "libtcmalloc-minimal4 is not installed: run scripts/setup-system.sh (make test does)"
     return path
+
+
+def _recomputed_half_width(runs: list[dict], metric_key: str = "itl_p25_s") -> float:
+    """The ratio CI half-width of jemalloc vs glibc, computed again from runs.jsonl's verified measured runs."""
+    from harness import stats
+
+    ok = [r for r in runs if not r["warmup"] and r["status"] == "ok"]
+    return stats.compare([r[metric_key] for r in ok if r["allocator"] == "jemalloc"],
+                         [r[metric_key] for r in ok if r["allocator"] == "glibc"]).half_width
+
+
+def check_stopped_experiment(out: Path, target: float, max_time_s: float, started: float, ended: float) -> dict:
+    """What every --target-ci experiment must show, whichever rule stopped it: the stop and each check recorded
+    and recomputable from runs.jsonl, no run started after the deadline, the summary naming the reason."""
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (out / "alloc/stopping.jsonl").read_text().splitlines()]
+    stop = [e for e in events if e["event"] == "stop"][-1]
+    assert stop["reason"] in ("target", "time"), stop
+    assert stop["rule"]["target"] == target and stop["rule"]["metric"] == "itl_p25"
+    widest = _recomputed_half_width(runs)
+    assert (stop["widest"] is None and widest != widest) or stop["widest"] == pytest.approx(widest)
+    for check in (e for e in events if e["event"] == "check"):
+        upto = [r for r in runs if r["round"] <= check["round"]]
+        assert check["widest"] == pytest.approx(_recomputed_half_width(upto))
+        assert check["reached"] == (check["widest"] <= target) and check["round"] + 1 >= stop["rule"]["min_rounds"]
+    measured_rounds = {r["round"] for r in runs if not r["warmup"]}
+    if stop["reason"] == "target":
+        assert stop["widest"] <= target and len(measured_rounds) >= stop["rule"]["min_rounds"]
+        assert events[-2]["event"] == "check" and events[-2]["reached"]
+    else:  # time: no run started after the deadline, and the experiment ended within about one run of it
+        clock_started = datetime.fromisoformat(stop["at"]).timestamp() - stop["elapsed_s"]
+        assert started <= clock_started and stop["elapsed_s"] < max_time_s + max(r["wall_real_s"] for r in runs)
+        assert all(datetime.fromisoformat(r["started_at"]).timestamp() < clock_started + max_time_s for r in runs)
+    assert ended - started < max_time_s + max(r["wall_real_s"] for r in runs) + 60
+    assert all(0 < r["measured_share"] < 1 and r["measured_s"] >= r["probe"]["measure_s"] > 0 for r in runs)
+    summary = (out / "alloc/summary.md").read_text()
+    reason = "the precision target was reached" if stop["reason"] == "target" else "the time was up"
+    assert f"- Stopping — stopped because {reason}" in summary and f"against a target of ±{target * 100:g} %" in summary
+    assert "- Run cost — measured generation took" in summary
+    return stop

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HARNESS, REPO, run_harness
+from conftest import HARNESS, REPO, check_stopped_experiment, run_harness
 
 from harness import alloc
 
@@ -72,9 +72,12 @@ def test_summary_states_a_verdict_and_environment_is_complete(alloc_dir):
     bullets = [line for line in headline.splitlines() if line.startswith("- ")]
     assert 3 <= len(bullets) <= 5
     assert "## How far to trust these figures" in summary and "- Noise — " in summary
-    assert "hypervisor steal on the probes' CPUs while they measured: median" in summary
-    assert "jemalloc" in bullets[0] and ("no significant difference" in bullets[0] or "helped" in bullets[0]
-                                         or "hurt" in bullets[0])
+    assert "while the runs measured" in summary and "hypervisor steal" in summary and "minor page faults" in summary
+    assert "jemalloc" in bullets[0] and any(word in bullets[0] for word in (
+        "no significant difference", "inconclusive", "helped", "hurt"))
+    answer = next(line for line in summary.splitlines() if line.startswith("- Answer — "))
+    assert "inconclusive on this host: run-to-run spread" in answer or "no change beyond" in answer \
+        or "helped" in answer or "hurt" in answer
     env = json.loads((alloc_dir / "environment.json").read_text())
     assert env["host"]["logical_cores"] >= 1 and env["host"]["kernel"]
     assert env["software"]["torch"] and env["software"]["transformers"]
@@ -307,46 +310,6 @@ def test_report_tells_the_hosts_of_a_resumed_experiment_apart(alloc_dir, tmp_pat
         assert f"{median * 1e3:.2f} ms on {host} ({len(mine)} runs)" in line
     summary = (alloc_dir / "alloc/summary.md").read_text()
     assert "- Hosts" not in summary, "one host: no host line"
-
-
-def _recomputed_half_width(runs: list[dict], metric_key: str = "itl_p25_s") -> float:
-    """The ratio CI half-width of jemalloc vs glibc, computed again from runs.jsonl's verified measured runs."""
-    from harness import stats
-
-    ok = [r for r in runs if not r["warmup"] and r["status"] == "ok"]
-    return stats.compare([r[metric_key] for r in ok if r["allocator"] == "jemalloc"],
-                         [r[metric_key] for r in ok if r["allocator"] == "glibc"]).half_width
-
-
-def check_stopped_experiment(out: Path, target: float, max_time_s: float, started: float, ended: float) -> dict:
-    """What every --target-ci experiment must show, whichever rule stopped it: the stop and each check recorded
-    and recomputable from runs.jsonl, no run started after the deadline, the summary naming the reason."""
-    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
-    events = [json.loads(line) for line in (out / "alloc/stopping.jsonl").read_text().splitlines()]
-    stop = [e for e in events if e["event"] == "stop"][-1]
-    assert stop["reason"] in ("target", "time"), stop
-    assert stop["rule"]["target"] == target and stop["rule"]["metric"] == "itl_p25"
-    widest = _recomputed_half_width(runs)
-    assert (stop["widest"] is None and widest != widest) or stop["widest"] == pytest.approx(widest)
-    for check in (e for e in events if e["event"] == "check"):
-        upto = [r for r in runs if r["round"] <= check["round"]]
-        assert check["widest"] == pytest.approx(_recomputed_half_width(upto))
-        assert check["reached"] == (check["widest"] <= target) and check["round"] + 1 >= stop["rule"]["min_rounds"]
-    measured_rounds = {r["round"] for r in runs if not r["warmup"]}
-    if stop["reason"] == "target":
-        assert stop["widest"] <= target and len(measured_rounds) >= stop["rule"]["min_rounds"]
-        assert events[-2]["event"] == "check" and events[-2]["reached"]
-    else:  # time: no run started after the deadline, and the experiment ended within about one run of it
-        clock_started = datetime.fromisoformat(stop["at"]).timestamp() - stop["elapsed_s"]
-        assert started <= clock_started and stop["elapsed_s"] < max_time_s + max(r["wall_real_s"] for r in runs)
-        assert all(datetime.fromisoformat(r["started_at"]).timestamp() < clock_started + max_time_s for r in runs)
-    assert ended - started < max_time_s + max(r["wall_real_s"] for r in runs) + 60
-    assert all(0 < r["measured_share"] < 1 and r["measured_s"] >= r["probe"]["measure_s"] > 0 for r in runs)
-    summary = (out / "alloc/summary.md").read_text()
-    reason = "the precision target was reached" if stop["reason"] == "target" else "the time was up"
-    assert f"- Stopping — stopped because {reason}" in summary and f"against a target of ±{target * 100:g} %" in summary
-    assert "- Run cost — measured generation took" in summary
-    return stop
 
 
 def test_target_ci_stops_on_precision_or_time_and_resume_goes_on_towards_it(tmp_path):

@@ -14,10 +14,11 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_harness
+from conftest import REPO, check_stopped_experiment, run_harness
 
 from harness import alloc
 from harness.runners.base import ProbeRequest, RunnerError
@@ -232,3 +233,18 @@ def test_compose_file_validates(profile):
     assert proc.returncode == 0, proc.stderr
     assert "image: harness-driver:latest" in proc.stdout and "capabilities:" in proc.stdout
     assert f"{REPO}/results:/opt/harness/results" in proc.stdout  # results bind-mounted from ./results
+
+
+def test_cli_alloc_docker_stops_on_precision_or_time(runner, tmp_path):
+    """--target-ci / --max-time with fresh containers: the same stopping rule and records as the local runner."""
+    out = tmp_path / "t"
+    t0 = time.time()
+    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+                       "--warmup-runs", "0", "--max-new-tokens", "8", "--target-ci", "50", "--max-time", "60s",
+                       "--measure-s", "0.5", "--runs", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_stopped_experiment(out, 0.5, 60, t0, time.time())
+    runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
+    assert all(r["runner"] == "docker" and r["verified"] for r in runs)
+    # read inside each container: page faults always; CPU frequency and GPU clocks, or why not
+    assert all(r["noise"]["minor_faults"] >= 0 and r["noise"]["gpu_unreadable"] for r in runs)

@@ -91,3 +91,23 @@ def test_unloadable_hub_model_fails_the_probe_with_a_reason(monkeypatch):
                     timeout_s=120)
     assert outcome.exit_code == 2 and outcome.probe is None
     assert "cannot load model" in outcome.error
+
+
+def test_measured_window_in_seconds_and_the_noise_read_while_it_ran():
+    """--measure-s: warm generates until that much generation is measured; the probe reports what else could
+    have slowed them (page faults always, GPU clocks and CPU frequency or the reason they cannot be read)."""
+    glibc = Allocator("glibc", None)
+    outcome = probe(glibc, measure_s=1.0)
+    result = check_result(outcome, glibc)
+    latencies = [g["latency_s"] for g in result["warm"]]
+    assert result["warm_gens"] == len(latencies) >= 1 and result["measure_s"] == 1.0
+    assert result["measured_s"] == pytest.approx(sum(latencies)) and result["measured_s"] >= 1.0
+    assert sum(latencies[:-1]) < 1.0, "no generate starts once the window is full"
+    assert result["window_s"] >= result["measured_s"] and outcome.wall_real_s > result["window_s"]
+    noise = result["noise"]
+    assert noise["minor_faults"] >= 0 and noise["major_faults"] >= 0
+    assert noise["gpu"] is None and noise["gpu_unreadable"] == "no GPU in use"
+    if noise["cpu_freq"] is None:
+        assert noise["cpu_freq_unreadable"]
+    else:
+        assert 0 < noise["cpu_freq"]["min_mhz"] <= noise["cpu_freq"]["mean_mhz"] <= noise["cpu_freq"]["max_mhz"]
