@@ -18,7 +18,8 @@ RUNS_FILE = "alloc/runs.jsonl"
 CONFIG_FILE = "alloc/config.json"
 
 DEFAULT_WARM_GENS = 3  # measured warm generates per run, when the window is a count
-DEFAULT_MEASURE_S = 20.0  # the measured window in seconds of generation, when a target or a time limit is set
+DEFAULT_MEASURE_S = 25.0  # the measured window in seconds of generation, when a target or a time limit is set
+WARMUP_MEASURE_S = 1.0  # a warm-up run's window, at most: it is not counted, only warms caches
 METRICS = {"itl_p25": "itl_p25_s", "gen_latency": "gen_latency_s"}  # --metric → the per-run value compared
 DEFAULT_METRIC = "itl_p25"
 
@@ -322,7 +323,7 @@ def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records
                                  warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
                                  dtype=config.dtype, seed=config.seed, threads=config.threads,
                                  timeout_s=config.timeout_s, placement=config.placement(run),
-                                 measure_s=config.measure_s)
+                                 measure_s=_window_s(config, run))
                     for run in todo]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         t0 = time.monotonic()
@@ -341,6 +342,13 @@ def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records
         if _first_round_all_failed(records, config):
             return False  # the same failure every time: repeating it teaches nothing
     return True
+
+
+def _window_s(config: AllocConfig, run: PlannedRun) -> float | None:
+    """The run's measured window in seconds (None: counted in generates); a warm-up run's is short."""
+    if config.measure_s is None or not run.warmup:
+        return config.measure_s
+    return min(config.measure_s, WARMUP_MEASURE_S)
 
 
 def run_together(runner: Runner, requests: list[ProbeRequest]) -> list[ProbeOutcome]:

@@ -63,9 +63,10 @@ def alloc_block(d: Path) -> list[str]:
                    f"| {float(r['itl_p25_s']) * 1e3:.2f} | {float(r['itl_ratio_vs_baseline']):.3f} "
                    f"| {_ci(r, 'itl_ratio_ci_low', 'itl_ratio_ci_high')} | {_p(r['itl_p_value'])} "
                    f"| {float(r['rss_mb']):.0f} | {r['n']} |")
-    # The harness's own noise, hosts and precision lines (alloc/summary.md), each a paragraph here.
+    # The harness's own answer, noise, hosts, precision, stopping and run-cost lines (alloc/summary.md), each a
+    # paragraph here.
     lines = [line[2:].strip() for line in (d / "alloc/summary.md").read_text().splitlines()
-             if line.startswith(("- Noise", "- Hosts", "- Precision"))]
+             if line.startswith(("- Answer", "- Noise", "- Hosts", "- Precision", "- Stopping", "- Run cost"))]
     for line in lines:
         out += ["", line]
     out += ["", "Verdicts: `alloc/summary.md`; per-run values: `alloc/runs.jsonl`."]
