@@ -133,11 +133,6 @@ def round_units(config: AllocConfig, r: int) -> list[list[PlannedRun]]:
     return [runs[i:i + size] for i in range(0, len(runs), size)]
 
 
-def units(config: AllocConfig) -> list[list[PlannedRun]]:
-    """The fixed plan's units, round after round."""
-    return [unit for r in range(-config.warmup_runs, config.runs) for unit in round_units(config, r)]
-
-
 def measured_seconds(probe: dict[str, Any] | None) -> float | None:
     """Seconds of measured generation in a run: its warm generates, else its cold one."""
     if not probe:

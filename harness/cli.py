@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import sys
@@ -215,6 +216,8 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         target_ci = saved["target_ci"] * 100
     metric = metric or (saved or {}).get("metric") or alloc.DEFAULT_METRIC
     open_ended = target_ci is not None or max_time_s is not None
+    if max_runs is not None and not open_ended:
+        raise HarnessError("--max-runs caps an open-ended experiment: give --target-ci or --max-time with it")
     warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
 
     placements = []
@@ -367,7 +370,7 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
 def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
     """One line per precision check: the round, the widest CI against the target, the time used and left."""
     widest = check["widest"]
-    width = "no CI yet" if widest != widest else f"widest ratio CI ±{widest * 100:.1f} %"  # NaN: too few runs
+    width = "no CI yet" if math.isnan(widest) else f"widest ratio CI ±{widest * 100:.1f} %"
     left = stopper.remaining()
     return (f"round {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
             f"{alloc_report.format_duration(check['elapsed_s'])} elapsed"
@@ -421,9 +424,9 @@ def report_command(directory: str) -> None:
               help="Allocator rounds before the first precision check.")
 @click.option("--target-ci", default=alloc_report.PRECISION_TARGET * 100, show_default=True,
               type=click.FloatRange(0, min_open=True), metavar="PCT",
-              help="Allocator rounds stop once every ratio CI is ±PCT % wide or narrower ...")
+              help="The allocator part stops once every ratio CI is ±PCT % wide or narrower, or --alloc-time is up.")
 @click.option("--alloc-time", default=BENCH_ALLOC_TIME, show_default=True, metavar="DURATION",
-              help="... or when this time is up: the allocator part's budget.")
+              help="The allocator part's time budget (as alloc --max-time).")
 @click.option("--measure-s", default=BENCH_MEASURE_S, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds of measured generation per allocator run.")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="vllm", show_default=True)
