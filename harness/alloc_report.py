@@ -223,6 +223,7 @@ SIGNALS = [
            lambda r: _noise(r, "cpu_freq_unreadable")),
 ]
 MIN_RUNS_FOR_RHO = 8
+MIN_SPREAD_ROUNDS = 3  # rounds before a run-to-run spread means anything
 
 
 def _within_allocator(runs: list[dict[str, Any]], values: list[float]) -> list[float]:
@@ -450,7 +451,7 @@ def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: l
                          f"n = {comp.n_candidate}/{comp.n_baseline}).")
         elif spread is None:
             lines.append(f"{head} inconclusive on this host: too few verified runs ({comp.n_candidate} of {name}) "
-                         "to tell the run-to-run spread; run it longer (--max-time, or more --runs).")
+                         f"to tell the run-to-run spread; {_first_estimate(records, order, paired)}.")
         else:
             need = runs_needed(comp, target) if comp.n_candidate >= MIN_RUNS_FOR_RHO else runs_for(spread, target)
             per_unit = (len(order) - 1 if paired else len(order)) * (statistics.median(walls) if walls else 0.0)
@@ -458,6 +459,17 @@ def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: l
                          f"±{target * 100:g} % answer needs about {need} runs per allocator "
                          f"({math.ceil(need * per_unit / 60)} minutes).")
     return lines
+
+
+def _first_estimate(records: list[dict[str, Any]], order: list[str], paired: bool) -> str:
+    """How long the MIN_SPREAD_ROUNDS rounds that a first spread estimate needs would take, from any run's wall."""
+    walls = [r["wall_real_s"] for r in records if r["status"] == "ok" and r.get("wall_real_s")]
+    if not walls:
+        return "run it longer (--max-time, or more --runs)"
+    per_round = (len(order) - 1 if paired else len(order)) * statistics.median(walls)
+    return (f"{MIN_SPREAD_ROUNDS} measured rounds would give a first estimate: about "
+            f"{math.ceil(MIN_SPREAD_ROUNDS * per_round / 60)} minutes at {statistics.median(walls):.0f} s a run "
+            "(--max-time)")
 
 
 def _ms(x: float | None) -> float | None:

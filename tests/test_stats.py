@@ -160,7 +160,8 @@ def test_answer_is_a_verdict_or_the_runs_a_usable_one_needs():
     assert line.endswith(f"inconclusive on this host: run-to-run spread {spread * 100:.1f} %, a ±3 % answer needs "
                          f"about {need} runs per allocator ({math.ceil(need * 2 * 20.0 / 60)} minutes).")  # 20 s a run
     (line,) = answer_lines(_runs({"glibc": [0.02], "jemalloc": [0.021]}), config, ["glibc", "jemalloc"])
-    assert "too few verified runs" in line
+    assert "too few verified runs (1 of jemalloc)" in line
+    assert line.endswith("3 measured rounds would give a first estimate: about 2 minutes at 20 s a run (--max-time).")
 
 
 def test_runs_for_plans_about_the_ci_it_promises():
