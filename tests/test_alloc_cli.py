@@ -283,7 +283,7 @@ def test_report_recomputes_the_artifacts_from_the_runs(alloc_dir, tmp_path):
     summary = (copy / "alloc/summary.md").read_text()
     assert "Noise — run-to-run spread of gen_latency" in summary and "Precision — generation latency" in summary
     proc = run_harness("report", str(tmp_path / "empty"))
-    assert proc.returncode != 0 and "holds no allocator experiment" in proc.stderr
+    assert proc.returncode != 0 and "holds no experiment" in proc.stderr
 
 
 def test_report_tells_the_hosts_of_a_resumed_experiment_apart(alloc_dir, tmp_path):
