@@ -337,13 +337,12 @@ def runs_needed(comp: stats.Comparison, target: float = PRECISION_TARGET) -> int
     seen (a rough plan: bootstrap CIs from a few runs are themselves uncertain)."""
     if comp.n_candidate < 3 or math.isnan(comp.ratio_ci_low):
         return None
-    half = (comp.ratio_ci_high - comp.ratio_ci_low) / 2
-    return max(comp.n_candidate, math.ceil(comp.n_candidate * (half / target) ** 2))
+    return max(comp.n_candidate, math.ceil(comp.n_candidate * (comp.half_width / target) ** 2))
 
 
 def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead: str | None = None) -> str | None:
     """How far the widest ratio CI is from ±PRECISION_TARGET, and about how many runs would reach it, for
-    every allocator and for the lead one (jemalloc) alone."""
+    every allocator and for the lead one (jemalloc) alone. ±X is the CI's half-width, as for --target-ci."""
     parts = []
     for key, label in (("_comparison", "generation latency"), ("_itl", "decode step (ITL p25)")):
         named = {r["allocator"]: r[key] for r in rows
@@ -351,9 +350,9 @@ def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead
         comps = list(named.values())
         if not comps:
             continue
-        widest = max(comps, key=lambda c: max(abs(c.ratio_ci_low - 1), abs(c.ratio_ci_high - 1)))
+        widest = max(comps, key=lambda c: c.half_width)  # the width --target-ci stops on
         need = max((runs_needed(c) or 0) for c in comps)
-        half = max(abs(widest.ratio_ci_low - 1), abs(widest.ratio_ci_high - 1)) * 100
+        half = widest.half_width * 100
         unit = "pairs" if paired else "runs per allocator"
         plan = (f"roughly {need} {unit} would narrow every one to ±{PRECISION_TARGET * 100:.0f} % at this spread"
                 if need > widest.n_candidate else f"within ±{PRECISION_TARGET * 100:.0f} %")

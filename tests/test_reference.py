@@ -40,7 +40,8 @@ def test_committed_reports_are_what_the_harness_computes_from_the_runs(tmp_path)
     for d in (d for d in REFERENCE.iterdir() if (d / "alloc" / "runs.jsonl").exists()):
         copy = tmp_path / d.name
         (copy / "alloc").mkdir(parents=True)
-        for src in [d / "alloc" / "runs.jsonl", d / "alloc" / "config.json", *d.glob("environment*.json")]:
+        for src in [d / "alloc" / "runs.jsonl", d / "alloc" / "config.json", *d.glob("alloc/stopping.jsonl"),
+                    *d.glob("environment*.json")]:
             (copy / src.relative_to(d)).write_bytes(src.read_bytes())
         proc = run_harness("report", str(copy))
         assert proc.returncode == 0, proc.stderr[-2000:]
