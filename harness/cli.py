@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from harness.allocators import AllocatorError, parse_allocator_envs, parse_alloc
 from harness.probe.models import ModelError, parse_model
 from harness.results import ResultsDir, ResultsError
 from harness.runners.base import RunnerError, describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
+from harness.signals import exit_code_of
 
 console = Console(stderr=True)
 
@@ -38,8 +40,26 @@ class HarnessError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def default_out() -> str:
-    return str(Path("results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+class HarnessFault(HarnessError):
+    """A fault, not a usage error: one clear line, exit code 1."""
+
+    exit_code = 1
+
+
+def default_out(prefix: str = "") -> str:
+    """results/<prefix><timestamp>, created here: a second command started in the same second gets its own
+    directory (<timestamp>-2, ...), never the first one's."""
+    base = Path("results") / (prefix + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    for n in itertools.count(1):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:
+            return str(base)  # ensure_writable says why it cannot be written
+        return str(candidate)
+    raise AssertionError("unreachable")
 
 
 def gpu_visible() -> tuple[bool, str]:
@@ -83,11 +103,21 @@ def validate_model(model: str) -> str:
         raise HarnessError(str(exc)) from None
 
 
-def make_runner(kind: str, device: str, allocator_names: list[str]):
+def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[str, str] | None = None):
     """The runner named by --runner; `auto` prefers docker when an engine and the images are usable."""
+    from harness.allocators import KNOWN
+
     if kind == "local":
         from harness.runners.local import LocalRunner
 
+        return LocalRunner()
+    custom = [n for n in allocator_names if n not in KNOWN]
+    if kind == "auto" and (custom or libs):
+        from harness.runners.local import LocalRunner
+
+        why = (f"no probe image has {', '.join(custom)}" if custom
+               else "--allocator-lib names libraries of this host")
+        console.print(f"[yellow]runner auto: local ({why})[/]")
         return LocalRunner()
     try:
         from harness.runners import docker_runner
@@ -102,7 +132,10 @@ def make_runner(kind: str, device: str, allocator_names: list[str]):
     if kind == "docker":
         if not ok:
             raise HarnessError(f"--runner docker: {why}")
-        return docker_runner.make_docker_runner(device, allocator_names)
+        try:
+            return docker_runner.make_docker_runner(device, allocator_names)
+        except AllocatorError as exc:
+            raise HarnessError(f"--runner docker: {exc}") from None
     if ok:
         try:
             runner = docker_runner.make_docker_runner(device, allocator_names)
@@ -141,8 +174,9 @@ def _csv_list(value: str) -> list[str]:
               help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
 @click.option("--warmup-runs", default=1, show_default=True, type=click.IntRange(0),
               help="Discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
-@click.option("--warm-gens", default=None, type=click.IntRange(0),
-              help=f"Warm generate calls per run after the cold one [default: {alloc.DEFAULT_WARM_GENS}].")
+@click.option("--warm-gens", default=None, type=click.IntRange(1),
+              help="Warm generate calls per run after the cold one; gen_latency_s is their median "
+                   f"[default: {alloc.DEFAULT_WARM_GENS}].")
 @click.option("--measure-s", default=None, type=click.FloatRange(0, min_open=True), metavar="S",
               help="The measured window in seconds instead: warm generates until S seconds of generation are "
                    f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
@@ -177,7 +211,7 @@ def _csv_list(value: str) -> list[str]:
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
     """Allocator impact: the same generation under each allocator (LD_PRELOAD), fresh verified runs."""
-    sys.exit(run_alloc(**kw))
+    sys.exit(exit_code_of(lambda: run_alloc(**kw)))
 
 
 def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str = "auto",
@@ -208,7 +242,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     model_name = validate_model(model or default_model(dev))
     results = ResultsDir(out or default_out())
     try:
-        results.ensure_writable()
+        results.lock()  # held until this process ends
     except ResultsError as exc:
         raise HarnessError(str(exc)) from None
     saved = (results.read_json(alloc.CONFIG_FILE) or {}).get("config") if resume else None
@@ -229,7 +263,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         except PlacementError as exc:
             raise HarnessError(str(exc)) from None
         runner_kind = "local"
-    runner = make_runner(runner_kind, dev, names)
+    runner = make_runner(runner_kind, dev, names, libs)
     try:
         resolved = runner.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
     except AllocatorError as exc:
@@ -264,10 +298,14 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     finally:
         runner.close()
     rows = _report(results, config, names)
+    failed = [r for r in records if r["status"] != "ok"]
+    if not rows:
+        console.print(f"[red]error[/]: every warm-up run failed ({_failures(failed)}): no round was measured "
+                      f"and no summary was written; the runs are in {results.root / alloc.RUNS_FILE}", soft_wrap=True)
+        return 1
     _print_rows(rows, results)
     for line in alloc_answer(results):
         click.echo(line)
-    failed = [r for r in records if r["status"] != "ok"]
     if failed:
         for reason in sorted({r["failure"] or "unknown" for r in failed}):
             console.print(f"[red]failed run[/]: {reason}")
@@ -311,6 +349,10 @@ def _extent(config: alloc.AllocConfig, rule: stopping.StopRule | None) -> str:
     return "runs until " + " or ".join(until)
 
 
+def _failures(failed: list[dict[str, Any]]) -> str:
+    return "; ".join(sorted({r["failure"] or "unknown" for r in failed}))
+
+
 def _affinity(text: str) -> tuple[int, ...]:
     """--affinity as CPU numbers, each one this process may use (the probes inherit no more than that)."""
     try:
@@ -341,6 +383,9 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
                   console=console, transient=False) as progress:
         task = progress.add_task("runs", total=total)
         done_before = len(results.read_jsonl(alloc.RUNS_FILE)) if resume else 0
+        skipped = results.skipped_note(alloc.RUNS_FILE) if resume else None
+        if skipped:
+            progress.console.print(f"[yellow]warning[/]: {skipped}; runs it held are run again", soft_wrap=True)
         progress.update(task, completed=done_before)
         stopper = None
         if rule is not None:
@@ -377,16 +422,24 @@ def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
             + (f", {alloc_report.format_duration(max(0.0, left))} left" if left is not None else ""))
 
 
+def _cell(value: Any) -> Any:
+    """A figure for the console table; "–" where there is none (an allocator whose runs all failed)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
     from tabulate import tabulate
 
-    if rows:
-        table = [[r["allocator"], r["gen_latency_s"], r["wall_real_s"], r["rss_mb"], r["ratio_vs_baseline"],
-                  r["p_value"], r["n"]] for r in rows]
-        click.echo(tabulate(table, headers=["allocator", "gen_latency_s", "wall_real_s", "rss_mb",
-                                            "ratio", "p", "n"], floatfmt=".4g"))
-    click.echo(f"\nwrote {results.root / alloc_report.CSV_FILE}\n      {results.root / alloc_report.SUMMARY_FILE}"
-               f"\n      {results.root / alloc.RUNS_FILE}\n      {results.root / 'environment.json'}")
+    table = [[r["allocator"], *(_cell(r[k]) for k in ("gen_latency_s", "wall_real_s", "rss_mb",
+                                                       "ratio_vs_baseline", "p_value")), r["n"], r["n_failed"]]
+             for r in rows]
+    click.echo(tabulate(table, headers=["allocator", "gen_latency_s", "wall_real_s", "rss_mb", "ratio", "p", "n",
+                                        "failed"], disable_numparse=True))
+    written = [results.root / rel for rel in (alloc_report.CSV_FILE, alloc_report.SUMMARY_FILE, alloc.RUNS_FILE)]
+    written += sorted(results.root.glob("environment*.json"))
+    click.echo("\nwrote " + "\n      ".join(str(p) for p in written if p.exists()))
 
 
 @main.command("report")
@@ -397,6 +450,11 @@ def report_command(directory: str) -> None:
     from runs.jsonl and config.json; serve experiment: the start-up analysis (from each server's log and
     stacks), first_token_latency.md and the timeline plot."""
     results = ResultsDir(directory)
+    if results.root.is_dir():
+        try:
+            results.lock()  # runs.jsonl is not read while another command appends to it
+        except ResultsError as exc:
+            raise HarnessError(str(exc)) from None
     records = results.read_jsonl(alloc.RUNS_FILE)
     saved = results.read_json(alloc.CONFIG_FILE)
     has_serve = (results.root / "serve" / "config.json").exists()
@@ -404,14 +462,33 @@ def report_command(directory: str) -> None:
         raise HarnessError(f"{results.root} holds no experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE}, "
                            "or serve/config.json)")
     if records and saved is not None:
-        config = saved.get("config", {})
-        names = [a["name"] for a in config.get("allocators", [])]
-        rows = alloc_report.write(results, records, config, names)
-        _print_rows(rows, results)
+        if alloc_report.measured(records):
+            _rebuild_alloc(results, records, saved)
+        elif has_serve:
+            console.print(f"[yellow]warning[/]: {_no_measured_runs(results, records)}", soft_wrap=True)
+        else:
+            raise HarnessFault(_no_measured_runs(results, records))
     if has_serve:
         from harness.serve import report as serve_report
 
         click.echo(f"wrote {serve_report.rebuild(results)}")
+
+
+def _no_measured_runs(results: ResultsDir, records: list[dict[str, Any]]) -> str:
+    failed = [r for r in records if r["status"] != "ok"]
+    why = (f"{len(failed)} warm-up runs failed ({_failures(failed)})" if failed
+           else f"{len(records)} warm-up runs only: continue it with --resume")
+    return f"{results.root} holds no measured runs: {why}"
+
+
+def _rebuild_alloc(results: ResultsDir, records: list[dict[str, Any]], saved: dict[str, Any]) -> None:
+    skipped = results.skipped_note(alloc.RUNS_FILE)
+    if skipped:
+        console.print(f"[yellow]warning[/]: {skipped}", soft_wrap=True)
+    config = saved.get("config", {})
+    names = [a["name"] for a in config.get("allocators", [])]
+    rows = alloc_report.write(results, records, config, names)
+    _print_rows(rows, results)
 
 
 @main.command("bench")
@@ -442,21 +519,25 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
     from harness.serve.config import ServeConfig
     from harness.serve.run import run_serve
 
-    out = out or str(Path("results") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
+    out = out or default_out("bench-")
     dev = resolve_device(device)
     model_name = validate_model(model or default_model(dev))
-    alloc_code = run_alloc(runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators,
-                           runs=runs, out=out, target_ci=target_ci, max_time=alloc_time, measure_s=measure_s)
-    if alloc_code == 130:
-        sys.exit(130)
-    outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, runner=runner_kind,
-                                    cold_starts=cold_starts, warm_requests=warm_requests, port=port,
-                                    device=dev if engine == "transformers" else "auto"))
-    index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
-    click.echo(f"wrote {index}")
-    for line in alloc_answer(ResultsDir(out)):  # the last word: what the allocator part found
-        click.echo(line)
-    sys.exit(alloc_code or outcome.exit_code)
+
+    def both() -> int:
+        alloc_code = run_alloc(runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators,
+                               runs=runs, out=out, target_ci=target_ci, max_time=alloc_time, measure_s=measure_s)
+        if alloc_code == 130:
+            return 130
+        outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, runner=runner_kind,
+                                        cold_starts=cold_starts, warm_requests=warm_requests, port=port,
+                                        device=dev if engine == "transformers" else "auto"))
+        index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
+        click.echo(f"wrote {index}")
+        for line in alloc_answer(ResultsDir(out)):  # the last word: what the allocator part found
+            click.echo(line)
+        return alloc_code or outcome.exit_code
+
+    sys.exit(exit_code_of(both))
 
 
 def alloc_answer(results: ResultsDir) -> list[str]:

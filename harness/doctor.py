@@ -55,11 +55,22 @@ def docker_rows() -> list[Row]:
         fix = f"docker pull {tag}" if variant == "cuda" else "scripts/build-images.sh --vllm-only"
         rows.append((f"vLLM server image {tag}", state == "ok", state if state != "ok" else detail, fix))
     for label in (LABEL_FILTER, "harness=server"):
-        leftovers = client.containers.list(all=True, filters={"label": label})
-        rows.append((f"no leftover {label.split('=')[1]} containers", not leftovers, f"{len(leftovers)} found",
-                     f"docker rm -f $(docker ps -aq --filter label={label})"))
+        rows.append(leftover_row(client.containers.list(all=True, filters={"label": label}), label.split("=")[1]))
     client.close()
     return rows
+
+
+def leftover_row(containers: list, kind: str) -> Row:
+    """Containers no running harness command owns are leftovers (of a harness killed hard); a running one
+    whose harness process still runs is in use, and never offered for removal."""
+    from harness.runners.docker_runner import owner_pid
+
+    owners = {c.name: owner_pid(c) for c in containers if c.status == "running"}
+    in_use = {name: pid for name, pid in owners.items() if pid is not None}
+    leftovers = [c.name for c in containers if c.name not in in_use]
+    detail = f"{len(leftovers)} found" + "".join(f"; {name} in use by harness PID {pid}"
+                                                 for name, pid in in_use.items())
+    return (f"no leftover {kind} containers", not leftovers, detail, f"docker rm -f {' '.join(leftovers)}")
 
 
 def gpu_row() -> Row:

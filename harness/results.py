@@ -7,6 +7,7 @@ loses nothing. Tables (CSV), reports (Markdown) and metadata (JSON) are all writ
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import os
@@ -14,9 +15,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+LOCK_FILE = ".lock"
+
 
 class ResultsError(RuntimeError):
     """A results directory that cannot be written or resumed."""
+
+
+# Results directories this process holds: resolved path -> [fd of DIR/.lock, how many holders].
+_held: dict[Path, list[int]] = {}
 
 
 def _clean(value: Any) -> Any:
@@ -35,6 +42,7 @@ class ResultsDir:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._skipped: dict[str, list[int]] = {}  # relpath -> numbers of the lines read_jsonl skipped
 
     def ensure_writable(self) -> None:
         try:
@@ -44,6 +52,37 @@ class ResultsDir:
             probe.unlink()
         except OSError as exc:
             raise ResultsError(f"output directory {str(self.root)!r} cannot be written: {exc.strerror}") from exc
+
+    def lock(self) -> None:
+        """Holds DIR/.lock (flock) until unlock() or this process ends: a second command writing the same
+        directory would count runs twice, so it is refused with the holder's PID. Nested calls in one
+        process (`bench` runs alloc, then serve) share the hold."""
+        self.ensure_writable()
+        key = self.root.resolve()
+        if key in _held:
+            _held[key][1] += 1
+            return
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ResultsError(f"{self.root} is in use by another harness command (PID {holder}): wait for it "
+                               "to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = [fd, 1]
+
+    def unlock(self) -> None:
+        key = self.root.resolve()
+        hold = _held.get(key)
+        if hold is None:
+            return
+        hold[1] -= 1
+        if hold[1] == 0:
+            del _held[key]
+            os.close(hold[0])  # closing the descriptor releases the flock
 
     def path(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
@@ -57,27 +96,45 @@ class ResultsDir:
         return json.dumps(_clean(record), sort_keys=False)
 
     def append(self, relpath: str, record: dict[str, Any]) -> None:
+        """One record on a line of its own, on disk before this returns. A line cut short by a crash
+        stays as it is (read_jsonl skips and reports it); the record goes on the next line."""
         p = self.path(relpath)
         with open(p, "a") as fh:
-            fh.write(self.dumps(record) + "\n")
+            fh.write(("\n" if _ends_without_newline(p) else "") + self.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def read_jsonl(self, relpath: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file; lines that are not a whole record (cut short by a kill) are
+        skipped, and their numbers kept for skipped_note()."""
         p = self.root / relpath
+        self._skipped[relpath] = []
         if not p.exists():
             return []
         rows = []
         with open(p) as fh:
-            for line in fh:
+            for number, line in enumerate(fh, start=1):
                 line = line.strip()
                 if not line:
                     continue
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a kill: the runs before it still count
+                    self._skipped[relpath].append(number)
         return rows
+
+    def skipped_lines(self, relpath: str) -> list[int]:
+        """Numbers of the lines the last read_jsonl(relpath) skipped."""
+        return list(self._skipped.get(relpath, []))
+
+    def skipped_note(self, relpath: str) -> str | None:
+        """One line for the user about the lines read_jsonl skipped, or None."""
+        numbers = self.skipped_lines(relpath)
+        if not numbers:
+            return None
+        which = f"line {numbers[0]}" if len(numbers) == 1 else f"lines {', '.join(map(str, numbers))}"
+        return (f"{self.root / relpath} {which}: not a whole JSON record (cut short by a crash?), skipped; "
+                "the file keeps it")
 
     # --- whole files ------------------------------------------------------------------------
     def write_json(self, relpath: str, data: Any) -> Path:
@@ -112,6 +169,14 @@ class ResultsDir:
                 writer.writerow({k: _format_cell(row.get(k)) for k in columns})
         tmp.replace(p)
         return p
+
+
+def _ends_without_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _format_cell(value: Any) -> Any:

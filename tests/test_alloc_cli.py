@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HARNESS, REPO, check_stopped_experiment, run_harness
+from conftest import HARNESS, REPO, check_stopped_experiment, run_harness, wait_for
 
 from harness import alloc
 
@@ -129,9 +130,11 @@ def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_pa
     out = tmp_path / "wrong"
     proc = run_harness("alloc", "--runner", "local", "--allocators", "glibc,jemalloc",
                        "--allocator-lib", f"jemalloc={tcmalloc_path}", "--runs", "1", "--warmup-runs", "0",
-                       "--warm-gens", "0", "--max-new-tokens", "2", "--out", str(out))
+                       "--warm-gens", "1", "--max-new-tokens", "2", "--out", str(out))
     assert proc.returncode == 1
     assert tcmalloc_path in proc.stderr
+    jemalloc_row = next(line for line in proc.stdout.splitlines() if line.startswith("jemalloc"))
+    assert "nan" not in jemalloc_row and "–" in jemalloc_row, proc.stdout  # no figures for runs not counted
     runs = [json.loads(line) for line in (out / "alloc/runs.jsonl").read_text().splitlines()]
     bad = [r for r in runs if r["allocator"] == "jemalloc"]
     assert bad and all(r["status"] == "failed" and not r["verified"] for r in bad)
@@ -182,7 +185,11 @@ def test_runs_jsonl_survives_a_truncated_last_line(tmp_path):
     with open(tmp_path / "alloc/runs.jsonl", "a") as fh:
         fh.write('{"a": 2, "b"')  # killed mid-write
     assert results.read_jsonl("alloc/runs.jsonl") == [{"a": 1}]
-    assert os.path.getsize(tmp_path / "alloc/runs.jsonl") > 0
+    assert results.skipped_lines("alloc/runs.jsonl") == [2]
+    results.append("alloc/runs.jsonl", {"a": 3})  # the next record starts on a line of its own
+    assert results.read_jsonl("alloc/runs.jsonl") == [{"a": 1}, {"a": 3}]
+    assert results.skipped_lines("alloc/runs.jsonl") == [2]
+    assert '{"a": 2, "b"' in (tmp_path / "alloc/runs.jsonl").read_text()  # the cut line is kept, not erased
 
 
 def test_local_runner_needs_no_docker_sdk(tmp_path):
@@ -348,3 +355,148 @@ def test_bad_stopping_input_gives_one_clear_line(args, message, tmp_path):
     proc = run_harness("alloc", "--runner", "local", "--runs", "1", *args, "--out", str(tmp_path / "o"), timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+# --- faults: nothing lost, nothing left behind, nothing claimed that did not happen -------------------
+def _probe_pids(harness: subprocess.Popen) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(harness.pid).children(recursive=True)
+                if "harness.probe" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _copy_experiment(src: Path, dst: Path) -> Path:
+    (dst / "alloc").mkdir(parents=True)
+    for name in ("alloc/runs.jsonl", "alloc/config.json", "environment.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_resume_after_a_cut_last_line_loses_nothing(alloc_dir, tmp_path):
+    """A crash cut the last line of runs.jsonl: --resume runs that run again on a line of its own (not glued
+    onto the cut one), keeps the cut line, and says which line it skipped."""
+    out = _copy_experiment(alloc_dir, tmp_path / "cut")
+    runs_file = out / "alloc/runs.jsonl"
+    lines = runs_file.read_text().splitlines()
+    runs_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    proc = run_harness(*DONE_WHEN, "--out", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{runs_file} line {len(lines)}" in proc.stderr and "skipped" in proc.stderr, proc.stderr[-2000:]
+    kept = runs_file.read_text().splitlines()
+    assert kept[: len(lines)] == [*lines[:-1], lines[-1][: len(lines[-1]) // 2]], "nothing already written is lost"
+    runs = [json.loads(line) for line in kept[len(lines):]]
+    assert len(runs) == 1 and runs[0]["status"] == "ok"
+    assert (runs[0]["round"], runs[0]["allocator"]) == (json.loads(lines[-1])["round"],
+                                                          json.loads(lines[-1])["allocator"])
+    with open(out / "alloc/allocator_latency_comparison.csv") as fh:
+        assert {r["allocator"]: r["n"] for r in csv.DictReader(fh)} == {"glibc": "3", "jemalloc": "3"}
+    assert "nan" not in proc.stdout
+    report = run_harness("report", str(out))
+    assert report.returncode == 0 and "skipped" in report.stderr, report.stderr[-2000:]
+
+
+def test_sigterm_to_alloc_kills_the_probe(tmp_path):
+    """SIGTERM is handled like Ctrl-C: the probe process (its own session) is killed, runs kept, exit 130."""
+    out = tmp_path / "term"
+    proc = subprocess.Popen([*HARNESS, "alloc", "--runner", "local", "--allocators", "glibc", "--runs", "1",
+                             "--warmup-runs", "0", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    probes: list[int] = []
+    try:
+        probes = wait_for(lambda: _probe_pids(proc), 120, "the probe process")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in probes if psutil.pid_exists(p)], timeout=10)
+    finally:
+        for pid in probes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive, "the probe process was left behind"
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_directory_in_use_is_refused_with_one_line(tmp_path):
+    """Two commands writing one results directory would count the same runs twice: the second is refused."""
+    out = tmp_path / "busy"
+    args = ["alloc", "--runner", "local", "--allocators", "glibc", "--runs", "1", "--warmup-runs", "0",
+            "--warm-gens", "1", "--max-new-tokens", "2", "--out", str(out)]
+    first = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / "alloc/config.json").exists(), 120, "the first command to start")
+        second = run_harness(*args, "--resume", timeout=120)
+        report = run_harness("report", str(out), timeout=120)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    for refused in (second, report):
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+        assert lines[0].startswith("error: ") and f"in use by another harness command (PID {first.pid})" in lines[0]
+
+
+def test_default_out_directories_never_collide():
+    """Two commands started in the same second get two directories."""
+    from harness.cli import default_out
+
+    first, second = default_out(), default_out()
+    try:
+        assert first != second and Path(first).is_dir() and Path(second).is_dir()
+    finally:
+        for d in {first, second}:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def test_custom_allocator_name_verifies_against_its_library(jemalloc_path, tmp_path):
+    """--allocators glibc,jebg --allocator-lib jebg=.../libjemalloc.so.2, as the help advertises: verified
+    by the library it was given; --runner auto picks the local runner (no image has it) and says why."""
+    proc = run_harness("alloc", "--runner", "auto", "--allocators", "glibc,jebg", "--allocator-lib",
+                       f"jebg={jemalloc_path}", "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1",
+                       "--max-new-tokens", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runner auto: local" in proc.stderr and "jebg" in proc.stderr and "Traceback" not in proc.stderr
+    runs = [json.loads(line) for line in (tmp_path / "alloc/runs.jsonl").read_text().splitlines()]
+    jebg = next(r for r in runs if r["allocator"] == "jebg")
+    assert jebg["verified"] and os.path.realpath(jebg["loaded_allocator"]["malloc_library"]) == os.path.realpath(
+        jemalloc_path)
+
+
+def test_a_custom_name_fails_verification_when_another_library_was_loaded():
+    from harness.allocators import Allocator
+
+    jebg = Allocator(name="jebg", library="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    probe = {"allocator": {"name": "tcmalloc", "malloc_library": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"}}
+    assert "jebg library /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 was not loaded" in alloc.verify(jebg, probe)
+
+
+def test_warm_gens_0_is_refused(tmp_path):
+    """gen_latency_s is the median of the warm calls: with none it would silently be the cold call."""
+    proc = run_harness("alloc", "--runner", "local", "--warm-gens", "0", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "--warm-gens" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "alloc").exists()
+
+
+def test_every_warm_up_run_failed_claims_no_files(tmp_path):
+    """When every warm-up run fails no summary is written, and nothing says it was; `report` says why."""
+    proc = run_harness("alloc", "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2",
+                       "--timeout", "1", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert not (tmp_path / "alloc/summary.md").exists()
+    assert "wrote" not in proc.stdout + proc.stderr.replace("written", "")
+    assert "every warm-up run failed" in proc.stderr and "timed out after 1 s" in proc.stderr
+    report = run_harness("report", str(tmp_path), timeout=120)
+    lines = [line for line in report.stderr.splitlines() if line.strip()]
+    assert report.returncode == 1 and len(lines) == 1, report.stderr[-2000:]
+    assert "no measured runs" in lines[0] and "2 warm-up runs failed" in lines[0] and "timed out" in lines[0]
+    assert not (tmp_path / "alloc/summary.md").exists()
+
+
+def test_resume_mismatch_names_the_field(alloc_dir):
+    proc = run_harness(*DONE_WHEN[:-2], "--warm-gens", "3", "--max-new-tokens", "8", "--out", str(alloc_dir),
+                       "--resume", timeout=120)
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert proc.returncode == 2 and "warm_gens: 2 in the experiment, 3 now" in error and "{" not in error, error

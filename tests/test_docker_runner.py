@@ -11,18 +11,26 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, check_stopped_experiment, run_harness
+from conftest import HARNESS, REPO, check_stopped_experiment, run_harness, wait_for
 
 from harness import alloc
 from harness.runners.base import ProbeRequest, RunnerError
-from harness.runners.docker_runner import LABEL_FILTER, DockerRunner, docker_available, make_docker_runner
+from harness.runners.docker_runner import (
+    LABEL_FILTER,
+    OWNER_LABEL,
+    DockerRunner,
+    docker_available,
+    make_docker_runner,
+)
 from harness.runners.docker_stats import MemoryPeaks, working_set_bytes
 
 pytestmark = pytest.mark.docker
@@ -248,3 +256,52 @@ def test_cli_alloc_docker_stops_on_precision_or_time(runner, tmp_path):
     assert all(r["runner"] == "docker" and r["verified"] for r in runs)
     # read inside each container: page faults always; CPU frequency and GPU clocks, or why not
     assert all(r["noise"]["minor_faults"] >= 0 and r["noise"]["gpu_unreadable"] for r in runs)
+
+
+def test_sigterm_to_alloc_removes_the_probe_container(runner, tmp_path):
+    """SIGTERM is handled like Ctrl-C: the running probe container is removed, the command exits 130."""
+    proc = subprocess.Popen([*HARNESS, "alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators",
+                             "glibc", "--runs", "1", "--warmup-runs", "0", "--out", str(tmp_path / "t")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def its_containers() -> list:
+        return runner.client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={proc.pid}"})
+
+    try:
+        wait_for(lambda: [c for c in its_containers() if c.status == "running"], 300, "the probe container")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        left = [c.name for c in its_containers()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in its_containers():
+            c.remove(force=True)
+    assert proc.returncode == 130, err[-2000:]
+    assert not left, f"probe containers left behind: {left}"
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_doctor_names_leftovers_but_not_containers_in_use():
+    """A server container whose harness still runs is in use: doctor never offers to remove it."""
+    import docker
+
+    from harness import doctor, images
+
+    client = docker.from_env(timeout=60)
+    labels = {"harness": "server", OWNER_LABEL: str(os.getpid())}
+    tag = uuid.uuid4().hex[:8]
+    in_use = client.containers.run(images.CPU_BASE, ["sleep", "300"], detach=True, labels=labels,
+                                   name=f"harness-test-in-use-{tag}")
+    left = client.containers.create(images.CPU_BASE, ["true"], labels={**labels, OWNER_LABEL: "1"},
+                                    name=f"harness-test-left-{tag}")
+    try:
+        row = next(r for r in doctor.docker_rows() if r[0] == "no leftover server containers")
+    finally:
+        for c in (in_use, left):
+            c.remove(force=True)
+        client.close()
+    _, ok, detail, fix = row
+    assert f"{in_use.name} in use by harness PID {os.getpid()}" in detail, detail
+    assert not ok and left.name in fix and in_use.name not in fix, fix

@@ -7,6 +7,7 @@ scripts/setup-vllm.sh; HARNESS_VLLM_PYTHON overrides) is absent.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
@@ -347,6 +348,32 @@ def test_vllm_killed_mid_run_keeps_measured_requests(tmp_path: Path) -> None:
 
 @pytest.mark.vllm
 @needs_vllm
+def test_vllm_engine_core_killed_mid_run_is_named(tmp_path: Path) -> None:
+    """vLLM's engine core dies while requests run (the API server answers 500, then shuts down): the fault
+    is named from the server's own error line, not as a request that produced no text."""
+    out_dir = tmp_path / "e"
+    proc = _cli(["--model", "synthetic:tiny", "--warm-requests", "100000", "--max-tokens", "32",
+                 "--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(out_dir)])
+    reqs = out_dir / "serve/requests.jsonl"
+    try:
+        wait_for(lambda: reqs.exists() and len(reqs.read_text().splitlines()) >= 3, 400, "3 requests")
+        pgid = _server_pids(proc)[0]
+        engine = [p for p in psutil.Process(pgid).children(recursive=True) if p.name().startswith("VLLM::Engine")]
+        assert engine, "no vLLM engine core process found"
+        engine[0].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_FAULT, output
+    error = next(line for line in output.splitlines() if line.startswith("error: "))
+    assert "EngineDeadError" in error and "during the measured requests" in error, error
+    assert "without any text" not in output
+    assert group_members(pgid) == []
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_vllm_health_timeout_and_death_during_startup(tmp_path: Path) -> None:
     out = run_serve(_vllm_config(tmp_path / "t", health_timeout_s=15), log=lambda m: None)
     assert out.exit_code == EXIT_FAULT and "not healthy after 15 s" in (out.error or "")
@@ -388,6 +415,29 @@ def test_vllm_sigterm_to_harness_stops_server(tmp_path: Path) -> None:
     assert group_members(pids[0]) == []
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_second_ctrl_c_during_startup_leaves_no_process(tmp_path: Path) -> None:
+    """The issue's case on the real server: Ctrl-C while vLLM starts, and again while it is being stopped."""
+    proc = _cli(["--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(tmp_path / "s")])
+    try:
+        pgid = wait_for(lambda: _server_pids(proc), 60, "server spawn")[0]
+        log = tmp_path / "s/serve/server-0.log"
+        wait_for(lambda: "(EngineCore pid=" in log.read_text(), 300, "vLLM's engine core to start")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        left = group_members(pgid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert left == [], f"vLLM processes left running: {left}"
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    assert "stopping the server (SIGTERM" in output and "the server was stopped" not in output
+    assert "server stopped: " in output or "server killed (SIGKILL)" in output, output
+
+
 def test_model_name_check_accepts_servers_that_list_nothing() -> None:
     """transformers serve lists only hub-cache models: a local directory it serves is never listed."""
     from harness.serve.server import WrongModelError, check_model
@@ -425,3 +475,162 @@ def test_harness_bench_runs_both_experiments_and_links_them(tmp_path: Path) -> N
     # the same SLM in both experiments
     assert json.loads((out / "alloc/config.json").read_text())["identity"]["model"] == "synthetic:tiny"
     assert requests[0]["model"] == "synthetic:tiny"
+
+
+# --- faults: stopping, crashes and bad input, each said in one clear line ------------------------------
+FAKE = f"{REPO}/tests/fake_openai_server.py"
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def _serve_cli(args: list[str], output: Path) -> subprocess.Popen[bytes]:
+    """The real `harness serve` in a fresh process, its output (both streams) into `output`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(output, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "harness.cli", "serve", *args], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _run_serve_cli(args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[int, str]:
+    output = tmp_path / "output.txt"
+    proc = _serve_cli(args, output)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, output.read_text()
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def _children_running(harness: subprocess.Popen[bytes], needle: str) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(harness.pid).children() if needle in " ".join(c.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def test_second_ctrl_c_while_stopping_kills_the_server_and_says_so(tmp_path: Path, model_cache: str) -> None:
+    """Ctrl-C during start-up, and again while the server ignores SIGTERM: the harness says what it does,
+    kills the server on the second signal, leaves no process of its group and claims nothing else."""
+    output, out_dir = tmp_path / "output.txt", tmp_path / "r"
+    cmd = f"{sys.executable} {FAKE} {{port}} --startup-delay 600 --ignore-sigterm"
+    proc = _serve_cli(["--server-cmd", cmd, "--port", str(free_port()), "--model-cache", model_cache,
+                       "--out", str(out_dir)], output)
+    log = out_dir / "serve/server-0.log"
+    server: list[int] = []
+    try:
+        wait_for(lambda: log.exists() and "fake server starting" in log.read_text(), 120, "the server to start")
+        server = _children_running(proc, FAKE)
+        assert len(server) == 1
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "SIGTERM received: ignored" in log.read_text(), 30, "the server to be sent SIGTERM")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert group_members(server[0]) == [], "the server outlived the harness"
+    finally:
+        for pid in server:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    text = output.read_text()
+    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert "stopping the server (SIGTERM" in text and "SIGINT received: killing the server now (SIGKILL)" in text
+    assert "server killed (SIGKILL)" in text and "the server was stopped" not in text
+    assert "Traceback" not in text
+    assert json.loads((out_dir / "serve/startup.jsonl").read_text())["server"] == 0  # its start-up is kept
+
+
+def test_engine_crash_during_requests_is_named(tmp_path: Path, model_cache: str) -> None:
+    """The engine dies under a live API server (as vLLM's engine core does): the fault names it from the
+    health check and the server's own error line, not as a stream without text."""
+    from fake_openai_server import ENGINE_ERROR
+
+    cfg = ServeConfig(engine="custom", server_cmd=f"{sys.executable} {FAKE} {{port}} --stream --crash-after 2",
+                      port=free_port(), out=str(tmp_path / "r"), model_cache=model_cache, warm_requests=4,
+                      health_timeout_s=60)
+    out = run_serve(cfg, log=lambda m: None)
+    assert out.exit_code == EXIT_FAULT
+    assert [r["status"] for r in out.requests] == ["ok", "ok", "failed"]
+    assert "EngineCore encountered an issue" in out.requests[2]["failure"]  # the error the stream carried
+    error = out.error or ""
+    assert "without any text" not in error and "/health answered 503" in error and ENGINE_ERROR in error, error
+    assert ENGINE_ERROR in (tmp_path / "r/serve/first_token_latency.md").read_text()
+
+
+def test_models_answered_with_html_is_one_clear_line(tmp_path: Path, model_cache: str) -> None:
+    """A server answering 200 with something that is not JSON at /v1/models, started or attached to."""
+    cmd = f"{sys.executable} {FAKE} {{port}} --models-not-json"
+    code, text = _run_serve_cli(["--server-cmd", cmd, "--port", str(free_port()), "--model-cache", model_cache,
+                                 "--health-timeout", "60", "--out", str(tmp_path / "started")], tmp_path)
+    assert code == EXIT_FAULT and "Traceback" not in text, text
+    assert "/v1/models answered 200 but not JSON" in _error_lines(text)[0] and "nginx" in _error_lines(text)[0]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, FAKE, str(port), "--models-not-json"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), 30, "the fake server")
+        code, text = _run_serve_cli(["--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "attached")],
+                                    tmp_path)
+    finally:
+        server.kill()
+        server.wait()
+    assert code == EXIT_FAULT and "Traceback" not in text, text
+    assert "/v1/models answered 200 but not JSON" in _error_lines(text)[0]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_server_cmd_keeps_literal_braces(tmp_path: Path, model_cache: str) -> None:
+    """Only {host} {port} {model} {model_dir} are filled in: a shell's ${VAR} is passed on as written."""
+    cmd = f"sh -c 'exec {sys.executable} {FAKE} {{port}} --stream # ${{HOME}} {{unknown}}'"
+    cfg = ServeConfig(engine="custom", server_cmd=cmd, port=free_port(), out=str(tmp_path / "r"),
+                      model_cache=model_cache, warm_requests=1, health_timeout_s=60)
+    assert engines.build(cfg).argv[-1].endswith("--stream # ${HOME} {unknown}")
+    out = run_serve(cfg, log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--server-cmd", "python server.py --port {port} 'unbalanced"], "--server-cmd: No closing quotation"),
+    (["--url", "127.0.0.1:8000"], "--url must start with http:// or https://"),
+    (["--health-timeout", "-1", "--server-cmd", "x {port}"], "--health-timeout must be positive"),
+    (["--request-timeout", "0", "--server-cmd", "x {port}"], "--request-timeout must be positive"),
+])
+def test_bad_serve_options_give_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    code, text = _run_serve_cli([*args, "--out", str(tmp_path / "r")], tmp_path)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], text
+    assert not (tmp_path / "r/serve/startup.jsonl").exists()
+
+
+def test_unreachable_url_is_said_in_words(tmp_path: Path) -> None:
+    code, text = _run_serve_cli(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "r")],
+                                tmp_path)
+    error = _error_lines(text)[0]
+    assert code == EXIT_FAULT and "cannot reach http://127.0.0.1:" in error and "Connection refused" in error
+    assert "ConnectError(" not in text and "Traceback" not in text
+
+
+def test_a_results_directory_in_use_is_refused(tmp_path: Path) -> None:
+    from harness.results import ResultsDir
+
+    held = ResultsDir(tmp_path / "r")
+    held.lock()
+    try:
+        code, text = _run_serve_cli(["--server-cmd", f"{sys.executable} {FAKE} {{port}}", "--out", str(held.root)],
+                                    tmp_path)
+    finally:
+        held.unlock()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == EXIT_USAGE and len(lines) == 1, text
+    assert f"in use by another harness command (PID {os.getpid()})" in lines[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import requests
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest, Mount
@@ -24,10 +25,12 @@ from harness import images as img
 from harness.allocators import Allocator, AllocatorError
 from harness.runners.base import ProbeOutcome, ProbeRequest, RunnerError, format_cpu_list, parse_probe_output
 from harness.runners.docker_stats import StatsMonitor
+from harness.signals import Shielded
 
 LABEL_KEY = "harness"
 LABEL_VALUE = "probe"
 LABEL_FILTER = f"{LABEL_KEY}={LABEL_VALUE}"
+OWNER_LABEL = "harness.owner_pid"  # the harness process that runs a container (probe or server)
 FIX_DAEMON = "scripts/setup-docker.sh"
 
 
@@ -74,15 +77,31 @@ def _can_build_cpu_base() -> bool:
 
 
 def remove_leftovers(client: docker.DockerClient) -> int:
-    """Remove every container the harness labelled (after a hard kill of the harness itself)."""
+    """Remove every probe container whose harness command is gone (killed hard); those in use stay."""
     n = 0
     for c in client.containers.list(all=True, filters={"label": LABEL_FILTER}):
+        if owner_pid(c) is not None:
+            continue
         try:
             c.remove(force=True)
             n += 1
         except NotFound:
             pass
     return n
+
+
+def owner_pid(container: Any) -> int | None:
+    """The harness process that runs `container` while that process still runs; None once it has ended
+    (or for containers of harness versions without the owner label)."""
+    label = (container.labels or {}).get(OWNER_LABEL, "")
+    created = _parse_time(container.attrs.get("Created"))
+    if not label.isdigit() or created is None:
+        return None
+    try:
+        started = psutil.Process(int(label)).create_time()
+    except psutil.Error:
+        return None
+    return int(label) if started <= created.timestamp() + 1.0 else None  # not a later process with its PID
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -187,7 +206,8 @@ class DockerRunner:
         try:
             container = self.client.containers.create(
                 probe_image.id, args, name=name, environment=env, mounts=mounts, network_mode="none",
-                labels={LABEL_KEY: LABEL_VALUE, "harness.allocator": request.allocator.name}, **kwargs)
+                labels={LABEL_KEY: LABEL_VALUE, "harness.allocator": request.allocator.name,
+                        OWNER_LABEL: str(os.getpid())}, **kwargs)
             return self._run(container, probe_image, request)
         except (DockerException, requests.exceptions.RequestException) as exc:
             if not _daemon_alive(self.client):
@@ -198,12 +218,16 @@ class DockerRunner:
         finally:
             self._running.discard(name)
             if container is not None:
-                try:
-                    container.remove(force=True)  # kills it first if it still runs (timeout, Ctrl-C)
-                except NotFound:
-                    pass
-                except (DockerException, requests.exceptions.RequestException) as exc:
-                    self.log(f"docker: could not remove container {name}: {exc}")
+                with Shielded(self.log, f"removing probe container {name} first"):  # a second signal waits
+                    self._remove(container)
+
+    def _remove(self, container: Any) -> None:
+        try:
+            container.remove(force=True)  # kills it first if it still runs (timeout, Ctrl-C, SIGTERM)
+        except NotFound:
+            pass
+        except (DockerException, requests.exceptions.RequestException) as exc:
+            self.log(f"docker: could not remove container {container.name}: {exc}")
 
     def _run(self, container: Any, probe_image: img.ProbeImage, request: ProbeRequest) -> ProbeOutcome:
         monitor = StatsMonitor(container)

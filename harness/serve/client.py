@@ -21,7 +21,7 @@ class RequestError(RuntimeError):
 
     def __init__(self, message: str, kind: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # "http" | "wrong_model" | "not_streaming" | "transport" | "empty"
+        self.kind = kind  # "http" | "wrong_model" | "not_streaming" | "transport" | "empty" | "server_error"
         self.status = status
 
 
@@ -73,6 +73,21 @@ def event_text(event: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def transport_reason(exc: httpx.HTTPError) -> str:
+    """What went wrong on the wire, in words: '[Errno 111] Connection refused', not ConnectError(...)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
+    return str(exc) or type(exc).__name__
+
+
+def stream_error(event: dict[str, Any]) -> str | None:
+    """The message of an error event in a stream (vLLM sends one when its engine fails mid-request)."""
+    error = event.get("error")
+    if not error:
+        return None
+    return str(error.get("message") or error if isinstance(error, dict) else error)[:300]
+
+
 def _error_message(resp: httpx.Response) -> str:
     try:
         data = resp.json()
@@ -100,10 +115,13 @@ def plain_request(client: httpx.Client, base_url: str, model: str, prompt: str, 
         resp = client.post(base_url + "/v1/completions", json=body)
         resp.read()
     except httpx.TransportError as exc:
-        raise RequestError(f"request failed: {exc!r}", "transport") from exc
+        raise RequestError(f"request failed: {transport_reason(exc)}", "transport") from exc
     wall = time.perf_counter() - t0
     _raise_for_status(resp, model)
-    data = resp.json()
+    try:
+        data = resp.json()
+    except ValueError:
+        raise RequestError(f"server answered 200 but not JSON: {resp.text[:80]!r}", "http", 200) from None
     usage = data.get("usage") or {}
     choice = (data.get("choices") or [{}])[0]
     return RequestResult(mode="plain", wall_s=wall, e2e_s=wall, text=event_text(data),
@@ -138,6 +156,10 @@ def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str,
                     event = json.loads(data)
                 except json.JSONDecodeError:
                     continue
+                error = stream_error(event)
+                if error:
+                    raise RequestError(f"the server reported an error after {len(times)} tokens: {error}",
+                                       "server_error")
                 text = event_text(event)
                 if text:
                     times.append(time.perf_counter() - t0)
@@ -147,7 +169,7 @@ def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str,
                 if event.get("usage"):
                     usage = event["usage"]
     except httpx.TransportError as exc:
-        raise RequestError(f"stream broke after {len(times)} tokens: {exc!r}", "transport") from exc
+        raise RequestError(f"stream broke after {len(times)} tokens: {transport_reason(exc)}", "transport") from exc
     wall = time.perf_counter() - t0
     if not times:
         raise RequestError("stream ended without any text", "empty")

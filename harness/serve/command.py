@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
 import click
 
 from harness.serve.config import REQUEST_MODES, ConfigError, ServeConfig, default_vllm_python, parse_gaps
-from harness.serve.run import EXIT_USAGE, ServeOutcome, run_serve
-
-
-def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+from harness.serve.run import EXIT_USAGE, run_serve
+from harness.signals import exit_code_of
 
 
 def config_from_options(**kw: Any) -> ServeConfig:
@@ -90,12 +86,7 @@ def serve(**kw: Any) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        outcome: ServeOutcome = run_serve(config)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    sys.exit(outcome.exit_code)
+    sys.exit(exit_code_of(lambda: run_serve(config).exit_code))
 
 
 if __name__ == "__main__":

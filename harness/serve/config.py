@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
@@ -88,6 +89,12 @@ class ServeConfig:
             raise ConfigError("--idle-gaps must be non-negative seconds")
         if self.url and self.cold_starts > 1:
             raise ConfigError("--url attaches to one running server: --cold-starts must be 1")
+        if self.url and not (urlparse(self.url).scheme in ("http", "https") and urlparse(self.url).hostname):
+            raise ConfigError(f"--url must start with http:// or https://, e.g. http://{self.url}")
+        for option, seconds in (("--health-timeout", self.health_timeout_s),
+                                ("--request-timeout", self.request_timeout_s)):
+            if not seconds > 0:
+                raise ConfigError(f"{option} must be positive seconds, got {seconds:g}")
 
     @property
     def attach(self) -> bool:

@@ -8,9 +8,11 @@ removed by `stop()`, which run_serve calls in a `finally` (success, fault, Ctrl-
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ import requests
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
+from harness.runners.docker_runner import OWNER_LABEL, owner_pid
 from harness.runners.docker_stats import StatsMonitor
-from harness.serve.server import ReadinessMixin, ServerDiedError, ServerError, check_port_free, describe_exit
+from harness.serve.server import ReadinessMixin, ServerError, check_port_free, describe_exit
+from harness.signals import Shielded
 
 LABEL_KEY = "harness"
 LABEL_VALUE = "server"
@@ -48,7 +52,8 @@ class ContainerSpec:
     def create_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "command": self.args, "environment": self.env, "mounts": self.mounts, "network_mode": "host",
-            "labels": {LABEL_KEY: LABEL_VALUE}, "shm_size": self.shm_size, "stdin_open": False,
+            "labels": {LABEL_KEY: LABEL_VALUE, OWNER_LABEL: str(os.getpid())}, "shm_size": self.shm_size,
+            "stdin_open": False,
             # docker-init as PID 1: it forwards SIGTERM (a bare PID 1 ignores it until the server installs
             # a handler, so `stop` during start-up would wait out the grace period) and reaps children.
             "init": True,
@@ -66,11 +71,13 @@ class ContainerSpec:
 
 
 def remove_exited_leftovers(client: docker.DockerClient) -> tuple[int, list[str]]:
-    """Removes stopped `harness=server` containers (a harness killed hard); names the running ones."""
+    """Removes stopped `harness=server` containers (a harness killed hard); names the running ones that no
+    running harness owns (a running one with a live owner is another command's server, in use)."""
     removed, running = 0, []
     for c in client.containers.list(all=True, filters={"label": LABEL_FILTER}):
         if c.status == "running":
-            running.append(c.name)
+            if owner_pid(c) is None:
+                running.append(c.name)
             continue
         with contextlib.suppress(NotFound):
             c.remove(force=True)
@@ -96,6 +103,7 @@ class DockerServer(ReadinessMixin):
     removed: bool = False  # removed from outside (docker rm -f) while we ran
     create_s: float | None = None  # docker create, before the spawn clock starts
     start_api_s: float | None = None  # the start call itself (inside spawn -> health)
+    stop_signalled: int | None = None  # a SIGINT/SIGTERM that arrived while stopping (it killed at once)
     _pid: int | None = None
     _polled_at: float = 0.0
 
@@ -177,12 +185,10 @@ class DockerServer(ReadinessMixin):
             time.sleep(POLL_S)
             code = self.poll(force=True)
         if code is None and self.removed:
-            raise ServerDiedError(f"server container {self.name} was removed from outside during {during}",
-                                  None, self.log_tail())
+            raise self.died(f"server container {self.name} was removed from outside during {during}", None)
         if code is not None:
             oom = " (OOM-killed)" if self.oom_killed else ""
-            raise ServerDiedError(f"server container {describe_exit(code)}{oom} during {during}", code,
-                                  self.log_tail())
+            raise self.died(f"server container {describe_exit(code)}{oom} during {during}", code)
 
     def pids(self) -> list[int]:
         """Host PIDs of the container's processes (for /proc/<pid>/maps and the process facts)."""
@@ -202,23 +208,51 @@ class DockerServer(ReadinessMixin):
                 "oom_killed": self.oom_killed, "stats_error": self.monitor.error if self.monitor else None,
                 **peaks}
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM, SIGKILL after `grace_s`, then remove the container, whatever happened."""
+    def stop(self, grace_s: float = 20.0, log: Callable[[str], None] | None = None) -> None:
+        """SIGTERM, SIGKILL after `grace_s` or at once when SIGINT/SIGTERM comes while it waits (that signal
+        cannot cut the stop short), then remove the container, whatever happened. Says what it does through
+        `log`; safe to call twice."""
         if self.container is None:
             return
-        try:
-            if self.exit_code is None:
-                with contextlib.suppress(*DockerErrors):
-                    self.container.stop(timeout=int(grace_s))
-                    self.poll(force=True)
-        finally:
+        say = log or (lambda message: None)
+        with Shielded(say, "removing the server container now (SIGKILL)") as shield:
             try:
-                self.container.remove(force=True)
-            except NotFound:
-                pass
-            except DockerErrors as exc:
-                raise ServerError(f"could not remove container {self.name}: {exc}; remove it with "
-                                  f"`docker rm -f {self.name}`") from exc
+                if self._running():
+                    self._terminate(grace_s, shield.hurry, say)
+            finally:
+                self._remove(say)
+            self.stop_signalled = shield.signalled
+
+    def _running(self) -> bool:
+        try:
+            return self.poll(force=True) is None and not self.removed
+        except ServerError:
+            return True  # the daemon did not answer: remove() tries once more and says what happened
+
+    def _terminate(self, grace_s: float, hurry: threading.Event, say: Callable[[str], None]) -> None:
+        say(f"stopping the server container {self.name} (SIGTERM, up to {grace_s:.0f} s; "
+            "Ctrl-C again kills it at once)...")
+        t0 = time.perf_counter()
+        with contextlib.suppress(*DockerErrors):
+            self.container.kill(signal="SIGTERM")
+        while time.perf_counter() - t0 < grace_s and not hurry.is_set():
+            if not self._running():
+                say(f"server container stopped: {describe_exit(self.exit_code)}, "
+                    f"{time.perf_counter() - t0:.1f} s after SIGTERM")
+                return
+            time.sleep(POLL_S)
+        say("server container killed (SIGKILL) " + ("at a second Ctrl-C / SIGTERM" if hurry.is_set() else
+                                                    f"{grace_s:.0f} s after SIGTERM, which it did not obey"))
+
+    def _remove(self, say: Callable[[str], None]) -> None:
+        try:
+            self.container.remove(force=True)  # kills it first if it still runs
+        except NotFound:
+            pass
+        except DockerErrors as exc:
+            raise ServerError(f"could not remove container {self.name}: {exc}; remove it with "
+                              f"`docker rm -f {self.name}`") from exc
+        finally:
             if self.monitor is not None:
                 self.monitor.join(timeout=2.0)
 

@@ -109,8 +109,8 @@ def prepare(config: ServeConfig, log: Any) -> DockerContext:
         if removed:
             log(f"docker: removed {removed} stopped harness=server container(s) left by an earlier run")
         if running:
-            log(f"docker: harness=server container(s) still running: {', '.join(running)} "
-                "(remove with: docker rm -f $(docker ps -aq --filter label=harness=server))")
+            log(f"docker: harness=server container(s) still running with no harness command behind them: "
+                f"{', '.join(running)} (remove with: docker rm -f {' '.join(running)})")
         variant = detect_variant(config.device)
         image = vllm_image.ensure(client, variant, log=log)
     except (img.ImageError, wheelhouse.WheelhouseError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -12,6 +13,21 @@ from pathlib import Path
 
 from harness.probe.models import ModelSpec, parse_model
 from harness.serve.config import ConfigError, ServeConfig
+
+PLACEHOLDER = re.compile(r"\{(host|port|model|model_dir)\}")
+
+
+def split_command(option: str, text: str) -> list[str]:
+    """A command line as the shell would split it; ConfigError (one line) on an unbalanced quote."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc} in {text!r}") from None
+
+
+def fill_placeholders(command: str, values: dict[str, str]) -> str:
+    """{host} {port} {model} {model_dir} filled in; every other brace (a shell's ${VAR}, JSON) kept as written."""
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], command)
 
 
 @dataclass(frozen=True)
@@ -151,13 +167,15 @@ def build(config: ServeConfig, runner: str = "local") -> ServerSpec:
         return ServerSpec(argv + vllm_args(config, spec, model_dir), env, served, model_dir)
     if config.engine == "transformers":
         model_dir = model_dir_for(spec, config, weights=True)
-        argv = [*shlex.split(config.transformers_cmd), "serve", model_dir, "--host", config.host,
-                "--port", str(config.port), "--device", config.device]
+        argv = [*split_command("--transformers-cmd", config.transformers_cmd), "serve", model_dir,
+                "--host", config.host, "--port", str(config.port), "--device", config.device]
         if config.dtype:
             argv += ["--dtype", config.dtype]
         return ServerSpec(argv + list(config.extra_args), env, model_dir, model_dir)
     assert config.server_cmd is not None
+    split_command("--server-cmd", config.server_cmd)  # an unbalanced quote: said before the model is made
     model_dir = model_dir_for(spec, config, weights=True)
-    cmd = config.server_cmd.format(host=config.host, port=config.port, model=config.model,
-                                   model_dir=model_dir)
-    return ServerSpec(shlex.split(cmd) + list(config.extra_args), env, config.served_model_name, model_dir)
+    cmd = fill_placeholders(config.server_cmd, {"host": config.host, "port": str(config.port),
+                                                "model": config.model, "model_dir": model_dir})
+    return ServerSpec(split_command("--server-cmd", cmd) + list(config.extra_args), env, config.served_model_name,
+                      model_dir)

@@ -25,7 +25,7 @@ import psutil
 from harness import environment
 from harness.results import ResultsDir, ResultsError
 from harness.serve import engines, metrics, report, startup, timeline
-from harness.serve.client import RequestError, RequestResult, plain_request, stream_request
+from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
 from harness.serve.config import ConfigError, ServeConfig
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import (
@@ -36,9 +36,11 @@ from harness.serve.server import (
     check_model,
     describe_exit,
     mapped_allocators,
+    models_listed,
     process_facts,
 )
 from harness.serve.stacks import StackSampler
+from harness.signals import Shielded
 
 if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
     from harness.serve.docker_server import DockerServer
@@ -124,8 +126,8 @@ class _Session:
             self.sampler.mark(label, "request_end")
             record.update(status="failed", failure=str(exc), failure_kind=exc.kind)
             self._append_request(record)
-            if exc.kind == "transport" and alive is not None:
-                alive()  # raises ServerDiedError with the exit code and log tail when it died
+            if alive is not None:
+                alive()  # raises ServerDiedError (exit code, health, its own error line) when it died
             raise
         record["t_end_s"] = self.sampler.mark(label, "request_end")
         after = metrics.scrape(client, base_url) if before is not None else None
@@ -209,7 +211,7 @@ class _Session:
                        preload_verified=preload_verified(cfg.server_preload, maps))
             self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
             first = self.request_sequence(server.base_url, model, k, t_ready,
-                                          alive=lambda: server.check_alive("the measured requests", grace_s=3.0))
+                                          alive=lambda: server.check_serving("the measured requests"))
             cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
             if cold and first is not None:
                 rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
@@ -225,7 +227,7 @@ class _Session:
         finally:
             self._stop_profiler(profiler, k)
             self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
-            server.stop()
+            server.stop(log=self.log)
             if cache_dir:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             self.sampler.set_root(None)
@@ -243,6 +245,8 @@ class _Session:
                                                 else None})
             self.results.append(STARTUP_FILE, rec)
             self.startups.append(rec)
+        if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
+            raise KeyboardInterrupt
 
     def _stop_profiler(self, profiler: StackSampler | None, k: int) -> None:
         if profiler is None or not profiler.running:
@@ -261,10 +265,10 @@ class _Session:
             with httpx.Client(timeout=10.0) as client:
                 r = client.get(base_url + "/v1/models")
         except httpx.HTTPError as exc:
-            raise ServerError(f"cannot reach {base_url}: {exc!r}") from exc
+            raise ServerError(f"cannot reach {base_url}: {transport_reason(exc)}") from exc
         if r.status_code != 200:
             raise ServerError(f"{base_url}/v1/models answered HTTP {r.status_code}")
-        models = [m.get("id") for m in r.json().get("data", [])]
+        models = models_listed(r, base_url + "/v1/models")
         check_model(expected, models)
         self.sampler.mark("attached", "ready")
         self.request_sequence(base_url, expected, 0, self.sampler.now())
@@ -319,16 +323,25 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
         config = dataclasses.replace(config, runner=runner)
         spec = None if config.attach else engines.build(config, runner)
         results = ResultsDir(config.out)
-        results.ensure_writable()
+        results.lock()  # another command writing the same directory would mix two runs' results
     except (ConfigError, ResultsError) as exc:
         log(f"error: {exc}")
         return ServeOutcome(EXIT_USAGE, str(exc))
+    try:
+        return _prepare_and_run(config, results, spec, docker_setup, log,
+                                {"runner_requested": requested, "runner_reason": why})
+    finally:
+        results.unlock()
+
+
+def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None, docker_setup: Any,
+                     log: Callable[[str], None], runner_info: dict[str, str]) -> ServeOutcome:
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
         log(f"error: {msg}")
         return ServeOutcome(EXIT_USAGE, msg)
     try:
-        docker_ctx = docker_setup.prepare(config, log) if docker_setup and runner == "docker" else None
+        docker_ctx = docker_setup.prepare(config, log) if docker_setup and config.runner == "docker" else None
     except ConfigError as exc:
         log(f"error: {exc}")
         return ServeOutcome(EXIT_USAGE, str(exc))
@@ -336,7 +349,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
         log("interrupted while preparing the vLLM image: nothing was started")
         return ServeOutcome(EXIT_INTERRUPTED, "interrupted")
     try:
-        return _run(config, results, spec, docker_ctx, log, {"runner_requested": requested, "runner_reason": why})
+        return _run(config, results, spec, docker_ctx, log, runner_info)
     finally:
         if docker_ctx is not None:
             docker_ctx.close()
@@ -369,11 +382,14 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         error = _fault_line(exc)
         code = EXIT_FAULT
     except KeyboardInterrupt:
-        error = "interrupted (Ctrl-C / SIGTERM): the server was stopped; measured requests kept"
+        error = "interrupted (Ctrl-C / SIGTERM); measured requests kept"
         code = EXIT_INTERRUPTED
     finally:
         session.sampler.stop()
-    path = session.finish(error)
+    with Shielded(log, "writing the report first") as shield:
+        path = session.finish(error)
+    if shield.signalled and code == EXIT_OK:
+        error, code = "interrupted (Ctrl-C / SIGTERM) while the report was written", EXIT_INTERRUPTED
     if error:
         log(f"error: {error}")
     log(f"wrote {path}")

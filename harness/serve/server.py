@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from typing import Any
 import httpx
 import psutil
 
+from harness.signals import Shielded
+
 ALLOCATOR_LIB = re.compile(r"/\S*lib(tcmalloc|jemalloc|mimalloc|iomp5|gomp)[^/\s]*\.so[.\d]*")
+EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b: \S")  # "RuntimeError: CUDA error: ..."
+ERROR_LINE = re.compile(r"\bERROR\b|\bTraceback\b|\bFATAL\b")
+LOWER_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|WARN)\b")
+KILL_NOW = "killing the server now (SIGKILL)"
 
 
 class ServerError(RuntimeError):
@@ -48,6 +55,29 @@ class HealthTimeoutError(ServerError):
 
 class WrongModelError(ServerError):
     pass
+
+
+def last_error_line(lines: list[str]) -> str | None:
+    """The server's own account of its failure: the last exception line of its log (the root cause rather
+    than vLLM's EngineDeadError that follows it, where the log has both), else its last ERROR line. Lines
+    logged at a lower level (a WARNING that quotes an error) are not errors."""
+    lines = [line for line in lines if not LOWER_LEVEL.search(line)]
+    exceptions = [line for line in lines if EXCEPTION_LINE.search(line)]
+    causes = [line for line in exceptions if "EngineDeadError" not in line]
+    found = causes or exceptions or [line for line in lines if ERROR_LINE.search(line)]
+    return found[-1].strip()[:300] if found else None
+
+
+def models_listed(response: httpx.Response, url: str) -> list[str]:
+    """The model ids of a 200 answer of /v1/models; ServerError when it is not the OpenAI list."""
+    try:
+        data = response.json().get("data", [])
+        return [m.get("id") for m in data]
+    except (ValueError, AttributeError, TypeError):
+        head = " ".join(response.text.split())[:80]
+        raise ServerError(f"{url} answered 200 but not JSON with a model list "
+                          f"({response.headers.get('content-type') or 'no content type'}: {head!r}): "
+                          "is this an OpenAI-compatible server?") from None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -159,6 +189,25 @@ class ReadinessMixin:
     def log_tail(self, n: int = 25) -> list[str]:
         raise NotImplementedError
 
+    def died(self, what: str, exit_code: int | None) -> ServerDiedError:
+        """ServerDiedError saying `what`, with the server's own last error line and its log tail."""
+        tail = self.log_tail()
+        cause = last_error_line([line for _, line in self.lines])
+        return ServerDiedError(what + (f"; its last error: {cause}" if cause else ""), exit_code, tail)
+
+    def check_serving(self, during: str) -> None:
+        """After a failed request: raises ServerDiedError when the server exited or no longer answers
+        /health with 200 (an engine that died under a live API server), naming its own last error."""
+        self.check_alive(during)
+        try:
+            with httpx.Client(timeout=5.0) as client:
+                status = client.get(self.base_url + "/health").status_code
+        except httpx.HTTPError:
+            self.check_alive(during, grace_s=3.0)  # a refused connection comes before the exit is seen
+            raise self.died(f"server stopped serving during {during}: /health does not answer", None) from None
+        if status != 200:
+            raise self.died(f"server stopped serving during {during}: /health answered {status}", None)
+
     def wait_ready(self, timeout_s: float, expected_model: str | None) -> Readiness:
         """Polls /health then /v1/models; raises on death, timeout or a model the server lacks."""
         deadline = time.perf_counter() + timeout_s
@@ -177,7 +226,7 @@ class ReadinessMixin:
                         r = client.get(self.base_url + "/v1/models")
                         if r.status_code == 200:
                             models_s = self.since_spawn()
-                            models = [m.get("id") for m in r.json().get("data", [])]
+                            models = models_listed(r, self.base_url + "/v1/models")
                             check_model(expected_model, models)
                             return Readiness(health_s, models_s, models)
                 except httpx.TransportError:
@@ -198,6 +247,7 @@ class LocalServer(ReadinessMixin):
     proc: subprocess.Popen[bytes] | None = None
     t_spawn: float = 0.0
     exit_code: int | None = None
+    stop_signalled: int | None = None  # a SIGINT/SIGTERM that arrived while stopping (it killed at once)
 
     @property
     def pid(self) -> int | None:
@@ -240,30 +290,64 @@ class LocalServer(ReadinessMixin):
                 self.proc.wait(timeout=grace_s)
         code = self.poll()
         if code is not None:
-            raise ServerDiedError(f"server {describe_exit(code)} during {during}", code, self.log_tail())
+            raise self.died(f"server {describe_exit(code)} during {during}", code)
 
     def pids(self) -> list[int]:
         return [p.pid for p in process_tree(self.pid)] if self.pid else []
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM to the whole group, SIGKILL after `grace_s`. Safe to call twice."""
+    def stop(self, grace_s: float = 20.0, log: Callable[[str], None] | None = None) -> None:
+        """SIGTERM to the whole group, SIGKILL after `grace_s`, or at once when SIGINT/SIGTERM comes
+        while it waits (that signal cannot cut the stop short: `stop_signalled` keeps it). Says what it
+        does and what happened through `log`. Safe to call twice."""
         if self.proc is None:
             return
+        say = log or (lambda message: None)
         pgid = self.proc.pid
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
+        if not _group_alive(pgid):
+            self.poll()
+            return
+        with Shielded(say, KILL_NOW) as shield:
+            t0 = time.perf_counter()
+            say(f"stopping the server (SIGTERM to its process group, up to {grace_s:.0f} s; "
+                "Ctrl-C again kills it at once)...")
+            _signal_group(pgid, signal.SIGTERM)
+            if self._wait_group(pgid, grace_s, shield.hurry):
+                say(f"server stopped: {describe_exit(self.exit_code)}, {time.perf_counter() - t0:.1f} s after "
+                    "SIGTERM")
+            else:
+                self._kill(pgid, self._kill_reason(shield.hurry.is_set(), grace_s), say)
+            self.stop_signalled = shield.signalled
+
+    def _kill_reason(self, hurried: bool, grace_s: float) -> str:
+        if hurried:
+            return "at a second Ctrl-C / SIGTERM"
+        if self.poll() is None:
+            return f"{grace_s:.0f} s after SIGTERM, which it did not obey"
+        return f"(its main process {describe_exit(self.exit_code)}, other processes of its group did not)"
+
+    def _kill(self, pgid: int, why: str, say: Callable[[str], None]) -> None:
+        _kill_group(pgid)
+        if self._wait_group(pgid, 10.0, None):
+            say(f"server killed (SIGKILL) {why}")
+        else:
+            say(f"server processes still running after SIGKILL: PIDs {', '.join(map(str, group_members(pgid)))}")
+
+    def _wait_group(self, pgid: int, timeout_s: float, hurry: threading.Event | None,
+                    orphans_s: float = 2.0) -> bool:
+        """True once no process of the group is left; False after `timeout_s`, when `hurry` is set, or when
+        processes outlive the main one by `orphans_s`."""
+        deadline = time.perf_counter() + timeout_s
+        leader_gone_at = None
+        while True:
+            if self.poll() is not None and leader_gone_at is None:  # polling reaps the main process
+                leader_gone_at = time.perf_counter()
             if not _group_alive(pgid):
-                break
-            time.sleep(0.5)
-        _kill_group(pgid)  # engine children that outlived their parent
-        self.poll()
+                return True
+            now = time.perf_counter()
+            if now > deadline or (hurry is not None and hurry.is_set()) or (
+                    leader_gone_at is not None and now - leader_gone_at > orphans_s):
+                return False
+            time.sleep(0.1)
 
     def __enter__(self) -> LocalServer:
         self.start()
@@ -302,6 +386,10 @@ def _group_alive(pgid: int) -> bool:
     return bool(group_members(pgid))
 
 
-def _kill_group(pgid: int) -> None:
+def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
+
+
+def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)

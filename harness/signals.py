@@ -1,0 +1,81 @@
+"""SIGINT and SIGTERM handled alike, and clean-up that a further signal cannot cut short.
+
+Ctrl-C raises KeyboardInterrupt; every command turns SIGTERM into the same exception, so the code that
+cleans up after Ctrl-C (kill the probes, remove the containers, stop the server) runs for both. While
+that clean-up runs, a second signal must not interrupt it (that left servers running): `Shielded`
+swallows further signals and sets `hurry`, so the clean-up can stop waiting and kill at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_of(command: Callable[[], int]) -> int:
+    """Runs a command with SIGTERM handled as Ctrl-C. An interrupt that its own clean-up let through (a
+    second Ctrl-C at an unlucky moment) still ends in one line and exit code 130, never a traceback."""
+    with sigterm_as_interrupt():
+        try:
+            return command()
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C / SIGTERM)", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+
+
+class Shielded:
+    """`with Shielded(log, "killing the server now (SIGKILL)") as shield:` — inside, SIGINT and SIGTERM do
+    not raise: the first one logs "<SIGNAL> received: <on_signal>" and sets `shield.hurry`; `signalled`
+    keeps it, so the caller can act on it once the clean-up is done. Outside the main thread (where Python
+    delivers no signals) it does nothing."""
+
+    def __init__(self, log: Callable[[str], None] | None = None, on_signal: str = "") -> None:
+        self.log = log or (lambda message: None)
+        self.on_signal = on_signal
+        self.hurry = threading.Event()
+        self.signalled: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signalled is None:
+            self.signalled = signum
+            self.log(f"{signal.Signals(signum).name} received: {self.on_signal}" if self.on_signal else
+                     f"{signal.Signals(signum).name} received: finishing the clean-up first")
+        self.hurry.set()
+
+    def __enter__(self) -> Shielded:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
