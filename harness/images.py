@@ -207,25 +207,31 @@ def ensure_allocator(client: docker.DockerClient, allocator: str, variant: str, 
     image = _image(client, tag)
     fresh = (image is not None and not rebuild and image.labels.get(LABEL + "probe_image_id") == common.id)
     if not fresh:
-        context = allocator_context()
-        args = {"PROBE_IMAGE": tag_for("common", variant), "ALLOCATOR": allocator}
-        labels = {LABEL + "probe_image_id": common.id}
-        if allocator == "glibc":
-            image = _build(client, context, "allocator.Dockerfile", tag, "plain", args, labels, log)
-        else:
-            if allocator not in PACKAGES:
-                raise ImageError(f"no image recipe for allocator {allocator!r} (known: {', '.join(KNOWN)})")
-            package, soname = PACKAGES[allocator]
-            args["ALLOCATOR_PACKAGE"] = package
-            stage = f"{REPOSITORY}-stage:{allocator}" + ("-cuda" if variant == "cuda" else "")
-            _build(client, context, "allocator.Dockerfile", stage, "packaged", args, None, log)
-            real = _run_once(client, stage, ["sh", "-c",
-                                             f'readlink -f "/usr/lib/$(uname -m)-linux-gnu/{soname}"'])
-            args["ALLOCATOR_LIB"] = real
-            image = _build(client, context, "allocator.Dockerfile", tag, "preload", args, labels, log)
-            client.images.remove(stage, noprune=True)
+        stage = f"{REPOSITORY}-stage:{allocator}" + ("-cuda" if variant == "cuda" else "")
+        image = build_allocator_layer(client, tag_for("common", variant), allocator, tag, stage,
+                                      {LABEL + "probe_image_id": common.id}, log)
     library = _env(image, "LD_PRELOAD") or None
     return ProbeImage(allocator, tag, image.id, library, dict(image.labels or {}))
+
+
+def build_allocator_layer(client: docker.DockerClient, base: str, allocator: str, tag: str, stage: str,
+                          labels: dict[str, str], log: Log) -> Any:
+    """`tag` = image `base` + one allocator layer (allocator.Dockerfile): nothing for glibc; else the
+    allocator's Debian package and LD_PRELOAD set to its real, versioned library file."""
+    context = allocator_context()
+    args = {"PROBE_IMAGE": base, "ALLOCATOR": allocator}
+    if allocator == "glibc":
+        return _build(client, context, "allocator.Dockerfile", tag, "plain", args, labels, log)
+    if allocator not in PACKAGES:
+        raise ImageError(f"no image recipe for allocator {allocator!r} (known: {', '.join(KNOWN)})")
+    package, soname = PACKAGES[allocator]
+    args["ALLOCATOR_PACKAGE"] = package
+    _build(client, context, "allocator.Dockerfile", stage, "packaged", args, None, log)
+    real = _run_once(client, stage, ["sh", "-c", f'readlink -f "/usr/lib/$(uname -m)-linux-gnu/{soname}"'])
+    args["ALLOCATOR_LIB"] = real
+    image = _build(client, context, "allocator.Dockerfile", tag, "preload", args, labels, log)
+    client.images.remove(stage, noprune=True)
+    return image
 
 
 def allocator_context() -> Path:
@@ -303,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild even when the images are current")
     p.add_argument("--no-driver", action="store_true", help="skip harness-driver (compose's alloc services)")
     p.add_argument("--vllm", action="store_true",
-                   help="also the vLLM server image (CPU: build harness-vllm:cpu; cuda: pull vllm/vllm-openai)")
+                   help="also the vLLM server image (CPU: build harness-vllm:cpu and harness-vllm:cpu-<allocator> "
+                        "for --allocators; cuda: pull vllm/vllm-openai)")
     p.add_argument("--vllm-only", action="store_true", help="only the vLLM server image")
     args = p.parse_args(argv)
     client = docker.from_env(timeout=1800)
@@ -319,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
 
             server = vllm_image.ensure(client, variant_for(args.device), args.rebuild, pull=True)
             print(f"images: {server.tag:28} {server.id[:19]}")
+            if server.variant == "cpu":  # serve --allocators: one server image per allocator
+                for name in args.allocators.split(","):
+                    arm = vllm_image.ensure_allocator(client, server, name, args.rebuild)
+                    print(f"images: {arm.tag:28} {arm.id[:19]}  LD_PRELOAD={arm.library or '-'}")
     except (ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")
         return 1

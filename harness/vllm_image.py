@@ -32,6 +32,9 @@ CONTEXT_DIR = img.REPO_ROOT / "build" / "vllm-context"
 EXCLUDE = ("torchvision", "torchaudio", "torchcodec", "triton")
 # The official image's ENTRYPOINT is `vllm serve MODEL`; the harness passes --model like on CPU.
 CUDA_ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# Allocator images: the server image + one allocator layer (docker/allocator.Dockerfile, as the probe images).
+ALLOCATOR_REPOSITORY = "harness-vllm"
+SERVER_ID_LABEL = img.LABEL + "server_image_id"
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,17 @@ class VllmImage:
     variant: str  # "cpu" | "cuda"
     entrypoint: list[str] | None  # None: the image's own
     labels: dict[str, str] = field(default_factory=dict)
+    allocator: str | None = None  # an allocator image (`harness-vllm:<variant>-<allocator>`)
+    library: str | None = None  # its LD_PRELOAD; None for glibc and for the server image itself
 
     def describe(self) -> dict[str, Any]:
         wheels = self.labels.get(img.LABEL + "wheels")
         return {"tag": self.tag, "id": self.id, "variant": self.variant,
                 "fingerprint": self.labels.get(img.LABEL + "fingerprint"),
                 "base_id": self.labels.get(img.LABEL + "base_id"),
-                "wheels": json.loads(wheels) if wheels else None}
+                "wheels": json.loads(wheels) if wheels else None,
+                **({"allocator": self.allocator, "ld_preload": self.library,
+                    "server_image_id": self.labels.get(SERVER_ID_LABEL)} if self.allocator else {})}
 
 
 def fingerprint(base_id: str) -> str:
@@ -149,22 +156,44 @@ def ensure(client: docker.DockerClient, variant: str, rebuild: bool = False, log
     return cuda_image(client, pull, log) if variant == "cuda" else build_cpu(client, rebuild, log)
 
 
+def allocator_tag(variant: str, allocator: str) -> str:
+    return f"{ALLOCATOR_REPOSITORY}:{variant}-{allocator}"
+
+
+def ensure_allocator(client: docker.DockerClient, server: VllmImage, allocator: str, rebuild: bool = False,
+                     log: img.Log = print) -> VllmImage:
+    """`harness-vllm:<variant>-<allocator>`: `server` plus the allocator layer, identical but for it;
+    (re)built when missing, stale (another server image under it) or asked."""
+    tag = allocator_tag(server.variant, allocator)
+    image = img._image(client, tag)
+    if image is None or rebuild or image.labels.get(SERVER_ID_LABEL) != server.id:
+        stage = f"harness-vllm-stage:{server.variant}-{allocator}"
+        image = img.build_allocator_layer(client, server.tag, allocator, tag, stage, {SERVER_ID_LABEL: server.id},
+                                          log)
+    return VllmImage(tag, image.id, server.variant, server.entrypoint, dict(image.labels or {}), allocator,
+                     img._env(image, "LD_PRELOAD") or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m harness.vllm_image", description=__doc__)
     p.add_argument("--device", default="cpu", help="cpu (build harness-vllm:cpu) or cuda (the official image)")
     p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--allocators", default="",
+                   help="also harness-vllm:<variant>-<allocator> for these, e.g. glibc,jemalloc,tcmalloc,mimalloc")
     args = p.parse_args(argv)
     client = docker.from_env(timeout=1800)
     try:
         image = ensure(client, img.variant_for(args.device), args.rebuild, pull=True)
+        arms = [ensure_allocator(client, image, a, args.rebuild) for a in args.allocators.split(",") if a]
     except (img.ImageError, wheelhouse.WheelhouseError) as exc:
         print(f"images: {exc}")
         return 1
     finally:
         client.close()
-    print(f"images: {image.tag:28} {image.id[:19]}")
+    for built in (image, *arms):
+        print(f"images: {built.tag:28} {built.id[:19]}  LD_PRELOAD={built.library or '-'}")
     return 0
 
 

@@ -17,6 +17,9 @@ def config_from_options(**kw: Any) -> ServeConfig:
     kw["idle_gaps"] = parse_gaps(kw.pop("idle_gaps"))
     kw["extra_args"] = tuple(kw.pop("server_arg") or ())
     kw["sampler"] = kw.pop("sampler")
+    kw["allocators"] = tuple(a.strip() for a in (kw.pop("allocators") or "").split(",") if a.strip())
+    kw["allocator_lib"] = tuple(kw.pop("allocator_lib") or ())
+    kw["allocator_env"] = tuple(kw.pop("allocator_env") or ())
     return ServeConfig(**kw)
 
 
@@ -34,7 +37,8 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--server-cmd", default=None,
               help="Any OpenAI-compatible server ({host} {port} {model} {model_dir} are filled in); "
                    "implies --engine custom.")
-@click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1), help="Fresh servers.")
+@click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1),
+              help="Fresh servers (with --allocators: rounds, one server per allocator each).")
 @click.option("--warm-requests", default=5, show_default=True, type=click.IntRange(0),
               help="Requests right after the cold one, per server.")
 @click.option("--idle-gaps", default=None,
@@ -68,6 +72,13 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--server-preload", default=None, metavar="LIB",
               help="LD_PRELOAD for the server (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2); "
                    "verified in /proc/<pid>/maps and reported.")
+@click.option("--allocators", default=None, metavar="NAMES",
+              help="Compare allocators, e.g. glibc,jemalloc[,tcmalloc,mimalloc]: every round (--cold-starts "
+                   "rounds) starts one fresh server per allocator, order rotated each round, each server's "
+                   "allocator verified in its API server and engine core (/proc/PID/maps); ratios vs glibc.")
+@click.option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
+@click.option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
+              help="Environment for one allocator's servers, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
 @click.option("--profile-startup", is_flag=True,
               help="Sample the server's Python stacks (py-spy dump) from spawn to /health and name what it "
                    "does in each silent stretch of its log (needs root or ptrace_scope 0).")

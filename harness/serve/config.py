@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from harness.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
 RUNNERS = ("local", "docker", "auto")
@@ -63,6 +65,11 @@ class ServeConfig:
     server_preload: str | None = None  # LD_PRELOAD for the server tree (e.g. libjemalloc.so.2)
     profile_startup: bool = False  # sample the server tree's Python stacks (py-spy) until it is ready
     stack_hz: float = 2.0
+    # Allocator comparison: each round starts one fresh server per allocator (order rotated by round);
+    # empty: one server per cold start under the launcher's own allocator, as before.
+    allocators: tuple[str, ...] = ()
+    allocator_lib: tuple[str, ...] = ()  # NAME=PATH, as `harness alloc --allocator-lib`
+    allocator_env: tuple[str, ...] = ()  # NAME:VAR=VALUE, as `harness alloc --allocator-env`
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -95,6 +102,38 @@ class ServeConfig:
                                 ("--request-timeout", self.request_timeout_s)):
             if not seconds > 0:
                 raise ConfigError(f"{option} must be positive seconds, got {seconds:g}")
+        self._validate_allocators()
+
+    def _validate_allocators(self) -> None:
+        if not self.allocators:
+            if self.allocator_lib or self.allocator_env:
+                raise ConfigError("--allocator-lib and --allocator-env apply to --allocators arms: add --allocators")
+            return
+        if self.url:
+            raise ConfigError("--allocators starts its own servers: it cannot attach (--url)")
+        if self.server_preload:
+            raise ConfigError("--allocators sets each server's LD_PRELOAD itself: leave out --server-preload")
+        try:
+            resolve(list(self.allocators), parse_allocator_libs(self.allocator_lib),
+                    parse_allocator_envs(self.allocator_env), check_files=False)
+        except AllocatorError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def arms(self, check_files: bool = True) -> list[Allocator]:
+        """The allocator arms (library paths checked here when `check_files`; the docker runner's come
+        from its images)."""
+        try:
+            return resolve(list(self.allocators), parse_allocator_libs(self.allocator_lib),
+                           parse_allocator_envs(self.allocator_env), check_files=check_files)
+        except AllocatorError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @property
+    def baseline(self) -> str | None:
+        """glibc when it is an arm, else the first: every ratio is against it (as in `harness alloc`)."""
+        if not self.allocators:
+            return None
+        return "glibc" if "glibc" in self.allocators else self.allocators[0]
 
     @property
     def attach(self) -> bool:
@@ -108,7 +147,7 @@ class ServeConfig:
         """A config back from config.json (keys it does not know, e.g. runner_reason, are left out)."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in known}
-        for key in ("idle_gaps", "extra_args"):
+        for key in ("idle_gaps", "extra_args", "allocators", "allocator_lib", "allocator_env"):
             if key in kw:
                 kw[key] = tuple(kw[key] or ())
         return cls(**kw)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from docker.types import Mount
 
 from harness import images as img
 from harness import vllm_image, wheelhouse
+from harness.allocators import Allocator, parse_allocator_envs, parse_allocator_libs
 from harness.runners.base import RunnerError
 from harness.runners.docker_runner import _can_build_cpu_base, connect
 from harness.serve.config import ConfigError, ServeConfig
@@ -78,11 +79,13 @@ def choose_runner(config: ServeConfig) -> tuple[str, str]:
 
 @dataclass
 class DockerContext:
-    """The engine client and the server image, for the whole serve run."""
+    """The engine client and the server image (and, with --allocators, one image per allocator), for the
+    whole serve run."""
 
     client: docker.DockerClient
     image: vllm_image.VllmImage
     variant: str
+    arm_images: dict[str, vllm_image.VllmImage] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         try:
@@ -90,9 +93,27 @@ class DockerContext:
             info = self.client.info()
         except DockerErrors:
             version, info = {}, {}
-        return {"engine": version.get("Version"), "api": version.get("ApiVersion"),
-                "cgroup": info.get("CgroupVersion"), "cgroup_driver": info.get("CgroupDriver"),
-                "runtimes": sorted(info.get("Runtimes") or {}), "image": self.image.describe()}
+        out = {"engine": version.get("Version"), "api": version.get("ApiVersion"),
+               "cgroup": info.get("CgroupVersion"), "cgroup_driver": info.get("CgroupDriver"),
+               "runtimes": sorted(info.get("Runtimes") or {}), "image": self.image.describe()}
+        if self.arm_images:
+            out["allocator_images"] = {name: image.describe() for name, image in self.arm_images.items()}
+        return out
+
+    def image_for(self, arm: Allocator | None) -> vllm_image.VllmImage:
+        return self.image if arm is None else self.arm_images[arm.name]
+
+    def arms(self, config: ServeConfig) -> list[Allocator]:
+        """The --allocators arms with the library each image preloads; ConfigError where --allocator-lib
+        names another (an image cannot preload a host path)."""
+        libs = parse_allocator_libs(config.allocator_lib)
+        envs = parse_allocator_envs(config.allocator_env)
+        for name, path in libs.items():
+            image = self.arm_images.get(name)
+            if image is not None and path != image.library:
+                raise ConfigError(f"--allocator-lib {name}={path} cannot apply to --runner docker: the image "
+                                  f"{image.tag} preloads {image.library}")
+        return [Allocator(name, self.arm_images[name].library, envs.get(name, {})) for name in config.allocators]
 
     def close(self) -> None:
         self.client.close()
@@ -113,13 +134,14 @@ def prepare(config: ServeConfig, log: Any) -> DockerContext:
                 f"{', '.join(running)} (remove with: docker rm -f {' '.join(running)})")
         variant = detect_variant(config.device)
         image = vllm_image.ensure(client, variant, log=log)
+        arm_images = {name: vllm_image.ensure_allocator(client, image, name, log=log) for name in config.allocators}
     except (img.ImageError, wheelhouse.WheelhouseError) as exc:
         client.close()
         raise ConfigError(f"vLLM server image unavailable: {exc}") from exc
     except DockerErrors as exc:
         client.close()
         raise ConfigError(f"Docker daemon error: {exc}") from exc
-    return DockerContext(client, image, variant)
+    return DockerContext(client, image, variant, arm_images)
 
 
 def _hf_cache_mount() -> tuple[list[Mount], dict[str, str]]:
@@ -129,8 +151,11 @@ def _hf_cache_mount() -> tuple[list[Mount], dict[str, str]]:
     return [Mount("/hf", str(hf_home.resolve()), type="bind", read_only=True)], {"HF_HOME": "/hf"}
 
 
-def container_spec(config: ServeConfig, spec: ServerSpec, ctx: DockerContext) -> ContainerSpec:
-    """Image, arguments, environment and mounts of one server container."""
+def container_spec(config: ServeConfig, spec: ServerSpec, ctx: DockerContext,
+                   image: vllm_image.VllmImage | None = None) -> ContainerSpec:
+    """Image (the server image, or `image`: an allocator's), arguments, environment and mounts of one
+    server container."""
+    image = image or ctx.image
     env = dict(spec.env)
     mounts: list[Mount] = []
     if spec.model_dir and os.path.isdir(spec.model_dir):
@@ -143,6 +168,6 @@ def container_spec(config: ServeConfig, spec: ServerSpec, ctx: DockerContext) ->
     if config.compile_cache == "shared":  # "fresh" is what a new container has anyway
         SHARED_COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
         mounts.append(Mount("/root/.cache/vllm", str(SHARED_COMPILE_CACHE), type="bind"))
-    return ContainerSpec(ctx.image.id, list(spec.argv), env, mounts, ctx.image.entrypoint,
+    return ContainerSpec(image.id, list(spec.argv), env, mounts, image.entrypoint,
                          gpus=ctx.variant == "cuda", seccomp_unconfined=ctx.variant == "cpu")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.results import ResultsDir
-from harness.serve import startup, timeline
+from harness.serve import comparison, startup, timeline
 from harness.serve.config import ServeConfig
 from harness.serve.timeline import Timeline
 from harness.stats import Summary, summarize
@@ -226,6 +226,16 @@ def memory_section(sampler: Timeline) -> list[str]:
     return lines
 
 
+def allocator_check_line(record: dict[str, Any]) -> str:
+    """What each process of the server tree mapped as its malloc, and the verdict."""
+    check = record["allocator_check"]
+    procs = "; ".join(f"{p['role']} (pid {p['pid']}): "
+                      f"{', '.join(lib.rsplit('/', 1)[-1] for lib in p['malloc']) or 'glibc malloc'}"
+                      for p in check.get("processes") or [])
+    verdict = "verified" if check.get("verified") else f"NOT verified — {check.get('reason')}"
+    return f"Allocator {record.get('allocator')}: {verdict}. Malloc per process: {procs or 'none read'}."
+
+
 def _f0(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
@@ -238,15 +248,24 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
         out += [f"**Run stopped early:** {error}", ""]
     where = (f"attached to {config.url}" if config.attach
              else f"{config.cold_starts} fresh server(s), runner {config.runner}")
+    if config.allocators:
+        where = (f"{config.cold_starts} round(s) of {len(config.allocators)} fresh servers (one per allocator), "
+                 f"runner {config.runner}")
     gaps = f", idle gaps {list(config.idle_gaps)} s" if config.idle_gaps else ""
     out += [f"{where}; {config.warm_requests} warm request(s) per server, max_tokens {config.max_tokens}, "
             f"mode {config.request_mode}{gaps}.", ""]
+    if config.allocators and config.baseline:
+        order = list(config.allocators)
+        comparison.write(results, startups, requests, order, config.baseline)
+        out += comparison.section(startups, requests, order, config.baseline, config.cold_starts)
 
     out += ["## Cold vs warm wall time (as the seed's curl)", "",
             "| server | cold_req_real_s | warm_req_real_s | first/second |", "|---|---|---|---|"]
     for s, a, b, ratio in drop_ratios(requests, "wall_s"):
         out.append(f"| {s} | {a:.4f} | {b:.4f} | {ratio:.2f}× |")
     out += ["", "## Latency (cold = first request on a fresh server; warm = the ones right after)", ""]
+    if config.allocators:
+        out += ["All allocators' servers together, failed ones included; per allocator: see Allocators.", ""]
     out += latency_table(requests) + [""]
     drops = drop_ratios(requests, key)
     if drops:
@@ -263,7 +282,8 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     if config.attach:
         out += ["Attached to a running server: no start-up figures.", ""]
     for st in startups:
-        out.append(f"### Server {st['server']} ({st.get('status')})")
+        arm = f", {st['allocator']}, round {st.get('round', 0) + 1}" if st.get("allocator") else ""
+        out.append(f"### Server {st['server']} ({st.get('status')}{arm})")
         out.append("")
         cache = st.get("compile_cache") or {}
         if cache.get("mode"):
@@ -278,7 +298,7 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
             out += ["", f"Fault: {st['failure']}" + (f" — server {st['exit']}" if st.get("exit") else "")]
             if st.get("log_tail"):
                 out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st["log_tail"]], "```"]
-            else:
+            elif st.get("fault") != "AllocatorMismatchError":
                 out += ["", "The server had logged nothing."]
         out += ["", *phase_table(st), "",
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "
@@ -298,11 +318,14 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
                            + ("mapped by every server process." if ok else "NOT mapped by every server process "
                               "(see startup.jsonl allocators_mapped)."))
             out.append("")
+        if st.get("allocator_check"):
+            out += [allocator_check_line(st), ""]
 
     out += ["## Memory timeline", "", *memory_section(sampler), ""]
     out += ["## What this means for SLOs", "", slo_paragraph(requests, startups, key), ""]
     out += ["Raw data: `requests.jsonl`, `startup.jsonl`, `server-*.log`, `config.json`, "
-            "`environment.json`.", ""]
+            "`environment.json`" + (f", `{comparison.CSV_FILE.split('/')[-1]}`" if config.allocators else "")
+            + ".", ""]
     return results.write_text(REPORT_FILE, "\n".join(out))
 
 
@@ -319,5 +342,8 @@ def rebuild(results: ResultsDir) -> Path:
         results.write_text(STARTUP_FILE, "".join(results.dumps(r) + "\n" for r in startups))
     snapshot = timeline.load(results)
     timeline.plot(results.path(timeline.PNG_FILE), snapshot, startups)
-    error = next((s.get("failure") for s in startups if s.get("failure")), None)
+    failures = [s.get("failure") for s in startups if s.get("failure")]
+    # A comparison goes on past a failed server (its section lists them); a plain run stops at the first.
+    stopped = failures and (not config.allocators or len(failures) == len(startups))
+    error = failures[0] if stopped else None
     return write(results, config, requests, startups, snapshot, error)

@@ -23,8 +23,10 @@ import httpx
 import psutil
 
 from harness import environment
+from harness.allocators import Allocator
 from harness.results import ResultsDir, ResultsError
-from harness.serve import engines, metrics, report, startup, timeline
+from harness.serve import allocation, engines, metrics, report, startup, timeline
+from harness.serve.allocation import AllocatorMismatchError
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
 from harness.serve.config import ConfigError, ServeConfig
 from harness.serve.sampler import MemorySampler
@@ -98,6 +100,8 @@ class _Session:
         self.startups: list[dict[str, Any]] = []
         self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
         self.has_metrics = True  # switched off after the first scrape finds no TTFT histogram
+        self.request_tags: dict[str, Any] = {"allocator": None}  # the arm of the server being measured
+        self.failed_arms: dict[str, str] = {}  # allocator -> why its server did not run under it
 
     # --- requests -----------------------------------------------------------------------------
     def one_request(self, client: httpx.Client, base_url: str, model: str, server: int, index: int, kind: str,
@@ -116,7 +120,7 @@ class _Session:
             "schema": "serve-request/1", "server": server, "index": index, "kind": kind, "idle_gap_s": gap,
             "mode": cfg.request_mode, "engine": cfg.engine, "model": model, "max_tokens": cfg.max_tokens,
             "started_at": started_at, "t_start_s": t_start,
-            "since_ready_s": None if ready_t is None else t_start - ready_t,
+            "since_ready_s": None if ready_t is None else t_start - ready_t, **self.request_tags,
         }
         try:
             fn = stream_request if cfg.request_mode == "stream" else plain_request
@@ -159,7 +163,10 @@ class _Session:
         return first
 
     # --- one fresh server ---------------------------------------------------------------------
-    def cold_start(self, k: int, spec: engines.ServerSpec) -> None:
+    def cold_start(self, k: int, spec: engines.ServerSpec, arm: Allocator | None = None,
+                   round_: int | None = None, position: int | None = None) -> None:
+        """One fresh server: start, ready, (its allocator checked,) the request sequence, stop. Appends its
+        start-up record whatever happens; raises ServerError / RequestError after recording a fault."""
         cfg = self.config
         log_path = self.results.path(f"serve/server-{k}.log")
         env = dict(spec.env)
@@ -174,18 +181,24 @@ class _Session:
             from harness.serve.docker_server import DockerServer
             from harness.serve.docker_setup import container_spec
 
-            server = DockerServer(self.docker.client, container_spec(cfg, spec, self.docker),
+            server = DockerServer(self.docker.client,
+                                  container_spec(cfg, spec, self.docker, self.docker.image_for(arm)),
                                   cfg.host, cfg.port, log_path)
         else:
             server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
         rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
                                "runner": cfg.runner, "argv": spec.argv, "started_at": _now_iso(),
-                               "log": f"serve/server-{k}.log"}
+                               "log": f"serve/server-{k}.log", "allocator": arm.name if arm else None}
+        if arm is not None:
+            rec.update(round=round_, position=position, allocator_library=arm.library, allocator_env=arm.env)
+        self.request_tags = {"allocator": rec["allocator"], **({"round": round_} if arm is not None else {})}
         ready = None
+        t_spawn: float | None = None
         profiler: StackSampler | None = None
         try:
-            where = f" in a container of {self.docker.image.tag}" if self.docker else ""
-            self.log(f"server {k}: starting {cfg.engine}{where} on {cfg.host}:{cfg.port}")
+            where = f" in a container of {self.docker.image_for(arm).tag}" if self.docker else ""
+            under = f" under {arm.name}" if arm is not None else ""
+            self.log(f"server {k}: starting {cfg.engine}{under}{where} on {cfg.host}:{cfg.port}")
             t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
             server.start()
             rec["pid"] = server.pid
@@ -210,6 +223,8 @@ class _Session:
                        server_preload=cfg.server_preload,
                        preload_verified=preload_verified(cfg.server_preload, maps))
             self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
+            if arm is not None:
+                self._check_allocator(k, arm, server, pids, rec)
             first = self.request_sequence(server.base_url, model, k, t_ready,
                                           alive=lambda: server.check_serving("the measured requests"))
             cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
@@ -226,8 +241,10 @@ class _Session:
             raise
         finally:
             self._stop_profiler(profiler, k)
-            self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
+            t_stop = self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
             server.stop(log=self.log)
+            if t_spawn is not None:
+                rec["memory_peaks"] = timeline.peaks(self.sampler.rows, t_spawn, t_stop)
             if cache_dir:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             self.sampler.set_root(None)
@@ -247,6 +264,48 @@ class _Session:
             self.startups.append(rec)
         if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
             raise KeyboardInterrupt
+
+    def _check_allocator(self, k: int, arm: Allocator, server: LocalServer | DockerServer, pids: list[int],
+                         rec: dict[str, Any]) -> None:
+        """Raises AllocatorMismatchError (the server is then stopped, recorded failed and never counted)
+        unless every serving process of the tree runs under `arm`."""
+        check = allocation.check_server(arm, pids, server.pid, server.lines, self.config.engine,
+                                        host_pids_in_log=self.docker is None)
+        rec["allocator_check"] = check
+        if not check["verified"]:
+            raise AllocatorMismatchError(check["reason"])
+        roles = sorted({p["role"] for p in check["processes"] if p.get("verified")})
+        self.log(f"server {k}: {arm.name} verified in {', '.join(roles)} (/proc/PID/maps)")
+
+    def compare_allocators(self, spec: engines.ServerSpec, arms: list[Allocator],
+                           rule: allocation.FixedRounds) -> str | None:
+        """Rounds of one fresh server per arm, order rotated each round, until `rule` ends them. A server
+        that fails is recorded and the next one starts; an arm whose server ran under another allocator is
+        left out of later rounds (its launcher does the same every time). Returns why the comparison
+        stopped early, or None."""
+        k = 0
+        for r in rule.rounds():
+            order = [arm for arm in allocation.rotated(arms, r) if arm.name not in self.failed_arms]
+            if not order:
+                return "no allocator arm is left: " + "; ".join(self.failed_arms.values())
+            self.log(f"round {r + 1}: {', '.join(arm.name for arm in order)}")
+            for i, arm in enumerate(order):
+                if not rule.may_start(len(order) - i, self.startups):
+                    return None
+                try:
+                    self.cold_start(k, allocation.arm_spec(spec, arm, self.config.runner), arm, r, i)
+                except AllocatorMismatchError as exc:
+                    self.failed_arms[arm.name] = str(exc)
+                    self.log(f"server {k}: {exc}; not counted, and {arm.name} is left out of later rounds")
+                except (ServerError, RequestError) as exc:
+                    self.log(f"server {k} ({arm.name}) failed, not counted: {_fault_line(exc)}")
+                k += 1
+            if r == 0 and not any(s["status"] == "ok" for s in self.startups):
+                return "every server of the first round failed: " + "; ".join(
+                    sorted({s.get("failure") or "?" for s in self.startups}))
+            if rule.round_done(r, self.startups):
+                return None
+        return None
 
     def _stop_profiler(self, profiler: StackSampler | None, k: int) -> None:
         if profiler is None or not profiler.running:
@@ -322,6 +381,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
             log(f"runner auto: {runner} ({why})")
         config = dataclasses.replace(config, runner=runner)
         spec = None if config.attach else engines.build(config, runner)
+        arms = config.arms(check_files=True) if config.allocators and runner == "local" else []
         results = ResultsDir(config.out)
         results.lock()  # another command writing the same directory would mix two runs' results
     except (ConfigError, ResultsError) as exc:
@@ -329,27 +389,35 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
         return ServeOutcome(EXIT_USAGE, str(exc))
     try:
         return _prepare_and_run(config, results, spec, docker_setup, log,
-                                {"runner_requested": requested, "runner_reason": why})
+                                {"runner_requested": requested, "runner_reason": why}, arms)
     finally:
         results.unlock()
 
 
 def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None, docker_setup: Any,
-                     log: Callable[[str], None], runner_info: dict[str, str]) -> ServeOutcome:
+                     log: Callable[[str], None], runner_info: dict[str, str], arms: list[Allocator]) -> ServeOutcome:
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
         log(f"error: {msg}")
         return ServeOutcome(EXIT_USAGE, msg)
+    docker_ctx = None
     try:
         docker_ctx = docker_setup.prepare(config, log) if docker_setup and config.runner == "docker" else None
+        if docker_ctx is not None and config.allocators:
+            arms = docker_ctx.arms(config)
     except ConfigError as exc:
+        if docker_ctx is not None:
+            docker_ctx.close()
         log(f"error: {exc}")
         return ServeOutcome(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
         log("interrupted while preparing the vLLM image: nothing was started")
         return ServeOutcome(EXIT_INTERRUPTED, "interrupted")
+    info: dict[str, Any] = dict(runner_info)
+    if arms:
+        info["allocator_arms"] = [arm.to_dict() for arm in arms]
     try:
-        return _run(config, results, spec, docker_ctx, log, runner_info)
+        return _run(config, results, spec, docker_ctx, log, info, arms)
     finally:
         if docker_ctx is not None:
             docker_ctx.close()
@@ -357,9 +425,10 @@ def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.Ser
 
 def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
          docker_ctx: DockerContext | None, log: Callable[[str], None],
-         runner_info: dict[str, str]) -> ServeOutcome:
+         runner_info: dict[str, Any], arms: list[Allocator]) -> ServeOutcome:
     results.write_json(CONFIG_FILE, {**config.to_dict(), **runner_info})
-    extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner, **runner_info}
+    extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner,
+                             **{k: v for k, v in runner_info.items() if k != "allocator_arms"}}
     if docker_ctx is not None:
         extra["docker"] = docker_ctx.describe()
     else:
@@ -375,6 +444,8 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
     try:
         if spec is None:
             session.attach()
+        elif arms:
+            error = session.compare_allocators(spec, arms, allocation.FixedRounds(config.cold_starts))
         else:
             for k in range(config.cold_starts):
                 session.cold_start(k, spec)
@@ -390,8 +461,14 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         path = session.finish(error)
     if shield.signalled and code == EXIT_OK:
         error, code = "interrupted (Ctrl-C / SIGTERM) while the report was written", EXIT_INTERRUPTED
+    failed = [s for s in session.startups if s.get("status") != "ok"]
     if error:
         log(f"error: {error}")
+        code = code or EXIT_FAULT
+    elif failed and arms:  # a comparison goes on past a failed server; the command still says so
+        for reason in sorted({s.get("failure") or "unknown" for s in failed}):
+            log(f"failed server, not counted: {reason}")
+        code = EXIT_FAULT
     log(f"wrote {path}")
     return ServeOutcome(code, error, path, session.requests, session.startups)
 

@@ -154,6 +154,18 @@ def extremes(rows: list[dict[str, Any]], windows: list[tuple[float, float]] | No
     return out
 
 
+def peaks(rows: list[dict[str, Any]], start: float, end: float) -> dict[str, float]:
+    """Each series' highest sample in [start, end] (one server's life), and `gpu_used_mb`: the highest
+    sum over the GPUs at one sample, where there are GPU series."""
+    window = [r for r in rows if start <= r["t_s"] <= end]
+    out = {name: hi for name, (_, hi) in extremes(window).items()}
+    gpu_sums = [sum(v for k, v in r.items() if k.startswith("gpu") and k.endswith("_used_mb") and v is not None)
+                for r in window if any(k.startswith("gpu") for k in r)]
+    if gpu_sums:
+        out["gpu_used_mb"] = max(gpu_sums)
+    return out
+
+
 def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
     """Samples and markers back from memory_timeline.csv (to redraw or re-report a run)."""
     from harness.results import read_csv

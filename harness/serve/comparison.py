@@ -1,0 +1,272 @@
+"""`harness serve --allocators`: each allocator's figures and its ratios against the baseline.
+
+The unit is one fresh server, as one fresh process is in `harness alloc`: per counted server (start-up
+record ok, its allocator verified) the start-up times, each named phase, the cold request's TTFT, the
+median of its warm requests' TTFT, TPOT and E2E, and its memory peaks. Per allocator: the median over
+its servers with a bootstrap CI; against the baseline: the ratio of medians with a 95 % bootstrap CI
+and a two-sided Mann–Whitney p-value (`harness.stats`, the same as `harness alloc`). Written as a
+section of first_token_latency.md, `allocator_comparison.csv` and `allocator_latency.png`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from harness import stats
+from harness.results import ResultsDir
+
+CSV_FILE = "serve/allocator_comparison.csv"
+PLOT_FILE = "serve/allocator_latency.png"
+CSV_COLUMNS = ["metric", "unit", "allocator", "baseline", "n", "median", "ci_low", "ci_high",
+               "ratio_vs_baseline", "ratio_ci_low", "ratio_ci_high", "p_value", "significant", "failed_servers"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str  # the CSV's unit: "s" or "MiB"
+    shown: str = ""  # the report's unit when it differs ("ms")
+
+    @property
+    def scale(self) -> float:
+        return 1e3 if self.shown == "ms" else 1.0
+
+
+METRICS = [
+    Metric("spawn_to_health_s", "start-up (spawn → /health 200)", "s"),
+    Metric("spawn_to_first_token_s", "spawn → first token", "s"),
+    Metric("cold_ttft_s", "cold TTFT", "s", "ms"),
+    Metric("cold_e2e_s", "cold E2E", "s", "ms"),
+    Metric("warm_ttft_s", "warm TTFT", "s", "ms"),
+    Metric("warm_tpot_s", "warm TPOT", "s", "ms"),
+    Metric("warm_e2e_s", "warm E2E", "s", "ms"),
+    Metric("server_rss_peak_mb", "server RSS peak (process tree)", "MiB"),
+    Metric("container_peak_mb", "container memory peak", "MiB"),
+    Metric("container_working_set_peak_mb", "container working-set peak", "MiB"),
+    Metric("gpu_used_peak_mb", "GPU memory used, peak", "MiB"),
+]
+# Warm figures are each server's median over its warm requests.
+# The verdicts stated in words, in this order.
+VERDICT_KEYS = ("warm_ttft_s", "warm_tpot_s", "cold_ttft_s", "spawn_to_health_s")
+
+
+def counted(startups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Servers that count: started, measured and verified under their allocator."""
+    return [s for s in startups if s.get("allocator") and s.get("status") == "ok"
+            and (s.get("allocator_check") or {}).get("verified")]
+
+
+def _median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def server_values(startup: dict[str, Any], requests: list[dict[str, Any]]) -> dict[str, float | None]:
+    """One server's figures: start-up, its cold request, the medians of its warm requests, memory peaks
+    and the duration of each named start-up phase (`phase:<key>`)."""
+    mine = [r for r in requests if r.get("server") == startup["server"] and r.get("status") == "ok"]
+    cold = next((r for r in mine if r.get("kind") == "cold"), {})
+    warm = [r for r in mine if r.get("kind") == "warm"]
+    peaks = startup.get("memory_peaks") or {}
+    container = startup.get("container") or {}
+    values: dict[str, float | None] = {
+        "spawn_to_health_s": startup.get("spawn_to_health_s"),
+        "spawn_to_first_token_s": startup.get("spawn_to_first_token_s"),
+        "cold_ttft_s": cold.get("ttft_s"),
+        "warm_ttft_s": _median([r.get("ttft_s") for r in warm]),
+        "warm_tpot_s": _median([r.get("tpot_s") for r in warm]),
+        "warm_e2e_s": _median([r.get("e2e_s") for r in warm]),
+        "cold_e2e_s": cold.get("e2e_s"),
+        "server_rss_peak_mb": peaks.get("server_rss_mb"),
+        "container_peak_mb": container.get("peak_mb") or peaks.get("container_usage_mb"),
+        "container_working_set_peak_mb": container.get("working_set_peak_mb") or peaks.get("container_working_set_mb"),
+        "gpu_used_peak_mb": peaks.get("gpu_used_mb"),
+    }
+    for phase in startup.get("phases") or []:
+        key = f"phase:{phase['key']}"
+        values[key] = (values.get(key) or 0.0) + phase["duration_s"]
+    return values
+
+
+def phase_metrics(startups: list[dict[str, Any]]) -> list[Metric]:
+    """A metric per named start-up phase, in the order the servers logged them."""
+    seen: dict[str, str] = {}
+    for s in startups:
+        for phase in s.get("phases") or []:
+            seen.setdefault(phase["key"], phase["label"])
+    return [Metric(f"phase:{key}", f"phase: {label}", "s") for key, label in seen.items()]
+
+
+def metrics_for(startups: list[dict[str, Any]]) -> list[Metric]:
+    return METRICS + phase_metrics(startups)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One allocator on one metric."""
+
+    metric: Metric
+    allocator: str
+    baseline: str
+    summary: stats.Summary
+    comparison: stats.Comparison | None  # None for the baseline itself
+    failed_servers: int
+
+    def csv(self) -> dict[str, Any]:
+        c = self.comparison
+        return {"metric": self.metric.key, "unit": self.metric.unit, "allocator": self.allocator,
+                "baseline": self.baseline, "n": self.summary.n, "median": self.summary.median,
+                "ci_low": self.summary.ci_low, "ci_high": self.summary.ci_high,
+                "ratio_vs_baseline": c.ratio if c else 1.0, "ratio_ci_low": c.ratio_ci_low if c else None,
+                "ratio_ci_high": c.ratio_ci_high if c else None, "p_value": c.p_value if c else None,
+                "significant": c.significant if c else None, "failed_servers": self.failed_servers}
+
+
+def rows(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+         baseline: str) -> list[Row]:
+    """Every metric that has a value, for every allocator in `order`."""
+    good = counted(startups)
+    values = {id(s): server_values(s, requests) for s in good}
+    failed = {name: sum(1 for s in startups if s.get("allocator") == name and s not in good) for name in order}
+    out: list[Row] = []
+    for metric in metrics_for(startups):
+        per = {name: [values[id(s)].get(metric.key) for s in good if s["allocator"] == name] for name in order}
+        if not any(v is not None for vals in per.values() for v in vals):
+            continue
+        for name in order:
+            comp = None if name == baseline else stats.compare(per[name], per.get(baseline, []))
+            out.append(Row(metric, name, baseline, stats.summarize(per[name]), comp, failed[name]))
+    return out
+
+
+def _num(x: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x * scale:.{digits}f}"
+
+
+def _digits(metric: Metric) -> int:
+    return 0 if metric.unit == "MiB" else 1 if metric.shown == "ms" else 2
+
+
+def table(rs: list[Row]) -> list[str]:
+    lines = ["| metric | allocator | median | 95 % CI | ratio vs " + (rs[0].baseline if rs else "baseline")
+             + " | 95 % CI | p | n servers |", "|---|---|---|---|---|---|---|---|"]
+    for r in rs:
+        m, s, c = r.metric, r.summary, r.comparison
+        d = _digits(m)
+        unit = m.shown or m.unit
+        ci = "–" if math.isnan(s.ci_low) else f"{_num(s.ci_low, m.scale, d)}–{_num(s.ci_high, m.scale, d)}"
+        ratio = "1.000" if c is None else _num(c.ratio, digits=3)
+        rci = "–" if c is None or math.isnan(c.ratio_ci_low) else \
+            f"{c.ratio_ci_low:.3f}–{c.ratio_ci_high:.3f}"
+        p = "–" if c is None or math.isnan(c.p_value) else f"{c.p_value:.3g}"
+        lines.append(f"| {m.label} ({unit}) | {r.allocator} | {_num(s.median, m.scale, d)} | {ci} | {ratio} | "
+                     f"{rci} | {p} | {s.n} |")
+    return lines
+
+
+def failures(startups: list[dict[str, Any]]) -> list[str]:
+    """One line per server that does not count, with the reason."""
+    good = counted(startups)
+    return [f"- server {s['server']} ({s.get('allocator')}, round {(s.get('round') or 0) + 1}): "
+            f"{s.get('failure') or 'allocator not verified'}" for s in startups if s not in good]
+
+
+def verification_line(startups: list[dict[str, Any]]) -> str:
+    good = counted(startups)
+    roles = sorted({p["role"] for s in good for p in (s.get("allocator_check") or {}).get("processes") or []
+                    if p.get("verified")})
+    return (f"{len(good)} of {len(startups)} server(s) counted: each one's allocator was verified from "
+            f"`/proc/PID/maps` in every serving process ({', '.join(roles) or 'none'}): the arm's library "
+            "mapped and no other malloc (for glibc: none). A server that showed anything else was stopped, "
+            "recorded failed with the reason and left out.")
+
+
+def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
+            rounds: int) -> list[str]:
+    """The 'Allocators' section of first_token_latency.md."""
+    rs = rows(startups, requests, order, baseline)
+    out = ["## Allocators", "",
+           f"{', '.join(order)}: {rounds} round(s), one fresh server per allocator each, the order rotated every "
+           "round. Per server: its start-up, the cold request, the median of its warm requests and its memory "
+           "peaks; per allocator: the median over its servers (95 % bootstrap CI); against "
+           f"{baseline}: the ratio of medians with a 95 % bootstrap CI (servers resampled within each "
+           "allocator) and a two-sided Mann–Whitney p-value, as `harness alloc` computes them.", "",
+           verification_line(startups), ""]
+    failed = failures(startups)
+    if failed:
+        out += ["Not counted:", "", *failed, ""]
+    if not rs:
+        return out + ["No server was counted: nothing to compare.", ""]
+    empty = [name for name in order if not any(r.allocator == name and r.summary.n for r in rs)]
+    if empty:
+        out += [f"No counted server for {', '.join(empty)}"
+                + (f": the baseline {baseline} is missing, so there are no ratios." if baseline in empty else ".")
+                + "", ""]
+    out += [*table([r for r in rs if r.allocator not in empty]), ""]
+    verdicts = []
+    for key in VERDICT_KEYS:
+        for r in rs:
+            if r.metric.key == key and r.comparison is not None and r.allocator not in empty \
+                    and baseline not in empty:
+                verdicts.append("- " + stats.verdict(r.allocator, baseline, r.comparison, r.metric.label))
+    if verdicts:
+        out += ["Verdicts:", "", *verdicts, ""]
+    out += [f"Per allocator and metric: `{CSV_FILE.split('/')[-1]}`; warm TTFT and TPOT by allocator: "
+            f"`{PLOT_FILE.split('/')[-1]}`.", ""]
+    return out
+
+
+def plot(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dict[str, Any]],
+         order: list[str]) -> bool:
+    """Warm TTFT and TPOT by allocator: every warm request (small), each server's median (large) and the
+    allocator's median over servers (bar). False when there is nothing to draw."""
+    good = {s["server"]: s["allocator"] for s in counted(startups)}
+    warm = [r for r in requests if r.get("server") in good and r.get("kind") == "warm" and r.get("status") == "ok"]
+    panels = [(key, title) for key, title in (("ttft_s", "warm TTFT (ms)"), ("tpot_s", "warm TPOT (ms)"))
+              if any(r.get(key) is not None for r in warm)]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (2.2 + 1.3 * len(order)), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for i, name in enumerate(order):
+            servers = sorted(s for s, a in good.items() if a == name)
+            medians = []
+            for j, server in enumerate(servers):
+                vals = [r[key] * 1e3 for r in warm if r["server"] == server and r.get(key) is not None]
+                if not vals:
+                    continue
+                x = i + (j - (len(servers) - 1) / 2) * 0.08
+                ax.scatter([x] * len(vals), vals, s=8, alpha=0.35, color=f"C{i}")
+                medians.append(statistics.median(vals))
+                ax.scatter([x], [medians[-1]], s=40, color=f"C{i}", edgecolor="k", zorder=3)
+            if medians:
+                m = statistics.median(medians)
+                ax.hlines(m, i - 0.3, i + 0.3, color="k", lw=1.5, zorder=4)
+        ax.set_xticks(range(len(order)), order)
+        ax.set_ylabel(title)
+        ax.set_title(f"{title.split(' (')[0]} by allocator", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.text(0.5, 0.005, "small: each warm request; large: each server's median; bar: median over servers",
+             ha="center", fontsize=7.5, color="0.3")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(results.path(PLOT_FILE), dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+          baseline: str) -> list[Row]:
+    """The CSV and the plot; returns the rows."""
+    rs = rows(startups, requests, order, baseline)
+    results.write_csv(CSV_FILE, CSV_COLUMNS, [r.csv() for r in rs])
+    plot(results, startups, requests, order)
+    return rs
