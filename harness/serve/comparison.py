@@ -158,7 +158,7 @@ def table(rs: list[Row]) -> list[str]:
         m, s, c = r.metric, r.summary, r.comparison
         d = _digits(m)
         unit = m.shown or m.unit
-        ci = "–" if math.isnan(s.ci_low) else f"{_num(s.ci_low, m.scale, d)}–{_num(s.ci_high, m.scale, d)}"
+        ci = "–" if s.n < 2 or math.isnan(s.ci_low) else f"{_num(s.ci_low, m.scale, d)}–{_num(s.ci_high, m.scale, d)}"
         ratio = "1.000" if c is None else _num(c.ratio, digits=3)
         rci = "–" if c is None or math.isnan(c.ratio_ci_low) else \
             f"{c.ratio_ci_low:.3f}–{c.ratio_ci_high:.3f}"
@@ -185,6 +185,20 @@ def verification_line(startups: list[dict[str, Any]]) -> str:
             "recorded failed with the reason and left out.")
 
 
+def cache_line(startups: list[dict[str, Any]]) -> str | None:
+    """Where the counted servers did not all find vLLM's compile cache alike (a shared cache: the first
+    start fills it), which servers missed it: their start-up differs for that reason, not the allocator's."""
+    good = counted(startups)
+    uses = {s["server"]: (s.get("compile_cache") or {}).get("use") for s in good}
+    if len({u for u in uses.values() if u}) < 2:
+        return None
+    missed = [f"{k} ({next(s['allocator'] for s in good if s['server'] == k)})" for k, u in uses.items()
+              if u == "miss"]
+    return (f"The compile cache was not alike for every server: server(s) {', '.join(missed)} missed it (the "
+            "first start with `--compile-cache shared` fills it) and the others loaded it, so their start-up "
+            "differs for that reason; fill the cache with one start before comparing (the device script does).")
+
+
 def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
             rounds: int) -> list[str]:
     """The 'Allocators' section of first_token_latency.md."""
@@ -196,6 +210,9 @@ def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], orde
            f"{baseline}: the ratio of medians with a 95 % bootstrap CI (servers resampled within each "
            "allocator) and a two-sided Mann–Whitney p-value, as `harness alloc` computes them.", "",
            verification_line(startups), ""]
+    note = cache_line(startups)
+    if note:
+        out += [note, ""]
     failed = failures(startups)
     if failed:
         out += ["Not counted:", "", *failed, ""]
@@ -251,7 +268,8 @@ def plot(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dic
             if medians:
                 m = statistics.median(medians)
                 ax.hlines(m, i - 0.3, i + 0.3, color="k", lw=1.5, zorder=4)
-        ax.set_xticks(range(len(order)), order)
+        ax.set_xticks(range(len(order)), [f"{name}\n{sum(1 for a in good.values() if a == name)} server(s)"
+                                          for name in order])
         ax.set_ylabel(title)
         ax.set_title(f"{title.split(' (')[0]} by allocator", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
