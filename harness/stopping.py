@@ -71,7 +71,10 @@ class StopRule:
 
 
 class Stopper:
-    """Decides, for `alloc.execute`, whether another run may start and whether a finished round is the last."""
+    """Decides, for `alloc.execute`, whether another run may start and whether a finished round is the last.
+    Other experiments reuse the rule by overriding `widths` (their CIs) and `stop_file` (serve --allocators)."""
+
+    stop_file = STOP_FILE
 
     def __init__(self, rule: StopRule, results: ResultsDir, order: list[str], paired: bool = False,
                  warmup_rounds: int = 1, clock: Callable[[], float] = time.monotonic,
@@ -115,6 +118,10 @@ class Stopper:
         self.held_back = left <= 0 or (estimate is not None and units_left_in_round * estimate > left)
         return not self.held_back
 
+    def widths(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Each allocator's ratio-CI half-width against the baseline on the rule's metric, from `records`."""
+        return half_widths(records, self.order, self.rule.metric, self.paired)
+
     # --- rounds ---------------------------------------------------------------------------------
     def rounds(self) -> Iterator[int]:
         """Warm-up rounds, then measured rounds until a stop (or --max-runs)."""
@@ -127,12 +134,12 @@ class Stopper:
         if self.rule.target is None or round_ + 1 < self.rule.min_rounds:
             return False
         upto = [r for r in records if r["round"] <= round_]
-        widths = half_widths(upto, self.order, self.rule.metric, self.paired)
+        widths = self.widths(upto)
         reached = widest(widths)
         check = {"event": "check", "round": round_, "metric": self.rule.metric, "target": self.rule.target,
                  "half_widths": widths, "widest": reached, "reached": reached <= self.rule.target,
                  "elapsed_s": self.elapsed(), "at": _now()}
-        self.results.append(STOP_FILE, check)
+        self.results.append(self.stop_file, check)
         if self.on_check:
             self.on_check(check)
         if check["reached"]:
@@ -143,13 +150,13 @@ class Stopper:
     def stop(self, reason: str, records: list[dict[str, Any]], round_: int | None = None) -> dict[str, Any]:
         """Records why the experiment stopped and the CIs its runs reached (the summary's CIs)."""
         measured = [r for r in records if not r.get("warmup")]
-        widths = half_widths(records, self.order, self.rule.metric, self.paired) if measured else {}
+        widths = self.widths(records) if measured else {}
         done = [r["round"] for r in measured]
         self.outcome = {"event": "stop", "reason": reason, "round": round_ if round_ is not None else
                         (max(done) if done else None), "rounds": len(set(done)), "half_widths": widths,
                         "widest": widest(widths) if widths else float("nan"), "rule": self.rule.to_dict(),
                         "elapsed_s": self.elapsed(), "at": _now()}
-        self.results.append(STOP_FILE, self.outcome)
+        self.results.append(self.stop_file, self.outcome)
         return self.outcome
 
 

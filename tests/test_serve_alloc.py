@@ -98,7 +98,10 @@ def test_config_refuses_what_cannot_work_together() -> None:
                 ServeConfig(allocator_lib=("jemalloc=/x.so",)),
                 ServeConfig(allocators=("glibc", "jemalloc"), server_preload="/etc/hostname"),
                 ServeConfig(allocators=("glibc",), url="http://127.0.0.1:1"),
-                ServeConfig(allocators=("glibc",), allocator_env=("jemalloc-no-colon",))):
+                ServeConfig(allocators=("glibc",), allocator_env=("jemalloc-no-colon",)),
+                ServeConfig(target_ci=0.05), ServeConfig(allocators=("glibc",), target_ci=0.05),
+                ServeConfig(allocators=("glibc", "jemalloc"), max_rounds=3),
+                ServeConfig(allocators=("glibc", "jemalloc"), max_time_s=60.0, metric="nosuch")):
         with pytest.raises(ConfigError):
             bad.validate()
     ServeConfig(allocators=("glibc", "mine"), allocator_lib=("mine=/x.so",)).validate()
@@ -183,7 +186,7 @@ def test_comparison_section_csv_and_plot(tmp_path: Path) -> None:
     startups, requests = _experiment()
     results = ResultsDir(tmp_path)
     rows = comparison.write(results, startups, requests, ["glibc", "jemalloc"], "glibc")
-    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc", 4))
+    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc"))
     assert "8 of 10 server(s) counted" in section and "Not counted:" in section
     assert "server 8 (jemalloc, round 5): boom" in section
     assert "server 9 (jemalloc, round 5): allocator not verified" in section
@@ -203,7 +206,7 @@ def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
     assert comparison.cache_line(startups) is None  # no cache use recorded: nothing to say
     for s in startups:
         s["compile_cache"] = {"mode": "shared", "use": "miss" if s["server"] == 0 else "hit"}
-    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc", 4))
+    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc"))
     assert "server(s) 0 (glibc) missed it" in section
 
 
@@ -212,7 +215,7 @@ def test_no_ratios_without_a_counted_baseline() -> None:
     for s in startups:
         if s["allocator"] == "glibc":
             s["status"], s["failure"] = "failed", "not a glibc server: api_server maps libtcmalloc"
-    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc", 4))
+    section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc"))
     assert "the baseline glibc is missing, so there are no ratios" in section
     assert "Verdicts" not in section and "| glibc |" not in section
 
@@ -296,6 +299,33 @@ def test_a_server_under_another_allocator_is_failed_never_counted(tmp_path: Path
     rows = comparison.rows(out.startups, out.requests, list(cfg.allocators), "glibc")
     assert _row(rows, "warm_e2e_s", "jemalloc").summary.n == 0
     assert math.isnan(_row(rows, "warm_e2e_s", "jemalloc").summary.median)
+
+
+def test_open_ended_comparison_stops_on_harness_allocs_rule(tmp_path: Path) -> None:
+    """--target-ci: checked once a round from round --cold-starts on, the stop recorded with the CIs;
+    --max-time alone: rounds until the next server would likely end after it."""
+    target = _fake(tmp_path / "t", target_ci=0.5, metric="warm_e2e", cold_starts=2, max_rounds=6)
+    out = run_serve(target, log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+    events = _jsonl(Path(target.out) / comparison.STOP_FILE)
+    checks, stop = [e for e in events if e["event"] == "check"], events[-1]
+    assert checks[0]["round"] == 1 and stop["event"] == "stop"  # first check after round 2
+    assert stop["reason"] in ("target", "max-runs") and stop["rounds"] == len({s["round"] for s in out.startups})
+    if stop["reason"] == "target":
+        assert stop["widest"] <= 0.5 and checks[-1]["reached"]
+    else:
+        assert stop["rounds"] == 6 and not any(c["reached"] for c in checks)
+    assert checks[-1]["half_widths"] == pytest.approx({"jemalloc": checks[-1]["widest"]})
+    report = (Path(target.out) / "serve/first_token_latency.md").read_text()
+    assert "Stopping — stopped because" in report and "target ±50 %" in report
+
+    timed = _fake(tmp_path / "m", max_time_s=4.0, cold_starts=1)
+    out = run_serve(timed, log=lambda m: None)
+    assert out.exit_code == EXIT_OK, out.error
+    stop = _jsonl(Path(timed.out) / comparison.STOP_FILE)[-1]
+    assert stop["reason"] == "time" and stop["elapsed_s"] < 4.0 + 30  # a server in flight is never cut
+    assert len(out.startups) >= 2 and all(s["status"] == "ok" for s in out.startups)
+    assert "the time was up" in (Path(timed.out) / "serve/first_token_latency.md").read_text()
 
 
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -47,9 +47,12 @@ def rotated(items: Sequence[T], round_: int) -> list[T]:
 class FixedRounds:
     """The stopping rule of a fixed plan: `--cold-starts` rounds, every one run.
 
-    The round loop asks it, as alloc's open-ended Stopper is asked: `rounds()` to go on, `may_start()`
-    before each server (a time budget would hold one back), and `round_done()` after each round (a
-    precision rule would stop there, from the records so far)."""
+    The round loop asks it as it asks the open-ended rule (harness.serve.comparison.ServeStopper, which is
+    harness alloc's `stopping.Stopper`): `rounds()` to go on, `may_start()` before each server (a time
+    budget holds one back), `round_done()` after each round (the precision target stops there, from the
+    records so far) and `stop()` with the reason."""
+
+    outcome = None  # a fixed plan records no stop
 
     def __init__(self, rounds: int) -> None:
         self.n = rounds
@@ -60,9 +63,15 @@ class FixedRounds:
     def may_start(self, servers_left_in_round: int, startups: list[dict[str, Any]]) -> bool:
         return True
 
+    def unit_done(self, seconds: float) -> None:
+        """How long a server took (the open-ended rule estimates from it whether the next one fits)."""
+
     def round_done(self, round_: int, startups: list[dict[str, Any]]) -> bool:
         """True when no other round is needed."""
         return False
+
+    def stop(self, reason: str, startups: list[dict[str, Any]], round_: int | None = None) -> None:
+        """The open-ended rule records why it stopped; a fixed plan has nothing to record."""
 
 
 def arm_spec(spec: ServerSpec, arm: Allocator, runner: str) -> ServerSpec:

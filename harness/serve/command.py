@@ -7,9 +7,18 @@ from typing import Any
 
 import click
 
-from harness.serve.config import REQUEST_MODES, ConfigError, ServeConfig, default_vllm_python, parse_gaps
+from harness.serve.config import (
+    DEFAULT_STOP_METRIC,
+    REQUEST_MODES,
+    STOP_METRICS,
+    ConfigError,
+    ServeConfig,
+    default_vllm_python,
+    parse_gaps,
+)
 from harness.serve.run import EXIT_USAGE, run_serve
 from harness.signals import exit_code_of
+from harness.stopping import parse_duration
 
 
 def config_from_options(**kw: Any) -> ServeConfig:
@@ -20,6 +29,13 @@ def config_from_options(**kw: Any) -> ServeConfig:
     kw["allocators"] = tuple(a.strip() for a in (kw.pop("allocators") or "").split(",") if a.strip())
     kw["allocator_lib"] = tuple(kw.pop("allocator_lib") or ())
     kw["allocator_env"] = tuple(kw.pop("allocator_env") or ())
+    target = kw.pop("target_ci")
+    kw["target_ci"] = target / 100 if target is not None else None
+    max_time = kw.pop("max_time")
+    try:
+        kw["max_time_s"] = parse_duration(max_time) if max_time is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--max-time: {exc}") from None
     return ServeConfig(**kw)
 
 
@@ -79,6 +95,17 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
 @click.option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
               help="Environment for one allocator's servers, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
+@click.option("--target-ci", default=None, type=click.FloatRange(0, min_open=True), metavar="PCT",
+              help="With --allocators: add rounds until the ratio CI of every allocator against the baseline, on "
+                   "--metric, is ±PCT % wide or narrower (checked once a round from round --cold-starts on), "
+                   "or --max-time is up: harness alloc's rule.")
+@click.option("--max-time", default=None, metavar="DURATION",
+              help="With --allocators: start no server that would likely end after this much time (90s, 2m, "
+                   "1h30m); a server in flight is never cut. Without --target-ci: rounds until then.")
+@click.option("--max-rounds", default=None, type=click.IntRange(1),
+              help="With --target-ci or --max-time: at most this many rounds.")
+@click.option("--metric", default=DEFAULT_STOP_METRIC, show_default=True, type=click.Choice(list(STOP_METRICS)),
+              help="The per-server figure --target-ci applies to.")
 @click.option("--profile-startup", is_flag=True,
               help="Sample the server's Python stacks (py-spy dump) from spawn to /health and name what it "
                    "does in each silent stretch of its log (needs root or ptrace_scope 0).")

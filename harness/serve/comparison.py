@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from harness import stats
+from harness import stats, stopping
+from harness.alloc_report import STOP_REASONS, format_duration
 from harness.results import ResultsDir
+from harness.serve.config import STOP_METRICS
 
 CSV_FILE = "serve/allocator_comparison.csv"
 PLOT_FILE = "serve/allocator_latency.png"
+STOP_FILE = "serve/stopping.jsonl"  # each precision check and the stop of an open-ended comparison
+SERVE_STOP_REASONS = {
+    **STOP_REASONS, "max-runs": "--max-rounds rounds were done", "interrupted": "it was interrupted",
+    "failed": "its servers failed (every one of the first round, or every arm was left out)",
+    "error": "an error ended it",
+    "time": "the time was up (--max-time: the next server would likely have ended after it)"}
 CSV_COLUMNS = ["metric", "unit", "allocator", "baseline", "n", "median", "ci_low", "ci_high",
                "ratio_vs_baseline", "ratio_ci_low", "ratio_ci_high", "p_value", "significant", "failed_servers"]
 
@@ -126,6 +136,49 @@ class Row:
                 "significant": c.significant if c else None, "failed_servers": self.failed_servers}
 
 
+def comparisons(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
+                key: str) -> dict[str, stats.Comparison]:
+    """Each other allocator against the baseline on one per-server figure (`key`), counted servers only."""
+    good = counted(startups)
+    per = {name: [server_values(s, requests).get(key) for s in good if s["allocator"] == name] for name in order}
+    return {name: stats.compare(per[name], per.get(baseline, [])) for name in order if name != baseline}
+
+
+class ServeStopper(stopping.Stopper):
+    """`harness alloc`'s stopping rule on the servers of an allocator comparison: the CI widths are those of
+    the report's ratios on the rule's metric (`STOP_METRICS`); an arm with no counted server (failed, left
+    out) is not waited for."""
+
+    stop_file = STOP_FILE
+
+    def __init__(self, rule: stopping.StopRule, results: ResultsDir, order: list[str], baseline: str,
+                 requests: list[dict[str, Any]], clock: Callable[[], float] = time.monotonic,
+                 on_check: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__(rule, results, order, paired=False, warmup_rounds=0, clock=clock, on_check=on_check)
+        self.baseline = baseline
+        self.requests = requests  # the session's live list: the checks see every request measured so far
+
+    def widths(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        comps = comparisons(records, self.requests, self.order, self.baseline, STOP_METRICS[self.rule.metric])
+        return {name: comp.half_width for name, comp in comps.items() if comp.n_candidate}
+
+
+def stopping_line(stop: dict[str, Any] | None) -> str | None:
+    """What stopped an open-ended comparison (--target-ci / --max-time), and the widest CI it reached."""
+    if not stop:
+        return None
+    rule = stop.get("rule") or {}
+    widest = stop.get("widest")
+    reached = ("no ratio CI yet" if widest is None or math.isnan(widest)
+               else f"the widest ratio CI was ±{widest * 100:.1f} %")
+    aim = f" (target ±{rule['target'] * 100:g} %)" if rule.get("target") is not None else ""
+    limit = f" of {format_duration(rule['max_time_s'])} allowed" if rule.get("max_time_s") else ""
+    return (f"Stopping — stopped because {SERVE_STOP_REASONS.get(stop['reason'], stop['reason'])}, after "
+            f"{stop.get('rounds')} round(s) in {format_duration(stop.get('elapsed_s') or 0)}{limit}: on "
+            f"{rule.get('metric')}, {reached}{aim}. As in `harness alloc`, the rule stops on the CIs' width alone, "
+            f"checked once a round from round {rule.get('min_rounds', 1)} on.")
+
+
 def rows(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
          baseline: str) -> list[Row]:
     """Every metric that has a value, for every allocator in `order`."""
@@ -200,9 +253,10 @@ def cache_line(startups: list[dict[str, Any]]) -> str | None:
 
 
 def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
-            rounds: int) -> list[str]:
-    """The 'Allocators' section of first_token_latency.md."""
+            stop: dict[str, Any] | None = None) -> list[str]:
+    """The 'Allocators' section of first_token_latency.md (`stop`: the stop of an open-ended comparison)."""
     rs = rows(startups, requests, order, baseline)
+    rounds = len({s.get("round") for s in startups})
     out = ["## Allocators", "",
            f"{', '.join(order)}: {rounds} round(s), one fresh server per allocator each, the order rotated every "
            "round. Per server: its start-up, the cold request, the median of its warm requests and its memory "
@@ -210,9 +264,9 @@ def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], orde
            f"{baseline}: the ratio of medians with a 95 % bootstrap CI (servers resampled within each "
            "allocator) and a two-sided Mann–Whitney p-value, as `harness alloc` computes them.", "",
            verification_line(startups), ""]
-    note = cache_line(startups)
-    if note:
-        out += [note, ""]
+    for note in (stopping_line(stop), cache_line(startups)):
+        if note:
+            out += [note, ""]
     failed = failures(startups)
     if failed:
         out += ["Not counted:", "", *failed, ""]

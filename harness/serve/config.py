@@ -17,6 +17,10 @@ REQUEST_MODES = ("stream", "plain")
 COMPILE_CACHES = ("fresh", "shared")
 DEFAULT_VLLM_PYTHON = str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
 DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
+# --metric of an open-ended allocator comparison -> the per-server figure its ratio CI is taken on.
+STOP_METRICS = {"warm_tpot": "warm_tpot_s", "warm_ttft": "warm_ttft_s", "warm_e2e": "warm_e2e_s",
+                "cold_ttft": "cold_ttft_s", "startup": "spawn_to_health_s"}
+DEFAULT_STOP_METRIC = "warm_tpot"  # the decode step: what alloc's default (ITL p25) is for a bare generate
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,13 @@ class ServeConfig:
     allocators: tuple[str, ...] = ()
     allocator_lib: tuple[str, ...] = ()  # NAME=PATH, as `harness alloc --allocator-lib`
     allocator_env: tuple[str, ...] = ()  # NAME:VAR=VALUE, as `harness alloc --allocator-env`
+    # The stopping rule of `harness alloc` (harness.stopping): open-ended rounds until every ratio CI on
+    # `metric` is ±target_ci (a fraction) or narrower, checked once a round from round `cold_starts` on,
+    # or until no server would likely end before max_time_s, or max_rounds rounds. None: cold_starts rounds.
+    target_ci: float | None = None
+    max_time_s: float | None = None
+    max_rounds: int | None = None
+    metric: str = DEFAULT_STOP_METRIC
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -106,8 +117,9 @@ class ServeConfig:
 
     def _validate_allocators(self) -> None:
         if not self.allocators:
-            if self.allocator_lib or self.allocator_env:
-                raise ConfigError("--allocator-lib and --allocator-env apply to --allocators arms: add --allocators")
+            if self.allocator_lib or self.allocator_env or self.open_ended or self.max_rounds is not None:
+                raise ConfigError("--allocator-lib, --allocator-env, --target-ci, --max-time and --max-rounds "
+                                  "apply to an allocator comparison: add --allocators")
             return
         if self.url:
             raise ConfigError("--allocators starts its own servers: it cannot attach (--url)")
@@ -118,6 +130,22 @@ class ServeConfig:
                     parse_allocator_envs(self.allocator_env), check_files=False)
         except AllocatorError as exc:
             raise ConfigError(str(exc)) from exc
+        self._validate_stopping()
+
+    def _validate_stopping(self) -> None:
+        if self.metric not in STOP_METRICS:
+            raise ConfigError(f"unknown --metric {self.metric!r} (choose from {', '.join(STOP_METRICS)})")
+        if self.target_ci is not None and (len(self.allocators) < 2 or not self.target_ci > 0):
+            raise ConfigError("--target-ci needs a positive percentage and at least two --allocators")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise ConfigError("--max-time must be more than 0 s")
+        if self.max_rounds is not None and not self.open_ended:
+            raise ConfigError("--max-rounds caps an open-ended comparison: give --target-ci or --max-time with it")
+
+    @property
+    def open_ended(self) -> bool:
+        """Rounds until the stopping rule ends them (--target-ci / --max-time), not a fixed --cold-starts."""
+        return self.target_ci is not None or self.max_time_s is not None
 
     def arms(self, check_files: bool = True) -> list[Allocator]:
         """The allocator arms (library paths checked here when `check_files`; the docker runner's come

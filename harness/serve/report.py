@@ -249,15 +249,16 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     where = (f"attached to {config.url}" if config.attach
              else f"{config.cold_starts} fresh server(s), runner {config.runner}")
     if config.allocators:
-        where = (f"{config.cold_starts} round(s) of {len(config.allocators)} fresh servers (one per allocator), "
-                 f"runner {config.runner}")
+        where = (f"{len({s.get('round') for s in startups})} round(s) of {len(config.allocators)} fresh servers "
+                 f"(one per allocator), runner {config.runner}")
     gaps = f", idle gaps {list(config.idle_gaps)} s" if config.idle_gaps else ""
     out += [f"{where}; {config.warm_requests} warm request(s) per server, max_tokens {config.max_tokens}, "
             f"mode {config.request_mode}{gaps}.", ""]
     if config.allocators and config.baseline:
         order = list(config.allocators)
         comparison.write(results, startups, requests, order, config.baseline)
-        out += comparison.section(startups, requests, order, config.baseline, config.cold_starts)
+        stops = [e for e in results.read_jsonl(comparison.STOP_FILE) if e.get("event") == "stop"]
+        out += comparison.section(startups, requests, order, config.baseline, stops[-1] if stops else None)
 
     out += ["## Cold vs warm wall time (as the seed's curl)", "",
             "| server | cold_req_real_s | warm_req_real_s | first/second |", "|---|---|---|---|"]

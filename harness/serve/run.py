@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ import psutil
 from harness import environment
 from harness.allocators import Allocator
 from harness.results import ResultsDir, ResultsError
-from harness.serve import allocation, engines, metrics, report, startup, timeline
+from harness.serve import allocation, comparison, engines, metrics, report, startup, timeline
 from harness.serve.allocation import AllocatorMismatchError
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
 from harness.serve.config import ConfigError, ServeConfig
@@ -43,6 +44,7 @@ from harness.serve.server import (
 )
 from harness.serve.stacks import StackSampler
 from harness.signals import Shielded
+from harness.stopping import StopRule
 
 if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
     from harness.serve.docker_server import DockerServer
@@ -278,20 +280,34 @@ class _Session:
         self.log(f"server {k}: {arm.name} verified in {', '.join(roles)} (/proc/PID/maps)")
 
     def compare_allocators(self, spec: engines.ServerSpec, arms: list[Allocator],
-                           rule: allocation.FixedRounds) -> str | None:
-        """Rounds of one fresh server per arm, order rotated each round, until `rule` ends them. A server
-        that fails is recorded and the next one starts; an arm whose server ran under another allocator is
-        left out of later rounds (its launcher does the same every time). Returns why the comparison
-        stopped early, or None."""
+                           rule: allocation.FixedRounds | comparison.ServeStopper) -> str | None:
+        """Rounds of one fresh server per arm, order rotated each round, until `rule` ends them (it records
+        why, Ctrl-C included). A server that fails is recorded and the next one starts; an arm whose server
+        ran under another allocator is left out of later rounds (its launcher does the same every time).
+        Returns why the comparison ended early as an error for the report, or None."""
+        try:
+            reason, error = self._compare_rounds(spec, arms, rule)
+        except KeyboardInterrupt:
+            rule.stop("interrupted", self.startups)
+            raise
+        if reason:
+            rule.stop(reason, self.startups)
+        return error
+
+    def _compare_rounds(self, spec: engines.ServerSpec, arms: list[Allocator],
+                        rule: allocation.FixedRounds | comparison.ServeStopper) -> tuple[str | None, str | None]:
+        """(the stop reason for `rule`, or None where it recorded the stop itself; an error, or None)."""
         k = 0
         for r in rule.rounds():
             order = [arm for arm in allocation.rotated(arms, r) if arm.name not in self.failed_arms]
             if not order:
-                return "no allocator arm is left: " + "; ".join(self.failed_arms.values())
+                return "failed", "no allocator arm is left: " + "; ".join(self.failed_arms.values())
             self.log(f"round {r + 1}: {', '.join(arm.name for arm in order)}")
             for i, arm in enumerate(order):
                 if not rule.may_start(len(order) - i, self.startups):
-                    return None
+                    self.log("the time is up (--max-time): the next server would likely end after it")
+                    return "time", None
+                t0 = time.perf_counter()
                 try:
                     self.cold_start(k, allocation.arm_spec(spec, arm, self.config.runner), arm, r, i)
                 except AllocatorMismatchError as exc:
@@ -299,13 +315,32 @@ class _Session:
                     self.log(f"server {k}: {exc}; not counted, and {arm.name} is left out of later rounds")
                 except (ServerError, RequestError) as exc:
                     self.log(f"server {k} ({arm.name}) failed, not counted: {_fault_line(exc)}")
+                rule.unit_done(time.perf_counter() - t0)
                 k += 1
             if r == 0 and not any(s["status"] == "ok" for s in self.startups):
-                return "every server of the first round failed: " + "; ".join(
+                return "failed", "every server of the first round failed: " + "; ".join(
                     sorted({s.get("failure") or "?" for s in self.startups}))
             if rule.round_done(r, self.startups):
-                return None
-        return None
+                return None, None
+        return "max-runs", None
+
+    def stopping_rule(self, arms: list[Allocator]) -> allocation.FixedRounds | comparison.ServeStopper:
+        """--cold-starts rounds, or harness alloc's open-ended rule (--target-ci / --max-time)."""
+        cfg = self.config
+        if not cfg.open_ended:
+            return allocation.FixedRounds(cfg.cold_starts)
+        rule = StopRule(target=cfg.target_ci, metric=cfg.metric, max_time_s=cfg.max_time_s,
+                        min_rounds=cfg.cold_starts, max_rounds=cfg.max_rounds)
+
+        def on_check(check: dict[str, Any]) -> None:
+            widest = check["widest"]
+            width = "no CI yet" if math.isnan(widest) else f"widest ratio CI ±{widest * 100:.1f} %"
+            self.log(f"round {check['round'] + 1}: {width} on {check['metric']} "
+                     f"(target ±{check['target'] * 100:g} %)")
+
+        assert cfg.baseline is not None
+        return comparison.ServeStopper(rule, self.results, [a.name for a in arms], cfg.baseline, self.requests,
+                                       on_check=on_check)
 
     def _stop_profiler(self, profiler: StackSampler | None, k: int) -> None:
         if profiler is None or not profiler.running:
@@ -445,7 +480,7 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         if spec is None:
             session.attach()
         elif arms:
-            error = session.compare_allocators(spec, arms, allocation.FixedRounds(config.cold_starts))
+            error = session.compare_allocators(spec, arms, session.stopping_rule(arms))
         else:
             for k in range(config.cold_starts):
                 session.cold_start(k, spec)
