@@ -3,14 +3,16 @@
 # (torch + CUDA, no vLLM, no allocator packages, no network): sets up vLLM 0.26.0 (scripts/device/vllm_env.sh),
 # unpacks Debian's allocator .debs carried in .debs/ with `dpkg -x`, fills the shared torch.compile cache with
 # one uncounted start, then runs `harness serve --allocators` on synthetic:phi3-mini as vllm_serve.sh does
-# (bf16, max-model-len 4096, gpu-memory-utilization 0.92): COLD_STARTS rounds of one fresh server per
-# allocator, order rotated each round, every server's allocator verified in its API server and engine core.
+# (bf16, max-model-len 4096, gpu-memory-utilization 0.92): rounds of one fresh server per
+# allocator, order rotated each round, until the budget is spent (--max-time), every server's allocator
+# verified in its API server and engine core.
 # Everything lands in $OUT/$NAME.tar.gz (the device returns at most 8 files).
 #
 # Carry: .device/vllm-gpu (cp -r ../shared/vllm-gpu .device/), .debs (here:
 #   mkdir -p .debs && cd .debs && apt-get download libjemalloc2 libtcmalloc-minimal4 libmimalloc2.0), .whl optional.
 # Usage: OUT=... bash scripts/device/vllm_serve_alloc.sh [extra `harness serve` flags]
-# Environment: ALLOCATORS (glibc,jemalloc), COLD_STARTS (rounds, 2), WARM_REQUESTS (10), MAX_TOKENS (64),
+# Environment: ALLOCATORS (glibc,jemalloc), COLD_STARTS (rounds before the first precision check, 2; the
+#   rounds go on while the budget lasts), TARGET_CI (percent, optional), WARM_REQUESTS (10), MAX_TOKENS (64),
 #   WARMUP (1: one uncounted start first, so that no arm pays the compile-cache miss; 0 on a warm machine
 #   whose ~/.cache/vllm is filled), BUDGET_S (SIGINT after, so the report is written inside the device's
 #   10-minute limit: 540), NAME (result folder), VLLM_TREE, VSITE.
@@ -45,9 +47,13 @@ fi
 left=$(( ${BUDGET_S:-540} - ($(date +%s) - t0) ))
 echo "comparison budget: $left s"
 if [ "$left" -gt 60 ]; then
+  # --max-time: no server is started that would likely end after the budget (rounds go on until then, or
+  # until TARGET_CI is reached from round COLD_STARTS on); timeout's SIGINT is only the backstop.
+  target=(); [ -n "${TARGET_CI:-}" ] && target=(--target-ci "$TARGET_CI")
   PYTHONUNBUFFERED=1 timeout -s INT "$left" $PY -m harness.cli serve "${common[@]}" \
     --allocators "${ALLOCATORS:-glibc,jemalloc}" "${libs[@]}" --cold-starts "${COLD_STARTS:-2}" \
-    --warm-requests "${WARM_REQUESTS:-10}" --out "$WORK/$NAME" "$@" 2>&1 | grep -v "━"
+    --max-time "$(( left - 20 ))s" "${target[@]}" --warm-requests "${WARM_REQUESTS:-10}" --out "$WORK/$NAME" "$@" \
+    2>&1 | grep -v "━"
   echo "harness serve exit code: ${PIPESTATUS[0]}"
 else
   echo "no time left for the comparison (set-up and warm-up took it): run again on the warm machine with WARMUP=0"
