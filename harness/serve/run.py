@@ -300,8 +300,10 @@ class _Session:
         k = 0
         for r in rule.rounds():
             order = [arm for arm in allocation.rotated(arms, r) if arm.name not in self.failed_arms]
-            if not order:
-                return "failed", "no allocator arm is left: " + "; ".join(self.failed_arms.values())
+            baseline = self.config.baseline
+            if not order or (baseline in self.failed_arms and len(arms) > 1):
+                return "failed", (f"the baseline {baseline} is left out, so there are no ratios to measure: "
+                                  if order else "no allocator arm is left: ") + "; ".join(self.failed_arms.values())
             self.log(f"round {r + 1}: {', '.join(arm.name for arm in order)}")
             for i, arm in enumerate(order):
                 if not rule.may_start(len(order) - i, self.startups):
