@@ -139,9 +139,16 @@ class Row:
 def comparisons(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
                 key: str) -> dict[str, stats.Comparison]:
     """Each other allocator against the baseline on one per-server figure (`key`), counted servers only."""
+    per = per_allocator(startups, requests, order, [key])[key]
+    return {name: stats.compare(per[name], per[baseline]) for name in order if name != baseline}
+
+
+def per_allocator(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+                  keys: list[str]) -> dict[str, dict[str, list[float | None]]]:
+    """metric key -> allocator -> the value of each of its counted servers."""
     good = counted(startups)
-    per = {name: [server_values(s, requests).get(key) for s in good if s["allocator"] == name] for name in order}
-    return {name: stats.compare(per[name], per.get(baseline, [])) for name in order if name != baseline}
+    values = [(s["allocator"], server_values(s, requests)) for s in good]
+    return {key: {name: [v.get(key) for a, v in values if a == name] for name in order} for key in keys}
 
 
 class ServeStopper(stopping.Stopper):
@@ -183,11 +190,12 @@ def rows(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: 
          baseline: str) -> list[Row]:
     """Every metric that has a value, for every allocator in `order`."""
     good = counted(startups)
-    values = {id(s): server_values(s, requests) for s in good}
     failed = {name: sum(1 for s in startups if s.get("allocator") == name and s not in good) for name in order}
+    metrics = metrics_for(startups)
+    values = per_allocator(startups, requests, order, [m.key for m in metrics])
     out: list[Row] = []
-    for metric in metrics_for(startups):
-        per = {name: [values[id(s)].get(metric.key) for s in good if s["allocator"] == name] for name in order}
+    for metric in metrics:
+        per = values[metric.key]
         if not any(v is not None for vals in per.values() for v in vals):
             continue
         for name in order:
