@@ -2,8 +2,8 @@
 them, and the check that a server really ran under the allocator its arm names.
 
 The check reads `/proc/<pid>/maps` of every process of the server tree once it is ready. The processes
-that serve (vLLM's API server, its engine core and any model worker; the whole tree for other engines)
-must map the arm's library and no other malloc library; for glibc, none at all. vLLM's CPU platform
+that serve (vLLM's API server, its engine core and any model worker; for other engines, the process the
+harness started) must map the arm's library and no other malloc library; for glibc, none at all. vLLM's CPU platform
 prepends a tcmalloc bundled under `vllm/libs` to the LD_PRELOAD of the processes it starts (unless
 LD_PRELOAD already names a libtcmalloc): such a server maps two mallocs, or tcmalloc under glibc, and is
 recorded as failed, never counted. Helpers that do not serve (the multiprocessing resource tracker,
