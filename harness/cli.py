@@ -299,11 +299,15 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         runner.close()
     rows = _report(results, config, names)
     failed = [r for r in records if r["status"] != "ok"]
-    if not rows:
+    if rows:
+        _print_rows(rows, results)
+    elif records and len(failed) == len(records):
         console.print(f"[red]error[/]: every warm-up run failed ({_failures(failed)}): no round was measured "
                       f"and no summary was written; the runs are in {results.root / alloc.RUNS_FILE}", soft_wrap=True)
         return 1
-    _print_rows(rows, results)
+    else:
+        console.print(f"no measured run yet, so no summary was written; the warm-up runs are in "
+                      f"{results.root / alloc.RUNS_FILE} (continue with --resume)", soft_wrap=True)
     for line in alloc_answer(results):
         click.echo(line)
     if failed:
@@ -556,14 +560,17 @@ def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: in
     def status(code: int) -> str:
         return "completed" if code == 0 else f"ended with exit code {code}"
 
+    def links(*files: tuple[str, str]) -> str:
+        """Links to the files that were written; no link to one that was not."""
+        return ", ".join(f"[{label}]({rel})" for label, rel in files if (results.root / rel).exists()) or "no files"
+
     lines = [f"# Benchmark: {model}", "",
-             f"- A. Allocator impact ({status(alloc_code)}): [summary]({SUMMARY_FILE}), "
-             f"[CSV]({CSV_FILE}), [plot]({PLOT_FILE}), [runs](alloc/runs.jsonl)",
-             f"- B. First-token path ({status(serve_code)}"
-             + (f": {serve_error}" if serve_error else "") + "): [report](serve/first_token_latency.md), "
-             "[requests](serve/requests.jsonl), [start-up](serve/startup.jsonl), "
-             "[memory timeline](serve/memory_timeline.png)",
-             "- Environment: [environment.json](environment.json)", "",
+             f"- A. Allocator impact ({status(alloc_code)}): " + links(
+                 ("summary", SUMMARY_FILE), ("CSV", CSV_FILE), ("plot", PLOT_FILE), ("runs", "alloc/runs.jsonl")),
+             f"- B. First-token path ({status(serve_code)}" + (f": {serve_error}" if serve_error else "") + "): "
+             + links(("report", "serve/first_token_latency.md"), ("requests", "serve/requests.jsonl"),
+                     ("start-up", "serve/startup.jsonl"), ("memory timeline", "serve/memory_timeline.png")),
+             "- Environment: " + links(("environment.json", "environment.json")), "",
              *(f"**{line}**" for line in alloc_answer(results)), ""]
     for rel in (SUMMARY_FILE, "serve/first_token_latency.md"):
         if (results.root / rel).exists():

@@ -39,14 +39,19 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code_of(command: Callable[[], int]) -> int:
-    """Runs a command with SIGTERM handled as Ctrl-C. An interrupt that its own clean-up let through (a
-    second Ctrl-C at an unlucky moment) still ends in one line and exit code 130, never a traceback."""
+    """Runs a command with SIGTERM handled as Ctrl-C, for a click command to exit with. An interrupt that
+    its own clean-up let through (a second Ctrl-C at an unlucky moment) still ends in one line and exit
+    code 130, never a traceback; once the command is over, further signals are ignored until the exit."""
     with sigterm_as_interrupt():
         try:
-            return command()
+            code = command()
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C / SIGTERM)", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
+            code = EXIT_INTERRUPTED
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:  # the command is over: a late signal must not turn its exit into a traceback
+            signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 class Shielded:

@@ -423,7 +423,7 @@ def test_vllm_second_ctrl_c_during_startup_leaves_no_process(tmp_path: Path) -> 
     try:
         pgid = wait_for(lambda: _server_pids(proc), 60, "server spawn")[0]
         log = tmp_path / "s/serve/server-0.log"
-        wait_for(lambda: "(EngineCore pid=" in log.read_text(), 300, "vLLM's engine core to start")
+        wait_for(lambda: log.exists() and "(EngineCore pid=" in log.read_text(), 300, "vLLM's engine core to start")
         proc.send_signal(signal.SIGINT)
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
