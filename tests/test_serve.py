@@ -454,7 +454,7 @@ def test_harness_bench_runs_both_experiments_and_links_them(tmp_path: Path) -> N
     """What `make bench` runs: alloc then serve on the same model, and index.md linking both reports."""
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "bench", "--runner", "local", "--runs", "1",
-                           "--alloc-time", "40s", "--measure-s", "0.5", "--warm-requests", "1",
+                           "--alloc-time", "90s", "--measure-s", "0.5", "--warm-requests", "1",
                            "--port", str(free_port()), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -464,7 +464,7 @@ def test_harness_bench_runs_both_experiments_and_links_them(tmp_path: Path) -> N
         "inconclusive on this host", "no change beyond", "helped", "hurt")), proc.stdout[-2000:]
     assert "ruled out" not in answer and f"**{answer}**" in (out / "index.md").read_text()
     stop = [json.loads(line) for line in (out / "alloc/stopping.jsonl").read_text().splitlines()][-1]
-    assert stop["reason"] in ("target", "time") and stop["rule"]["max_time_s"] == 40
+    assert stop["reason"] in ("target", "time") and stop["rule"]["max_time_s"] == 90
     index = (out / "index.md").read_text()
     for link in ("alloc/summary.md", "alloc/allocator_latency_comparison.csv", "serve/first_token_latency.md",
                  "serve/memory_timeline.png", "environment.json"):
