@@ -3,12 +3,19 @@
 `python tests/fake_openai_server.py PORT [options]`. By default it never streams (answers JSON even for
 stream=true), for the "server does not stream" fault. Options:
 
---stream             answer stream=true with server-sent events, one token each
+--stream             answer stream=true as vLLM does (chunked server-sent events on a kept-alive
+                     connection, each its own write, TCP_NODELAY): `max_tokens` token chunks, the usage
+                     chunk, `[DONE]`, then the end of the body. Two optional request fields shape the
+                     timing: `fake_token_delay_s` before each token chunk, `fake_tail_delay_s` between the
+                     last token chunk and the usage chunk
+--replay FILE        stream the events of a captured stream instead (`fake_token_delay_s` apart)
 --crash-after N      the "engine" dies after N completions, as vLLM's engine core does: it logs the error,
                      the next stream carries only an error event, /health answers 503 from then on
 --models-not-json    /v1/models answers 200 with an HTML page
 --startup-delay S    listen only after S seconds (a server still starting)
 --ignore-sigterm     SIGTERM is logged and ignored (a server slow to stop); SIGKILL still works
+
+GET /stats answers how many connections were accepted; GET /metrics answers 200 without series.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 MODEL = "fake-model"
 ENGINE_ERROR = "RuntimeError: fake engine core died: CUDA error: an illegal memory access was encountered"
@@ -27,13 +35,32 @@ ENGINE_ERROR = "RuntimeError: fake engine core died: CUDA error: an illegal memo
 
 class State:
     options = argparse.Namespace(stream=False, crash_after=None, models_not_json=False)
+    replay: list[str] = []
     completions = 0
+    connections = 0
     dead = False
     lock = threading.Lock()
 
 
+def generated_events(n: int, token_delay: float, tail_delay: float) -> list[tuple[float, str]]:
+    """(delay before it, SSE payload) for n token chunks, the usage chunk and [DONE]."""
+    tokens = [json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
+                          "choices": [{"index": 0, "text": f" w{i}",
+                                       "finish_reason": "length" if i == n - 1 else None}]})
+              for i in range(n)]
+    usage = json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL, "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
+    return [*((token_delay, t) for t in tokens), (tail_delay, usage), (0.0, "[DONE]")]
+
+
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn
+    disable_nagle_algorithm = True  # TCP_NODELAY, as uvicorn: each chunk leaves when written
+
+    def setup(self) -> None:
+        super().setup()
+        with State.lock:
+            State.connections += 1
 
     def _send(self, code: int, data: bytes, ctype: str) -> None:
         self.send_response(code)
@@ -52,6 +79,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"<html><body>Welcome to nginx!</body></html>", "text/html")
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        elif self.path == "/stats":
+            self._json(200, {"connections": State.connections})
+        elif self.path == "/metrics":  # as vLLM answers it, without series (vLLM's benchmark client reads it)
+            self._send(200, b"", "text/plain; version=0.0.4")
         else:
             self._json(404, {"error": {"message": "not found"}})
 
@@ -67,29 +98,35 @@ class Handler(BaseHTTPRequestHandler):
                 print("ERROR 11-28 07:00:00 [core.py:700] EngineCore encountered a fatal error.", flush=True)
                 print(f"ERROR 11-28 07:00:00 [core.py:700] {ENGINE_ERROR}", flush=True)
         if body.get("stream") and State.options.stream:
-            self._stream(n, crash)
+            self._stream(body, n, crash)
             return
         self._json(200, {"object": "text_completion", "model": MODEL,
                          "choices": [{"index": 0, "text": " x" * n, "finish_reason": "length"}],
                          "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
 
-    def _stream(self, n: int, crash: bool) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Connection", "close")
-        self.end_headers()
+    def _stream(self, body: dict, n: int, crash: bool) -> None:
+        token_delay = float(body.get("fake_token_delay_s", 0.0))
         if crash:  # what vLLM's server streams when the engine core is dead
             error = {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the "
                                           "root cause.", "type": "InternalServerError", "code": 500}}
-            events = [error]
+            events = [(0.0, json.dumps(error)), (0.0, "[DONE]")]
+        elif State.replay:
+            events = [(0.0 if e == "[DONE]" else token_delay, e) for e in State.replay]
         else:
-            events = [{"choices": [{"index": 0, "text": " x", "finish_reason": None}]} for _ in range(n)]
-            events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n}})
-        for event in events:
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.close_connection = True
+            events = generated_events(n, token_delay, float(body.get("fake_tail_delay_s", 0.0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for delay, payload in events:
+            time.sleep(delay)
+            self._chunk(f"data: {payload}\n\n".encode())
+        time.sleep(0.02)  # the body's end in a later read than [DONE], as vLLM's often is
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
     def log_message(self, fmt: str, *args: object) -> None:
         print(fmt % args, flush=True)
@@ -99,6 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("port", type=int)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--replay", type=Path)
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--models-not-json", action="store_true")
     p.add_argument("--startup-delay", type=float, default=0.0)
@@ -108,6 +146,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     State.options = options = parse_args(argv)
+    if options.replay:
+        options.stream = True
+        State.replay = [b.removeprefix("data:").strip() for b in options.replay.read_text().split("\n\n")
+                        if b.strip()]
     if options.ignore_sigterm:
         signal.signal(signal.SIGTERM, lambda signum, frame: print("SIGTERM received: ignored", flush=True))
     print("fake server starting", flush=True)

@@ -29,10 +29,10 @@ from harness.serve import engines, metrics, phases
 from harness.serve.client import (
     RequestError,
     event_text,
+    is_token_event,
     iter_sse_data,
     plain_request,
     stream_request,
-    summarize_stream,
 )
 from harness.serve.config import ConfigError, ServeConfig, default_vllm_python, parse_gaps
 from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_serve
@@ -69,20 +69,12 @@ def test_phases_without_milestones_is_all_unaccounted() -> None:
 def test_sse_parsing_of_captured_stream() -> None:
     events = [json.loads(d) for d in iter_sse_data(SSE_CAPTURE.splitlines()) if d != "[DONE]"]
     assert [event_text(e) for e in events] == ["w2185", "w994", "w3283", ""]
+    assert [is_token_event(e) for e in events] == [True, True, True, False]  # the usage chunk: no token
     assert events[-1]["usage"]["completion_tokens"] == 3
     chat = {"choices": [{"delta": {"role": "assistant"}}]}
     assert event_text(chat) == ""  # role-only chunk: not the first token
     assert event_text({"choices": [{"delta": {"content": "hi"}}]}) == "hi"
     assert list(iter_sse_data([": keep-alive", "event: x", "data:{}"])) == ["{}"]
-
-
-def test_stream_summary_tpot_definition() -> None:
-    r = summarize_stream([0.1, 0.15, 0.2, 0.3], 0.4, ["a", "b", "c", "d"], {"completion_tokens": 4}, "length")
-    assert r.ttft_s == 0.1 and r.e2e_s == 0.4
-    assert r.tpot_s == pytest.approx((0.4 - 0.1) / 3)
-    assert r.itl_s == pytest.approx([0.05, 0.05, 0.1])
-    one = summarize_stream([0.1], 0.1, ["a"], {}, None)
-    assert one.tpot_s is None and one.completion_tokens is None
 
 
 def test_metrics_histogram_delta() -> None:
@@ -227,7 +219,9 @@ def test_vllm_stream_and_plain_requests(vllm_server) -> None:
             stream_request(c, server.base_url, "no-such-model", "hello", 4)
     assert err.value.kind == "wrong_model"
     assert r.completion_tokens == 8 and r.n_events >= 1 and r.prompt_tokens
-    assert 0 < r.ttft_s <= r.e2e_s and r.tpot_s is not None and r.tpot_s > 0
+    assert 0 < r.ttft_s <= r.e2e_s < r.wall_s and r.tpot_s is not None and r.tpot_s > 0
+    assert r.e2e_s == pytest.approx(r.ttft_s + sum(r.itl_s)) and len(r.itl_s) == r.n_events - 1
+    assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 7)  # to the last token, not to [DONE]
     server_ttft = metrics.mean_delta(before, after)
     assert server_ttft is not None and 0 < server_ttft <= r.ttft_s  # the client also pays HTTP + SSE
     assert p.completion_tokens == 8 and p.wall_s > 0 and p.ttft_s is None

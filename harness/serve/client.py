@@ -1,12 +1,36 @@
 """OpenAI-compatible client: the seed's whole-request wall time, and streamed TTFT/ITL/TPOT/E2E.
 
-Clocks are `time.perf_counter()`, started just before the request is handed to httpx (as curl's
-wall time starts before connecting). TTFT is taken at the first SSE event that carries non-empty
-text, not at the first byte: servers send role-only or empty chunks first.
+The streamed figures follow vLLM's own benchmark client (`vllm bench serve`:
+vllm/benchmarks/lib/endpoint_request_func.py and serve.py), so that the two compare:
+
+- t0 is `time.perf_counter()` just before the request, already built and JSON-encoded, is sent (the
+  connection, if a new one is needed, is inside every figure). vLLM's client starts its clock before
+  `session.post` builds and encodes the request; building it first keeps the client's own work out
+  of TTFT (it was about 0.5 ms of httpx's on this 2-core host). Plain requests start the clock before
+  httpx builds the request, as curl's wall time includes its own work.
+- A token event is an SSE event whose `choices` carry a token: a completions chunk with a `text` field
+  (also "", as for a special token), or a chat delta with content other than the role-only opener
+  (vLLM's chat client counts that opener as the first token; it carries none). The trailing usage chunk
+  (`choices: []`) and `[DONE]` are not token events. An event is timed once it has been parsed.
+- `ttft_s`: t0 to the first token event. `itl_s`: the gaps between consecutive token events.
+- `e2e_s`: t0 to the last token event (vLLM's request latency, its E2EL).
+- `tpot_s`: (E2E - TTFT) / (n - 1), n = the server's `usage.completion_tokens` (the number of token
+  events when the server sends no usage); none when n <= 1.
+- `wall_s`: t0 to the end of the response body, after the usage chunk, `[DONE]` and the chunked
+  terminator: the whole request, as the seed's curl times it. For plain requests `e2e_s` is `wall_s`.
+
+The body is always read to its end, not left at `[DONE]`: httpx closes a connection whose response was
+not read to the end, so the next request on the client paid a new TCP connection (and the server's
+accept) inside its TTFT; vLLM's client (aiohttp) reads to the end and reuses its connection, as this
+one now does. Events are split from the body's bytes as they arrive (httpx's `iter_bytes` returns what
+the socket has, without waiting for more), as vLLM's client splits them: cheaper than httpx's text and
+line iterators, and on a host where the client shares the server's cores, client CPU per event is taken
+from the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -28,12 +52,12 @@ class RequestError(RuntimeError):
 @dataclass
 class RequestResult:
     mode: str  # "stream" | "plain"
-    wall_s: float  # request handed to httpx -> last byte read
-    ttft_s: float | None = None
-    e2e_s: float | None = None
+    wall_s: float  # request handed to httpx -> end of the response body (whole request)
+    ttft_s: float | None = None  # -> first token event
+    e2e_s: float | None = None  # -> last token event (streamed); wall_s (plain)
     tpot_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
-    n_events: int = 0  # SSE events with non-empty text
+    n_events: int = 0  # token events (SSE events whose choices carry a token)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
@@ -43,9 +67,10 @@ class RequestResult:
         return asdict(self)
 
 
-def completion_body(model: str, prompt: str, max_tokens: int, stream: bool,
+def completion_body(model: str, prompt: str | list[int], max_tokens: int, stream: bool,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`extra` carries engine-specific fields, e.g. vLLM's ignore_eos (random weights hit EOS early)."""
+    """`prompt` is text or token ids; `extra` carries engine-specific fields, e.g. vLLM's ignore_eos
+    (random weights hit EOS early)."""
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                             **(extra or {})}
     if stream:
@@ -59,6 +84,20 @@ def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
     for line in lines:
         if line.startswith("data:"):
             yield line[5:].lstrip(" ")
+
+
+def iter_sse_events(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The `data:` payloads of each SSE event, as soon as the blank line that ends the event has arrived."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:  # CRLF line ends (a lone CR waits for the next chunk's LF)
+            buffer = buffer.replace(b"\r\n", b"\n")
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            yield from iter_sse_data(event.decode("utf-8", "replace").split("\n"))
+    if buffer.strip():  # a last event without its blank line
+        yield from iter_sse_data(buffer.decode("utf-8", "replace").split("\n"))
 
 
 def event_text(event: dict[str, Any]) -> str:
@@ -130,17 +169,54 @@ def plain_request(client: httpx.Client, base_url: str, model: str, prompt: str, 
                          finish_reason=choice.get("finish_reason"))
 
 
-def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str, max_tokens: int,
+def is_token_event(event: dict[str, Any]) -> bool:
+    """Whether a chunk carries a token (see the module docstring); usage-only and role-only chunks do not."""
+    for choice in event.get("choices") or []:
+        if "text" in choice:
+            return True
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content or (content is not None and "role" not in delta):
+            return True
+    return False
+
+
+@dataclass
+class _StreamState:
+    """What a stream has delivered so far: token event times (s since t0), texts, usage, finish."""
+
+    times: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    finish: str | None = None
+
+    def add(self, data: str, t0: float) -> None:
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            return
+        error = stream_error(event)
+        if error:
+            raise RequestError(f"the server reported an error after {len(self.times)} tokens: {error}",
+                               "server_error")
+        if is_token_event(event):
+            self.times.append(time.perf_counter() - t0)
+            self.texts.append(event_text(event))
+        for choice in event.get("choices") or []:
+            self.finish = choice.get("finish_reason") or self.finish
+        if event.get("usage"):
+            self.usage = event["usage"]
+
+
+def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str | list[int], max_tokens: int,
                    extra: dict[str, Any] | None = None) -> RequestResult:
-    """One streamed completion: TTFT, inter-token latencies, TPOT, E2E and the server's usage."""
+    """One streamed completion: TTFT, inter-token latencies, TPOT, E2E, wall time and the server's usage."""
     body = completion_body(model, prompt, max_tokens, stream=True, extra=extra)
+    request = client.build_request("POST", base_url + "/v1/completions", json=body)  # encoded before t0
+    state = _StreamState()
     t0 = time.perf_counter()
-    times: list[float] = []
-    texts: list[str] = []
-    usage: dict[str, Any] = {}
-    finish = None
     try:
-        with client.stream("POST", base_url + "/v1/completions", json=body) as resp:
+        with contextlib.closing(client.send(request, stream=True)) as resp:
             if resp.status_code != 200:
                 resp.read()
                 _raise_for_status(resp, model)
@@ -149,40 +225,26 @@ def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str,
                 resp.read()
                 raise RequestError(f"server does not stream: asked for stream=true, got {ctype or 'no'} "
                                    "content type (use --request-mode plain for this server)", "not_streaming")
-            for data in iter_sse_data(resp.iter_lines()):
-                if data.strip() == "[DONE]":
-                    break
-                try:
-                    event = json.loads(data)
-                except json.JSONDecodeError:
-                    continue
-                error = stream_error(event)
-                if error:
-                    raise RequestError(f"the server reported an error after {len(times)} tokens: {error}",
-                                       "server_error")
-                text = event_text(event)
-                if text:
-                    times.append(time.perf_counter() - t0)
-                    texts.append(text)
-                for choice in event.get("choices") or []:
-                    finish = choice.get("finish_reason") or finish
-                if event.get("usage"):
-                    usage = event["usage"]
+            for data in iter_sse_events(resp.iter_bytes()):
+                if data.strip() != "[DONE]":  # read on to the end of the body: the connection stays open
+                    state.add(data, t0)
     except httpx.TransportError as exc:
-        raise RequestError(f"stream broke after {len(times)} tokens: {transport_reason(exc)}", "transport") from exc
+        raise RequestError(f"stream broke after {len(state.times)} tokens: {transport_reason(exc)}",
+                           "transport") from exc
     wall = time.perf_counter() - t0
-    if not times:
-        raise RequestError("stream ended without any text", "empty")
-    return summarize_stream(times, wall, texts, usage, finish)
+    if not state.times:
+        raise RequestError("stream ended without any token", "empty")
+    return summarize_stream(state.times, wall, state.texts, state.usage, state.finish)
 
 
-def summarize_stream(times: list[float], e2e: float, texts: list[str], usage: dict[str, Any],
+def summarize_stream(times: list[float], wall: float, texts: list[str], usage: dict[str, Any],
                      finish: str | None) -> RequestResult:
-    """TPOT = (E2E - TTFT) / (n - 1), n = completion tokens from usage (text events if absent)."""
-    ttft = times[0]
+    """`times`: token events (s since t0). E2E ends at the last one; TPOT = (E2E - TTFT) / (n - 1), n =
+    completion tokens from usage (token events if absent); `wall` is the whole request."""
+    ttft, e2e = times[0], times[-1]
     n = usage.get("completion_tokens") or len(times)
     tpot = (e2e - ttft) / (n - 1) if n > 1 else None
-    return RequestResult(mode="stream", wall_s=e2e, ttft_s=ttft, e2e_s=e2e, tpot_s=tpot,
+    return RequestResult(mode="stream", wall_s=wall, ttft_s=ttft, e2e_s=e2e, tpot_s=tpot,
                          itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], n_events=len(times),
                          prompt_tokens=usage.get("prompt_tokens"),
                          completion_tokens=usage.get("completion_tokens"),

