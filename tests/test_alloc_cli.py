@@ -106,10 +106,10 @@ def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
     assert runs_file.exists(), "no run finished in time"
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, "a probe process was left behind"
     kept = runs_file.read_text().splitlines()
     assert 1 <= len(kept) < 4
