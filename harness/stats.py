@@ -125,9 +125,10 @@ def compare_paired(pairs: Sequence[tuple[float | None, float | None]], seed: int
 
 
 def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency", paired: bool = False,
-            useful: float = USEFUL_BOUND) -> str:
+            useful: float = USEFUL_BOUND, more: str = "the Precision line says how many runs would narrow it") -> str:
     """One sentence a reader can act on, computed from the comparison only. Without a significant change,
-    the bound it rules out is stated only up to ±`useful`; a wider CI is called inconclusive."""
+    the bound it rules out is stated only up to ±`useful`; a wider CI is called inconclusive (`more`: what
+    would narrow it)."""
     test = "Wilcoxon signed-rank" if paired else "Mann–Whitney"
     if math.isnan(comp.ratio):
         return f"{name}: no successful runs to compare with {baseline}"
@@ -142,7 +143,7 @@ def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency
         bound = max(abs(comp.ratio_ci_low - 1), abs(comp.ratio_ci_high - 1))
         if bound > useful:
             return (f"{name} vs {baseline}: inconclusive in {quantity} ({detail}): the CI is too wide to bound "
-                    "the change (the Precision line says how many runs would narrow it)")
+                    f"the change ({more})")
         return (f"{name} vs {baseline}: no significant difference in {quantity} ({detail}); a change beyond "
                 f"±{bound * 100:.1f} % is ruled out at 95 %")
     word = "helped" if change < 0 else "hurt"

@@ -291,7 +291,8 @@ def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], orde
         for r in rs:
             if r.metric.key == key and r.comparison is not None and r.allocator not in empty \
                     and baseline not in empty:
-                verdicts.append("- " + stats.verdict(r.allocator, baseline, r.comparison, r.metric.label))
+                verdicts.append("- " + stats.verdict(r.allocator, baseline, r.comparison, r.metric.label,
+                                                     more="more rounds would narrow it: --cold-starts, --target-ci"))
     if verdicts:
         out += ["Verdicts:", "", *verdicts, ""]
     out += [f"Per allocator and metric: `{CSV_FILE.split('/')[-1]}`; warm TTFT and TPOT by allocator: "
