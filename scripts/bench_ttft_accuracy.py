@@ -137,6 +137,7 @@ class _SSEHandler(BaseHTTPRequestHandler):
     """Streams `max_tokens` OpenAI completion chunks at once: a server that does no work."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # TCP_NODELAY, as uvicorn: otherwise Nagle holds each small chunk
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
