@@ -118,11 +118,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for delay, payload in events:
-            time.sleep(delay)
-            self._chunk(f"data: {payload}\n\n".encode())
-        time.sleep(0.02)  # the body's end in a later read than [DONE], as vLLM's often is
-        self._chunk(b"")
+        try:
+            for delay, payload in events:
+                time.sleep(delay)
+                self._chunk(f"data: {payload}\n\n".encode())
+            time.sleep(0.02)  # the body's end in a later read than [DONE], as vLLM's often is
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up (after an error event): as uvicorn
+            self.close_connection = True
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
