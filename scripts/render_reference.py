@@ -125,7 +125,9 @@ def vllm_block(d: Path) -> list[str]:
            f"{config['dtype']} --max-model-len {config['max_model_len']} --gpu-memory-utilization "
            f"{config['gpu_memory_utilization']}`, {sum(len(_startups(run)) for run in runs.values())} "
            f"fresh servers (H100 figures), {config['max_tokens']} tokens per request:", "",
-           "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms) | n |",
+           "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms)"
+           + (" to the end of the stream (serve-request/1)" if any(r.get("schema") == "serve-request/1" for r in every)
+              else "") + " | n |",
            "|---|---|---|---|---|---|"]
     for kind, name in (("cold", "cold"), ("warm", "warm"), ("idle", "after an idle gap")):
         rows = [r for r in every if r["kind"] == kind]

@@ -16,6 +16,9 @@ REPORT_FILE = "serve/first_token_latency.md"
 REQUESTS_FILE = "serve/requests.jsonl"
 STARTUP_FILE = "serve/startup.jsonl"
 CONFIG_FILE = "serve/config.json"
+# serve-request/2: streamed e2e_s and tpot_s end at the last token event (vLLM's benchmark client);
+# serve-request/1 records ended them after the usage chunk and [DONE].
+REQUEST_SCHEMA = "serve-request/2"
 
 
 def _ms(x: float | None) -> str:
@@ -40,8 +43,10 @@ def _summary_row(label: str, s: Summary) -> str:
 
 def latency_table(requests: list[dict[str, Any]]) -> list[str]:
     lines = ["| metric (ms) | median | p90 | min | max | n |", "|---|---|---|---|---|---|"]
+    older = any(r.get("schema") == "serve-request/1" and r.get("mode") == "stream" for r in requests)
+    e2e = "E2E (to the end of the stream: serve-request/1 records)" if older else "E2E (to the last token)"
     metrics = [("TTFT", "ttft_s"), ("server TTFT (/metrics)", "server_ttft_s"), ("TPOT", "tpot_s"),
-               ("E2E (to the last token)", "e2e_s"), ("wall (whole request)", "wall_s")]
+               (e2e, "e2e_s"), ("wall (whole request)", "wall_s")]
     groups = [("cold", _ok(requests, "cold")), ("warm", _ok(requests, "warm"))]
     for gap in sorted({r["idle_gap_s"] for r in _ok(requests, "idle")}):
         groups.append((f"after {gap:g} s idle", [r for r in _ok(requests, "idle") if r["idle_gap_s"] == gap]))

@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is u
     from harness.serve.docker_setup import DockerContext
 
 REQUESTS_FILE, STARTUP_FILE, CONFIG_FILE = report.REQUESTS_FILE, report.STARTUP_FILE, report.CONFIG_FILE
+REQUEST_SCHEMA = report.REQUEST_SCHEMA
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -119,7 +120,7 @@ class _Session:
         started_at = _now_iso()
         t_start = self.sampler.mark(label, "request_start")
         record: dict[str, Any] = {
-            "schema": "serve-request/1", "server": server, "index": index, "kind": kind, "idle_gap_s": gap,
+            "schema": REQUEST_SCHEMA, "server": server, "index": index, "kind": kind, "idle_gap_s": gap,
             "mode": cfg.request_mode, "engine": cfg.engine, "model": model, "max_tokens": cfg.max_tokens,
             "started_at": started_at, "t_start_s": t_start,
             "since_ready_s": None if ready_t is None else t_start - ready_t, **self.request_tags,
