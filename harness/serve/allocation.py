@@ -22,8 +22,8 @@ import psutil
 
 from harness.allocators import Allocator
 from harness.serve.engines import ServerSpec
+from harness.serve.phases import process_roles
 from harness.serve.server import ServerError
-from harness.serve.stacks import process_roles
 
 # A library that replaces malloc when preloaded (OpenMP runtimes and the like are not allocators).
 MALLOC_LIB = re.compile(r"/\S*lib(tcmalloc|jemalloc|mimalloc)[^/\s]*\.so[.\d]*")

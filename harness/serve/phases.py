@@ -70,7 +70,7 @@ MILESTONES: list[Milestone] = [
 CONFIG_LABEL = "API server: model and engine config resolution"
 ENGINE_START_LABEL = "engine core: process start and imports"
 
-_PROCESS_TAG = re.compile(r"^\((?P<role>[A-Za-z][\w-]*) pid=\d+\)")
+_PROCESS_TAG = re.compile(r"^\((?P<role>[A-Za-z][\w-]*) pid=(?P<pid>\d+)\)")
 _SELF_REPORTED = re.compile(r"took ([\d.]+) ?(s|sec|secs|seconds)\b|takes ([\d.]+) s in total|"
                             r"finished in ([\d.]+) secs?")
 _LOG_TIME = re.compile(r"\b(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})\b")
@@ -136,6 +136,16 @@ def process_role(line: str) -> str | None:
     """'APIServer', 'EngineCore', 'Worker', ... from vLLM's `(Role pid=N)` line prefix."""
     m = _PROCESS_TAG.match(line)
     return m.group("role") if m else None
+
+
+def process_roles(lines: list[tuple[float, str]]) -> dict[int, str]:
+    """PID -> role ('APIServer', 'EngineCore', ...) from vLLM's `(Role pid=N)` line prefixes."""
+    roles: dict[int, str] = {}
+    for _, line in lines:
+        m = _PROCESS_TAG.match(line)
+        if m:
+            roles.setdefault(int(m.group("pid")), m.group("role"))
+    return roles
 
 
 def _is_api_server(role: str) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import psutil
 
 from harness.serve.phases import Silence
 
-_PID_TAG = re.compile(r"^\(([A-Za-z][\w-]*) pid=(\d+)\)")
 DEFAULT_HZ = 2.0
 MAX_FRAMES = 40
 DUMP_TIMEOUT_S = 5.0
@@ -174,10 +172,6 @@ def _package(frame: str) -> str:
     return where.split("/", 1)[0] if "/" in where else "stdlib"
 
 
-def _func(frame: str) -> str:
-    return frame.split(" (", 1)[0]
-
-
 def doing(frames: list[str]) -> str:
     """What one stack is doing, in a few words: waiting for the engine core, compiling or importing a
     package, or the package of the innermost working frame and the vLLM function that called it."""
@@ -196,16 +190,6 @@ def doing(frames: list[str]) -> str:
     if _package(work) == "vllm":
         return caller
     return f"{_package(work)} in {caller}"
-
-
-def process_roles(lines: list[tuple[float, str]]) -> dict[int, str]:
-    """PID -> role ('APIServer', 'EngineCore', ...) from vLLM's `(Role pid=N)` line prefixes."""
-    roles: dict[int, str] = {}
-    for _, line in lines:
-        m = _PID_TAG.match(line)
-        if m:
-            roles.setdefault(int(m.group(2)), m.group(1))
-    return roles
 
 
 def _role(pid: int, samples: list[dict[str, Any]], roles: dict[int, str]) -> str | None:

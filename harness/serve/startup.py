@@ -21,7 +21,7 @@ def analyse(lines: list[tuple[float, str]], ready_s: float | None, stack_samples
     not asked for when there are no samples either)."""
     ph, unaccounted = phases.phases(lines, ready_s)
     silent = phases.silences(lines, ready_s, ph)
-    roles = stacks.process_roles(lines)
+    roles = phases.process_roles(lines)
     named = stacks.name_silences(silent, stack_samples, roles)
     return {
         "phases": [p.to_dict() for p in ph],
