@@ -301,7 +301,7 @@ def test_vllm_full_local_run(tmp_path: Path) -> None:
     assert startup[0]["status"] == "ok" and startup[0]["spawn_to_health_s"] > 0
     assert startup[0]["spawn_to_first_token_s"] > startup[0]["spawn_to_health_s"]
     assert startup[0]["allocators_mapped"]  # what the server tree really maps, recorded
-    assert startup[0]["compile_cache"] == {"mode": "fresh", "use": "miss"}  # an empty cache: compiled
+    assert startup[0]["compile_cache"] == {"mode": "fresh", "use": "miss", "triton": "fresh"}  # empty caches: compiled
     report = (out_dir / "serve/first_token_latency.md").read_text()
     for needle in ("cold_req_real_s", "cold TTFT", "warm TTFT", "First-to-second drop", "torch.compile",
                    "unaccounted", "What this means for SLOs", "GPU memory: not sampled"):
