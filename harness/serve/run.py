@@ -260,8 +260,9 @@ class _Session:
             analysis = startup.analyse(server.lines, ready.health_s if ready else server.since_spawn(), samples,
                                        profiler.reason if profiler else "not asked for (--profile-startup)")
             vllm_cache = cfg.compile_cache if cfg.engine == "vllm" else None
+            new_caches = cache_dir is not None or self.docker is not None  # a new container has empty caches
             rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
-                                                "triton": ("fresh" if cache_dir else "shared") if vllm_cache
+                                                "triton": ("fresh" if new_caches else "shared") if vllm_cache
                                                 else None})
             self.results.append(STARTUP_FILE, rec)
             self.startups.append(rec)
