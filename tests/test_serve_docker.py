@@ -125,7 +125,7 @@ def test_full_docker_run(client, tmp_path: Path) -> None:
     assert 200 < c["working_set_peak_mb"] <= c["peak_mb"] < 16384  # torch + vLLM, well under the host
     assert st["allocators_mapped"]  # host PIDs of the container's processes, their maps read
     keys = {p["key"] for p in st["phases"]}
-    assert {"engine_init", "app_startup"} <= keys
+    assert {"engine_start", "app_startup"} <= keys
     with open(serve / "memory_timeline.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert "container_usage_mb" in rows[0] and "container_working_set_mb" in rows[0]
