@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,3 +90,12 @@ def check_stopped_experiment(out: Path, target: float, max_time_s: float, starte
     assert f"- Stopping — stopped because {reason}" in summary and f"against a target of ±{target * 100:g} %" in summary
     assert "- Run cost — measured generation took" in summary
     return stop
+
+
+def kill_left_behind(group_leaders: list[int], proc: subprocess.Popen) -> None:
+    """Test clean-up: SIGKILL each process group a test started through the harness, then the harness."""
+    for pid in group_leaders:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HARNESS, REPO, check_stopped_experiment, run_harness, wait_for
+from conftest import HARNESS, REPO, check_stopped_experiment, kill_left_behind, run_harness, wait_for
 
 from harness import alloc
 
@@ -409,11 +409,7 @@ def test_sigterm_to_alloc_kills_the_probe(tmp_path):
         _, err = proc.communicate(timeout=60)
         _, alive = psutil.wait_procs([psutil.Process(p) for p in probes if psutil.pid_exists(p)], timeout=10)
     finally:
-        for pid in probes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
+        kill_left_behind(probes, proc)
     assert not alive, "the probe process was left behind"
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err

@@ -7,7 +7,6 @@ scripts/setup-vllm.sh; HARNESS_VLLM_PYTHON overrides) is absent.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib.util
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import kill_left_behind, wait_for
 
 from harness.serve import engines, metrics, phases
 from harness.serve.client import (
@@ -529,11 +528,7 @@ def test_second_ctrl_c_while_stopping_kills_the_server_and_says_so(tmp_path: Pat
         proc.wait(timeout=30)
         assert group_members(server[0]) == [], "the server outlived the harness"
     finally:
-        for pid in server:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
+        kill_left_behind(server, proc)
     text = output.read_text()
     assert proc.returncode == EXIT_INTERRUPTED, text
     assert "stopping the server (SIGTERM" in text and "SIGINT received: killing the server now (SIGKILL)" in text
