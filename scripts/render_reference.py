@@ -20,6 +20,9 @@ from harness import stats  # noqa: E402
 from harness.alloc_report import host_key  # noqa: E402
 from harness.results import ResultsDir  # noqa: E402
 from harness.runners.base import describe_cpus  # noqa: E402
+from harness.serve import comparison  # noqa: E402
+from harness.serve.config import ServeConfig  # noqa: E402
+from harness.serve.report import CONFIG_FILE, REQUESTS_FILE, STARTUP_FILE  # noqa: E402
 
 BEGIN, END = "<!-- reference:begin -->", "<!-- reference:end -->"
 
@@ -124,7 +127,7 @@ def vllm_block(d: Path) -> list[str]:
            f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {_gpu_name(env)}, `--dtype "
            f"{config['dtype']} --max-model-len {config['max_model_len']} --gpu-memory-utilization "
            f"{config['gpu_memory_utilization']}`, {sum(len(_startups(run)) for run in runs.values())} "
-           f"fresh servers (H100 figures), {config['max_tokens']} tokens per request:", "",
+           f"fresh servers, {config['max_tokens']} tokens per request:", "",
            "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms)"
            + (" to the end of the stream (serve-request/1)" if any(r.get("schema") == "serve-request/1" for r in every)
               else "") + " | n |",
@@ -165,13 +168,61 @@ def vllm_block(d: Path) -> list[str]:
     return out
 
 
+SERVE_ALLOC_KEYS = ("spawn_to_health_s", "cold_ttft_s", "warm_ttft_s", "warm_tpot_s", "warm_e2e_s",
+                    "server_rss_peak_mb", "gpu_used_peak_mb")
+
+
+def serve_alloc_block(d: Path) -> list[str]:
+    """An allocator comparison on the serving path: the main rows of its table, the stopping rule's line, the
+    one-off start-up costs and the verdicts, all computed again from its records."""
+    results = ResultsDir(d)
+    config = ServeConfig.from_dict(results.read_json(CONFIG_FILE))
+    env = json.loads((d / "serve/environment.json").read_text())
+    build = (env.get("extra") or env).get("server_vllm") or {}
+    startups = results.read_jsonl(STARTUP_FILE)
+    requests = results.read_jsonl(REQUESTS_FILE)
+    order, baseline = list(config.allocators), config.baseline
+    rows = [r for r in comparison.rows(startups, requests, order, baseline) if r.metric.key in SERVE_ALLOC_KEYS]
+    stops = [e for e in results.read_jsonl(comparison.STOP_FILE) if e.get("event") == "stop"]
+    rounds = len({s.get("round") for s in startups})
+    out = [f"**Allocators on the serving path** — `{config.model}` on vLLM {build.get('vllm', '?')} "
+           f"({build.get('build', '?')}), {_gpu_name(env)}, `--dtype {config.dtype} --max-model-len "
+           f"{config.max_model_len} --gpu-memory-utilization {config.gpu_memory_utilization} --compile-cache "
+           f"{config.compile_cache}`; {rounds} round(s) of one fresh server per allocator ({', '.join(order)}), "
+           f"the order rotated each round, {config.warm_requests} warm requests of {config.max_tokens} tokens per "
+           "server; per server its medians, per allocator the median over servers:", "",
+           *comparison.table(rows), "", comparison.verification_line(startups)]
+    line = comparison.stopping_line(stops[-1] if stops else None)
+    if line:
+        out += ["", line]
+    outliers = comparison.outlier_lines(startups)
+    if outliers:
+        out += ["", "One-off start-up costs:", "", *outliers]
+    out += ["", "Verdicts:", ""]
+    for key in comparison.VERDICT_KEYS:
+        out += ["- " + stats.verdict(r.allocator, baseline, r.comparison, r.metric.label,
+                                     more="more rounds would narrow it: --cold-starts, --target-ci")
+                for r in rows if r.metric.key == key and r.comparison is not None]
+    warmup = d / "warmup/serve/startup.jsonl"
+    if warmup.exists():
+        first = ResultsDir(d / "warmup").read_jsonl(STARTUP_FILE)[0]
+        out += ["", f"Before the comparison, one uncounted start filled the torch.compile cache (compile "
+                f"cache {(first.get('compile_cache') or {}).get('use', '?')}): {first['spawn_to_health_s']:.1f} s "
+                "to /health 200 (`warmup/serve/`)."]
+    out += ["", "Every phase, per server: `serve/first_token_latency.md`; per allocator and metric: "
+            "`serve/allocator_comparison.csv`; warm TTFT and TPOT by allocator: `serve/allocator_latency.png`."]
+    return out
+
+
 def render(root: Path = REPO / "results" / "reference") -> str:
     lines = [BEGIN]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         lines += ["", f"#### `results/reference/{d.name}/`", ""]
         if (d / "alloc/allocator_latency_comparison.csv").exists():
             lines += alloc_block(d) + [""]
-        if (d / "serve/requests.jsonl").exists():
+        if (d / comparison.CSV_FILE).exists():
+            lines += serve_alloc_block(d) + [""]
+        elif (d / "serve/requests.jsonl").exists():
             lines += serve_block(d) + [""]
         if (d / "fresh/serve/requests.jsonl").exists():
             lines += vllm_block(d) + [""]

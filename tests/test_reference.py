@@ -17,8 +17,19 @@ def test_readme_results_block_is_generated_from_the_files():
     assert proc.returncode == 0, proc.stderr
 
 
+def _serve_runs():
+    """Every committed serve run (a `serve/` folder with its config), at any depth."""
+    return sorted(config.parent.parent for config in REFERENCE.rglob("serve/config.json"))
+
+
+def test_every_reference_directory_holds_a_run():
+    """An empty or misplaced reference folder must not pass unnoticed."""
+    for d in (d for d in REFERENCE.iterdir() if d.is_dir()):
+        assert list(d.glob("alloc/runs.jsonl")) or list(d.rglob("serve/config.json")), f"{d.name} holds no run"
+
+
 def test_every_reference_directory_has_its_environment_and_verified_runs():
-    dirs = [d for d in REFERENCE.iterdir() if d.is_dir()]
+    dirs = [d for d in REFERENCE.iterdir() if d.is_dir()] + _serve_runs()
     assert dirs
     for d in dirs:
         runs_file = d / "alloc" / "runs.jsonl"
@@ -47,3 +58,21 @@ def test_committed_reports_are_what_the_harness_computes_from_the_runs(tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for name in ("summary.md", "allocator_latency_comparison.csv"):
             assert (copy / "alloc" / name).read_text() == (d / "alloc" / name).read_text(), f"{d.name}: {name}"
+
+
+def test_committed_serve_reports_are_what_the_harness_rebuilds(tmp_path):
+    """Each serve reference's report, comparison CSV and start-up records are what `harness report` rebuilds
+    from its records and logs (a live run ends the same way), so no figure is stale or edited."""
+    from conftest import run_harness
+
+    runs = _serve_runs()
+    assert runs
+    for d in runs:
+        copy = tmp_path / d.relative_to(REFERENCE)
+        copy.mkdir(parents=True)
+        subprocess.run(["cp", "-r", str(d / "serve"), str(copy)], check=True)
+        proc = run_harness("report", str(copy))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for rebuilt in (copy / "serve").iterdir():
+            if rebuilt.suffix in (".md", ".csv", ".jsonl"):
+                assert rebuilt.read_text() == (d / "serve" / rebuilt.name).read_text(), f"{d}: {rebuilt.name}"

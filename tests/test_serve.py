@@ -623,3 +623,23 @@ def test_a_results_directory_in_use_is_refused(tmp_path: Path) -> None:
     lines = [line for line in text.splitlines() if line.strip()]
     assert code == EXIT_USAGE and len(lines) == 1, text
     assert f"in use by another harness command (PID {os.getpid()})" in lines[0]
+
+
+def test_stop_line_names_the_exit_of_a_server_that_obeyed_sigterm(tmp_path: Path) -> None:
+    """The group can be gone while its main process is still an unreaped zombie: the stop line must
+    then name the exit, not say "server stopped: still running" (seen on the GPU reference run)."""
+    from harness.serve.server import LocalServer
+
+    server = LocalServer([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), "127.0.0.1",
+                         free_port(), tmp_path / "server.log")
+    said: list[str] = []
+    server.start()
+    try:
+        time.sleep(0.5)
+        server.stop(log=said.append)
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+    stopped = [line for line in said if line.startswith("server stopped")]
+    assert stopped and "still running" not in stopped[0], said
+    assert "SIGTERM" in stopped[0] and server.exit_code == -signal.SIGTERM, said

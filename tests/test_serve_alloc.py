@@ -210,6 +210,23 @@ def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
     assert "server(s) 0 (glibc) missed it" in section
 
 
+def test_a_one_off_phase_cost_is_named_and_ordinary_spread_is_not() -> None:
+    """As on the H200 reference: one counted server paid a Triton JIT the others did not."""
+    startups, requests = _experiment()
+    assert comparison.outlier_lines(startups) == []  # every server's phases alike: nothing to say
+    for s in startups:
+        s["phases"].append({"key": "engine_finish", "label": "rest of engine init",
+                            "duration_s": 1.0 + s["server"] / 10})
+    startups[2]["phases"][-1]["duration_s"] = 13.3
+    lines = comparison.outlier_lines(startups)
+    assert lines == ["- server 2 (jemalloc, round 2) spent 13.3 s in rest of engine init, against a median 1.4 s on "
+                     "the other servers"]
+    assert "One-off start-up costs" in "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"],
+                                                                   "glibc"))
+    startups[2]["phases"][-1]["duration_s"] = 4.0  # more than 3x, but not 5 s beyond: ordinary
+    assert comparison.outlier_lines(startups) == []
+
+
 def test_no_ratios_without_a_counted_baseline() -> None:
     startups, requests = _experiment()
     for s in startups:

@@ -260,6 +260,25 @@ def cache_line(startups: list[dict[str, Any]]) -> str | None:
             "differs for that reason; fill the cache with one start before comparing (the device script does).")
 
 
+def outlier_lines(startups: list[dict[str, Any]], factor: float = 3.0, floor_s: float = 5.0) -> list[str]:
+    """Counted servers that spent far longer in one start-up phase than the others did (more than `factor`
+    times the others' median and `floor_s` beyond it): a one-off (a cache not yet filled, a JIT build) that
+    weighs on one allocator's start-up for a reason of its own, not its allocator's."""
+    good = counted(startups)
+    out = []
+    for metric in phase_metrics(good):
+        for s in good:
+            mine = server_values(s, []).get(metric.key)
+            others = [server_values(o, []).get(metric.key) for o in good if o is not s]
+            typical = _median(others)
+            if mine is None or typical is None or mine <= max(factor * typical, typical + floor_s):
+                continue
+            out.append(f"- server {s['server']} ({s['allocator']}, round {(s.get('round') or 0) + 1}) spent "
+                       f"{mine:.1f} s in {metric.label.removeprefix('phase: ')}, against a median "
+                       f"{typical:.1f} s on the other servers")
+    return out
+
+
 def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
             stop: dict[str, Any] | None = None) -> list[str]:
     """The 'Allocators' section of first_token_latency.md (`stop`: the stop of an open-ended comparison)."""
@@ -278,6 +297,10 @@ def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], orde
     failed = failures(startups)
     if failed:
         out += ["Not counted:", "", *failed, ""]
+    outliers = outlier_lines(startups)
+    if outliers:
+        out += ["One-off start-up costs (counted, but weighing on one allocator's start-up for a reason of their "
+                "own; the medians and the rotation of the order bound their effect):", "", *outliers, ""]
     if not rs:
         return out + ["No server was counted: nothing to compare.", ""]
     empty = [name for name in order if not any(r.allocator == name and r.summary.n for r in rs)]

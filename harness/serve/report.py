@@ -335,9 +335,11 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
     return results.write_text(REPORT_FILE, "\n".join(out))
 
 
-def rebuild(results: ResultsDir) -> Path:
-    """The report, timeline plot and start-up analysis again from what the run left on disk: config.json,
-    requests.jsonl, startup.jsonl (re-analysed from each server's log and stacks) and the timeline CSV."""
+def rebuild(results: ResultsDir, error: str | None = None) -> Path:
+    """The report, timeline plot and start-up analysis from what the run left on disk: config.json,
+    requests.jsonl, startup.jsonl (re-analysed from each server's log and stacks) and the timeline CSV.
+    A live run ends here too, so that its report is exactly what `harness report` rebuilds later.
+    `error`: why the run stopped early (else read from the failed start-ups)."""
     saved = results.read_json(CONFIG_FILE)
     if saved is None:
         raise FileNotFoundError(f"{results.root / CONFIG_FILE} is missing: not a serve run")
@@ -351,5 +353,6 @@ def rebuild(results: ResultsDir) -> Path:
     failures = [s.get("failure") for s in startups if s.get("failure")]
     # A comparison goes on past a failed server (its section lists them); a plain run stops at the first.
     stopped = failures and (not config.allocators or len(failures) == len(startups))
-    error = failures[0] if stopped else None
+    if error is None and stopped:
+        error = failures[0]
     return write(results, config, requests, startups, snapshot, error)

@@ -373,8 +373,8 @@ class _Session:
 
     def finish(self, error: str | None) -> Path:
         snapshot = timeline.from_sampler(self.sampler)
-        timeline.write(self.results, snapshot, self.startups)
-        return report.write(self.results, self.config, self.requests, self.startups, snapshot, error)
+        timeline.save(self.results, snapshot)
+        return report.rebuild(self.results, error)
 
 
 def preload_verified(lib: str | None, maps: dict[str, list[str]]) -> bool | None:

@@ -312,11 +312,20 @@ class LocalServer(ReadinessMixin):
                 "Ctrl-C again kills it at once)...")
             _signal_group(pgid, signal.SIGTERM)
             if self._wait_group(pgid, grace_s, shield.hurry):
+                self._reap()
                 say(f"server stopped: {describe_exit(self.exit_code)}, {time.perf_counter() - t0:.1f} s after "
                     "SIGTERM")
             else:
                 self._kill(pgid, self._kill_reason(shield.hurry.is_set(), grace_s), say)
             self.stop_signalled = shield.signalled
+
+    def _reap(self) -> None:
+        """The group is gone, but its main process may still be a zombie until waited for: reap it so that
+        its exit code is known (else the stop line would read "still running")."""
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5.0)
+        self.poll()
 
     def _kill_reason(self, hurried: bool, grace_s: float) -> str:
         if hurried:

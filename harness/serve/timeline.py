@@ -182,10 +182,11 @@ def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
     return rows, markers
 
 
-def write(results: ResultsDir, timeline: Timeline, startups: list[dict[str, Any]]) -> tuple[Path, Path | None]:
+def save(results: ResultsDir, timeline: Timeline) -> Path:
+    """The samples (CSV) and their markers and series (JSON): what `load` reads back."""
     csv_path = results.write_csv(CSV_FILE, timeline.columns(), timeline.csv_rows())
     results.write_json(META_FILE, timeline.meta())
-    return csv_path, plot(results.path(PNG_FILE), timeline, startups)
+    return csv_path
 
 
 MAX_ZOOMS = 3
