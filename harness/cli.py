@@ -15,12 +15,15 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness import alloc, alloc_report, environment, stopping
-from harness.allocators import AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.alloc import report as alloc_report
+from harness.alloc import run as alloc
+from harness.alloc.runners.base import RunnerError, describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
+from harness.alloc.stopping import AllocStopper
+from harness.measure import environment, stopping
+from harness.measure.allocators import KNOWN, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.measure.results import ResultsDir, ResultsError
+from harness.measure.signals import exit_code_of
 from harness.probe.models import ModelError, parse_model
-from harness.results import ResultsDir, ResultsError
-from harness.runners.base import RunnerError, describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
-from harness.signals import exit_code_of
 
 console = Console(stderr=True)
 
@@ -105,30 +108,31 @@ def validate_model(model: str) -> str:
 
 def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[str, str] | None = None):
     """The runner named by --runner; `auto` prefers docker when an engine and the images are usable."""
-    from harness.allocators import KNOWN
+    from harness.measure.allocators import KNOWN
 
     if kind == "local":
-        from harness.runners.local import LocalRunner
+        from harness.alloc.runners.local import LocalRunner
 
         return LocalRunner()
     custom = [n for n in allocator_names if n not in KNOWN]
     if kind == "auto" and (custom or libs):
-        from harness.runners.local import LocalRunner
+        from harness.alloc.runners.local import LocalRunner
 
         why = (f"no probe image has {', '.join(custom)}" if custom
                else "--allocator-lib names libraries of this host")
         console.print(f"[yellow]runner auto: local ({why})[/]")
         return LocalRunner()
     try:
-        from harness.runners import docker_runner
+        from harness.alloc.runners import docker as docker_runner
+        from harness.containers import engine
     except ImportError as exc:
         if kind == "docker":
             raise HarnessError(f"the docker runner is unavailable: {exc}") from None
         console.print(f"[yellow]runner auto: local (docker runner unavailable: {exc})[/]")
-        from harness.runners.local import LocalRunner
+        from harness.alloc.runners.local import LocalRunner
 
         return LocalRunner()
-    ok, why = docker_runner.docker_available(device, allocator_names)
+    ok, why = engine.docker_available(device, allocator_names)
     if kind == "docker":
         if not ok:
             raise HarnessError(f"--runner docker: {why}")
@@ -143,7 +147,7 @@ def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[s
             return runner
         except RunnerError as exc:
             why = str(exc)
-    from harness.runners.local import LocalRunner
+    from harness.alloc.runners.local import LocalRunner
 
     console.print(f"[yellow]runner auto: local ({why})[/]")
     return LocalRunner()
@@ -256,7 +260,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
 
     placements = []
     if paired:
-        from harness.runners.local import PlacementError, split_host
+        from harness.alloc.runners.local import PlacementError, split_host
 
         try:
             placements = split_host(dev)
@@ -347,7 +351,7 @@ def _extent(config: alloc.AllocConfig, rule: stopping.StopRule | None) -> str:
         until.append(f"every ratio CI on {config.metric} is ±{rule.target * 100:g} % (checked from round "
                      f"{rule.min_rounds})")
     if rule.max_time_s is not None:
-        until.append(f"{alloc_report.format_duration(rule.max_time_s)} are up")
+        until.append(f"{stopping.format_duration(rule.max_time_s)} are up")
     if rule.max_rounds is not None:
         until.append(f"{rule.max_rounds} rounds")
     return "runs until " + " or ".join(until)
@@ -393,14 +397,14 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
         progress.update(task, completed=done_before)
         stopper = None
         if rule is not None:
-            stopper = stopping.Stopper(rule, results, [a.name for a in config.allocators], config.paired,
+            stopper = AllocStopper(rule, results, [a.name for a in config.allocators], config.paired,
                                        config.warmup_runs, on_check=lambda c: progress.console.print(
                                            _check_text(c, stopper)))
 
         def on_start(run: alloc.PlannedRun) -> None:
             label = "warm-up" if run.warmup else f"round {run.round + 1}" + (f"/{rounds}" if rounds else "")
             if stopper is not None and stopper.remaining() is not None:
-                label += f", {alloc_report.format_duration(max(0.0, stopper.remaining()))} left"
+                label += f", {stopping.format_duration(max(0.0, stopper.remaining()))} left"
             who = f"{config.baseline.name} ‖ {run.pair}" if run.pair else run.allocator.name
             progress.update(task, description=f"{who:<9} {label}")
 
@@ -412,7 +416,7 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
         records = alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
                                 on_start=on_start, stopper=stopper)
     if stopper is not None and stopper.outcome is not None:
-        console.print(f"stopped: {alloc_report.STOP_REASONS.get(stopper.outcome['reason'], '')}")
+        console.print(f"stopped: {stopping.STOP_REASONS.get(stopper.outcome['reason'], '')}")
     return records
 
 
@@ -422,8 +426,8 @@ def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
     width = "no CI yet" if math.isnan(widest) else f"widest ratio CI ±{widest * 100:.1f} %"
     left = stopper.remaining()
     return (f"round {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
-            f"{alloc_report.format_duration(check['elapsed_s'])} elapsed"
-            + (f", {alloc_report.format_duration(max(0.0, left))} left" if left is not None else ""))
+            f"{stopping.format_duration(check['elapsed_s'])} elapsed"
+            + (f", {stopping.format_duration(max(0.0, left))} left" if left is not None else ""))
 
 
 def _cell(value: Any) -> Any:
@@ -555,7 +559,7 @@ def alloc_answer(results: ResultsDir) -> list[str]:
 
 def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: int, serve_error: str | None) -> Path:
     """DIR/index.md: what ran, how it ended, and links to both reports."""
-    from harness.alloc_report import CSV_FILE, PLOT_FILE, SUMMARY_FILE
+    from harness.alloc.report import CSV_FILE, PLOT_FILE, SUMMARY_FILE
 
     def status(code: int) -> str:
         return "completed" if code == 0 else f"ended with exit code {code}"
@@ -577,6 +581,33 @@ def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: in
             text = re.sub(r"^(#+) ", r"#\1 ", (results.root / rel).read_text(), flags=re.M)  # one level down
             lines += ["---", "", text, ""]
     return results.write_text("index.md", "\n".join(lines))
+
+
+@main.command("images")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="cpu: the local Debian base; cuda: a CUDA PyTorch base (probe) and the official vLLM image.")
+@click.option("--allocators", default=",".join(KNOWN), show_default=True,
+              help="Probe images (and, with --vllm on CPU, server images) for these allocators.")
+@click.option("--rebuild", is_flag=True, help="Rebuild even the images that are current.")
+@click.option("--driver/--no-driver", default=True, show_default=True,
+              help="The harness-driver image (compose's alloc services).")
+@click.option("--vllm", is_flag=True, help="Also the vLLM server image (CPU: harness-vllm:cpu and "
+              "harness-vllm:cpu-<allocator>; cuda: vllm/vllm-openai).")
+@click.option("--vllm-only", is_flag=True, help="Only the vLLM server image(s).")
+def images_command(device: str, allocators: str, rebuild: bool, driver: bool, vllm: bool, vllm_only: bool) -> None:
+    """Build what `make images` builds: the probe images, the driver image and the vLLM server images, each
+    only when its sources changed (wheelhouse from the host, base image from debootstrap)."""
+    from harness.containers import build as containers_build
+    from harness.containers import images, wheelhouse
+
+    def build() -> int:
+        try:
+            containers_build.build(device, _csv_list(allocators), rebuild, driver, vllm, vllm_only)
+        except (images.ImageError, wheelhouse.WheelhouseError) as exc:
+            raise HarnessFault(f"images: {exc}") from None
+        return 0
+
+    sys.exit(exit_code_of(build))
 
 
 def _register() -> None:

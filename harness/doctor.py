@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from harness import environment
-from harness.allocators import KNOWN, find_library
+from harness.measure import environment
+from harness.measure.allocators import KNOWN, find_library
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, bool, str, str]  # check, ok, detail, fix
@@ -23,8 +23,8 @@ def docker_rows() -> list[Row]:
         import docker
         import requests
 
-        from harness import images
-        from harness.runners.docker_runner import LABEL_FILTER
+        from harness.alloc.runners.docker import LABEL_FILTER
+        from harness.containers import images
     except ImportError as exc:
         return [("Docker daemon reachable", False, f"docker SDK missing: {exc}", "pip install -e .")]
     try:
@@ -47,7 +47,7 @@ def docker_rows() -> list[Row]:
         rows.append((f"probe images {images.tag_for('<allocator>', variant)}", ok,
                      ", ".join(f"{a} {s}" for a, s in status.items()),
                      f"scripts/build-images.sh --device {variant}"))
-    from harness import vllm_image
+    from harness.containers import vllm_image
 
     for variant in ("cpu", "cuda") if "nvidia" in runtimes else ("cpu",):
         state, detail = vllm_image.status(client, variant)
@@ -63,7 +63,7 @@ def docker_rows() -> list[Row]:
 def leftover_row(containers: list, kind: str) -> Row:
     """Containers no running harness command owns are leftovers (of a harness killed hard); a running one
     whose harness process still runs is in use, and never offered for removal."""
-    from harness.runners.docker_runner import owner_pid
+    from harness.containers.engine import owner_pid
 
     owners = {c.name: owner_pid(c) for c in containers if c.status == "running"}
     in_use = {name: pid for name, pid in owners.items() if pid is not None}

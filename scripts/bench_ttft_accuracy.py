@@ -41,13 +41,13 @@ from pathlib import Path
 
 import httpx
 
+from harness.measure.stats import compare, compare_paired, summarize
 from harness.serve import engines, metrics
 from harness.serve.client import RequestError, stream_request
 from harness.serve.config import ServeConfig, default_vllm_python
 from harness.serve.run import listening_pid
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import LocalServer, free_port
-from harness.stats import compare, compare_paired, summarize
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,11 @@ def server_url(args: argparse.Namespace) -> Iterator[Target]:
     extra = ("--no-enable-prefix-caching",) if args.fidelity else ()
     cfg = ServeConfig(model=args.model, port=free_port(), max_model_len=2048, extra_args=extra)
     spec = engines.build(cfg)
+    argv = spec.argv
+    if getattr(args, "server_cpus", None):
+        argv = ["taskset", "-c", args.server_cpus, *argv]  # the server tree keeps to its CPUs
     with tempfile.TemporaryDirectory() as tmp:
-        server = LocalServer(spec.argv, spec.env, cfg.host, cfg.port, Path(tmp) / "server.log")
+        server = LocalServer(argv, spec.env, cfg.host, cfg.port, Path(tmp) / "server.log")
         with server:
             ready = server.wait_ready(600, spec.served_model)
             print(f"server ready after {ready.health_s:.1f} s", flush=True)
@@ -362,10 +365,11 @@ def fidelity_verdict(harness: Latencies, vllm: Latencies, per_batch: int, judged
 
 
 @contextlib.contextmanager
-def zero_work_server(token_delay_s: float) -> Iterator[Target]:
+def zero_work_server(token_delay_s: float, cpus: str | None = None) -> Iterator[Target]:
     """tests/fake_openai_server.py --stream: chunks as vLLM frames them, `token_delay_s` apart, no model."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), str(port), "--stream"],
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = subprocess.Popen([*pin, sys.executable, str(FAKE_SERVER), str(port), "--stream"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -384,16 +388,29 @@ def zero_work_server(token_delay_s: float) -> Iterator[Target]:
         proc.wait(10)
 
 
+def pin_clients(args: argparse.Namespace) -> None:
+    """With --pin (the default on 2 CPUs or more): the server on the last CPU, this script and vLLM's client
+    process on the others, so that neither client's own CPU work slows the server the other one measures."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.pin or len(cpus) < 2:
+        args.server_cpus = None
+        return
+    args.server_cpus = str(cpus[-1])
+    os.sched_setaffinity(0, cpus[:-1])  # inherited by vLLM's client process, started next
+    print(f"CPUs: server on {args.server_cpus}, both clients on {','.join(map(str, cpus[:-1]))} (--no-pin: shared)")
+
+
 def fidelity(args: argparse.Namespace) -> bool:
     """4a on the real vLLM server (the issue's target); 4b the same against a zero-work streaming server, where
     only the clients differ: what remains there is the clients' own difference."""
+    pin_clients(args)
     with tempfile.TemporaryDirectory() as tmp, VllmClient(args.vllm_python or default_vllm_python(), Path(tmp)) as vc:
         with server_url(args) as target:
             if not target.tokenizer:
                 raise RuntimeError("--fidelity against --url needs --tokenizer DIR (the served model's tokenizer)")
             ok = client_fidelity(args, target, vc, "4a. Client fidelity: the harness against `vllm bench serve`, "
                                  f"same vLLM server ({target.model})")
-        with zero_work_server(args.floor_token_delay) as floor:
+        with zero_work_server(args.floor_token_delay, args.server_cpus) as floor:
             floor = Target(floor.url, floor.model, target.tokenizer, floor.extra)
             client_fidelity(args, floor, vc, "4b. The same against a zero-work streaming server "
                             f"({args.floor_token_delay * 1e3:g} ms per token): what the clients themselves differ by",
@@ -413,11 +430,13 @@ def main() -> int:
     ap.add_argument("--fidelity", action="store_true", help="only the client fidelity against vllm bench serve (4.)")
     ap.add_argument("--fidelity-requests", type=int, default=30, help="measured requests per client (4.)")
     ap.add_argument("--batches", type=int, default=30, help="alternating batches per client (4.)")
-    ap.add_argument("--input-len", type=int, default=128, help="prompt tokens (4.)")
-    ap.add_argument("--output-len", type=int, default=32, help="generated tokens (4.)")
+    ap.add_argument("--input-len", type=int, default=1024, help="prompt tokens (4.) [vllm bench serve's default]")
+    ap.add_argument("--output-len", type=int, default=128, help="generated tokens (4.) [vllm bench serve's default]")
     ap.add_argument("--tokenizer", help="tokenizer directory for vLLM's client (4.) [default: the synthetic model's]")
     ap.add_argument("--vllm-python", help="python of the vLLM environment (4.) [default: ./.venv-vllm]")
     ap.add_argument("--floor-token-delay", type=float, default=0.01, help="zero-work server's s per token (4b.)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="(4.) the server on the last CPU, the clients on the others (default: on)")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per batch (4.)")
     ap.add_argument("--nice", type=int, default=0,
                     help="scheduling priority for this script and everything it starts (server, both clients); "

@@ -16,10 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness import stats  # noqa: E402
-from harness.alloc_report import host_key  # noqa: E402
-from harness.results import ResultsDir  # noqa: E402
-from harness.runners.base import describe_cpus  # noqa: E402
+from harness.alloc.report import host_key  # noqa: E402
+from harness.alloc.runners.base import describe_cpus  # noqa: E402
+from harness.measure import stats  # noqa: E402
+from harness.measure.results import ResultsDir  # noqa: E402
 from harness.serve import comparison  # noqa: E402
 from harness.serve.config import ServeConfig  # noqa: E402
 from harness.serve.report import CONFIG_FILE, REQUESTS_FILE, STARTUP_FILE  # noqa: E402

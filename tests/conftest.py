@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.allocators import find_library
+from harness.measure.allocators import find_library
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = [sys.executable, "-m", "harness.cli"]
@@ -54,7 +54,7 @@ def tcmalloc_path() -> str:
 
 def _recomputed_half_width(runs: list[dict], metric_key: str = "itl_p25_s") -> float:
     """The ratio CI half-width of jemalloc vs glibc, computed again from runs.jsonl's verified measured runs."""
-    from harness import stats
+    from harness.measure import stats
 
     ok = [r for r in runs if not r["warmup"] and r["status"] == "ok"]
     return stats.compare([r[metric_key] for r in ok if r["allocator"] == "jemalloc"],

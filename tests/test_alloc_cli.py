@@ -17,7 +17,7 @@ import psutil
 import pytest
 from conftest import HARNESS, REPO, check_stopped_experiment, kill_left_behind, run_harness, wait_for
 
-from harness import alloc
+from harness.alloc import run as alloc
 
 DONE_WHEN = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
              "--runs", "3", "--warm-gens", "2", "--max-new-tokens", "8"]
@@ -172,13 +172,13 @@ def test_bad_input_gives_one_clear_line(args, message, tmp_path):
 
 
 def _has_gpu() -> bool:
-    from harness.environment import gpus
+    from harness.measure.environment import gpus
 
     return bool(gpus().get("available"))
 
 
 def test_runs_jsonl_survives_a_truncated_last_line(tmp_path):
-    from harness.results import ResultsDir
+    from harness.measure.results import ResultsDir
 
     results = ResultsDir(tmp_path)
     results.append("alloc/runs.jsonl", {"a": 1})
@@ -248,8 +248,8 @@ def test_affinity_pins_every_run_and_is_part_of_the_experiment(tmp_path):
 
 
 def test_a_run_that_escaped_its_cpus_fails_verification():
-    from harness.allocators import Allocator
-    from harness.runners.base import Placement
+    from harness.alloc.runners.base import Placement
+    from harness.measure.allocators import Allocator
 
     probe = {"allocator": {"name": "glibc", "malloc_library": "/usr/lib/x86_64-linux-gnu/libc.so.6"},
              "cpu_affinity": [0, 1]}
@@ -263,14 +263,14 @@ def test_a_run_that_escaped_its_cpus_fails_verification():
 @pytest.mark.parametrize("text, cpus, canonical", [
     ("3", (3,), "3"), ("2-5,8", (2, 3, 4, 5, 8), "2-5,8"), ("8, 2-3,3", (2, 3, 8), "2-3,8"), ("0-0", (0,), "0")])
 def test_cpu_lists_read_and_write_like_taskset(text, cpus, canonical):
-    from harness.runners.base import format_cpu_list, parse_cpu_list
+    from harness.alloc.runners.base import format_cpu_list, parse_cpu_list
 
     assert parse_cpu_list(text) == cpus and format_cpu_list(cpus) == canonical
 
 
 @pytest.mark.parametrize("text", ["", ",", "a", "1-", "-1", "5-2", "1.5"])
 def test_cpu_lists_refuse_what_is_not_one(text):
-    from harness.runners.base import parse_cpu_list
+    from harness.alloc.runners.base import parse_cpu_list
 
     with pytest.raises(ValueError, match="not a CPU list"):
         parse_cpu_list(text)
@@ -462,7 +462,7 @@ def test_custom_allocator_name_verifies_against_its_library(jemalloc_path, tmp_p
 
 
 def test_a_custom_name_fails_verification_when_another_library_was_loaded():
-    from harness.allocators import Allocator
+    from harness.measure.allocators import Allocator
 
     jebg = Allocator(name="jebg", library="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     probe = {"allocator": {"name": "tcmalloc", "malloc_library": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"}}

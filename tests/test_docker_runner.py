@@ -22,16 +22,11 @@ from pathlib import Path
 import pytest
 from conftest import HARNESS, REPO, check_stopped_experiment, run_harness, wait_for
 
-from harness import alloc
-from harness.runners.base import ProbeRequest, RunnerError
-from harness.runners.docker_runner import (
-    LABEL_FILTER,
-    OWNER_LABEL,
-    DockerRunner,
-    docker_available,
-    make_docker_runner,
-)
-from harness.runners.docker_stats import MemoryPeaks, working_set_bytes
+from harness.alloc import run as alloc
+from harness.alloc.runners.base import ProbeRequest, RunnerError
+from harness.alloc.runners.docker import LABEL_FILTER, DockerRunner, make_docker_runner
+from harness.containers.engine import OWNER_LABEL, docker_available
+from harness.containers.stats import MemoryPeaks, working_set_bytes
 
 pytestmark = pytest.mark.docker
 TINY = dict(model="synthetic:tiny", device="cpu", warm_gens=1, max_new_tokens=4)
@@ -287,7 +282,8 @@ def test_doctor_names_leftovers_but_not_containers_in_use():
     """A server container whose harness still runs is in use: doctor never offers to remove it."""
     import docker
 
-    from harness import doctor, images
+    from harness import doctor
+    from harness.containers import images
 
     client = docker.from_env(timeout=60)
     labels = {"harness": "server", OWNER_LABEL: str(os.getpid())}

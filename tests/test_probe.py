@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from harness.alloc import verify
-from harness.allocators import Allocator, find_library
+from harness.alloc.run import verify
+from harness.alloc.runners.base import ProbeRequest
+from harness.alloc.runners.local import LocalRunner
+from harness.measure.allocators import Allocator, find_library
 from harness.probe.models import ModelError, parse_model, save_synthetic_model_dir
-from harness.runners.base import ProbeRequest
-from harness.runners.local import LocalRunner
 
 
 def probe(allocator: Allocator, model: str = "synthetic:tiny", **kw):

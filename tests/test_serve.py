@@ -611,7 +611,7 @@ def test_unreachable_url_is_said_in_words(tmp_path: Path) -> None:
 
 
 def test_a_results_directory_in_use_is_refused(tmp_path: Path) -> None:
-    from harness.results import ResultsDir
+    from harness.measure.results import ResultsDir
 
     held = ResultsDir(tmp_path / "r")
     held.lock()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import run_harness
 
-from harness.allocators import Allocator
-from harness.results import ResultsDir
+from harness.measure.allocators import Allocator
+from harness.measure.results import ResultsDir
 from harness.serve import allocation, comparison
 from harness.serve.config import ConfigError, ServeConfig, default_vllm_python
 from harness.serve.run import EXIT_FAULT, EXIT_OK, EXIT_USAGE, run_serve
@@ -152,7 +152,7 @@ def _row(rows: list[comparison.Row], key: str, name: str) -> comparison.Row:
 
 
 def test_comparison_counts_only_verified_servers_and_uses_alloc_statistics() -> None:
-    from harness import stats
+    from harness.measure import stats
 
     startups, requests = _experiment()
     rows = comparison.rows(startups, requests, ["glibc", "jemalloc"], "glibc")

@@ -22,8 +22,8 @@ import psutil
 import pytest
 from conftest import wait_for
 
-from harness import vllm_image
-from harness.runners.docker_runner import docker_available
+from harness.containers import vllm_image
+from harness.containers.engine import docker_available
 from harness.serve import docker_setup
 from harness.serve.config import ServeConfig
 from harness.serve.docker_server import LABEL_FILTER

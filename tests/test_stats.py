@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from harness import stats
+from harness.measure import stats
 
 
 def test_identical_samples_are_not_different():
@@ -76,7 +76,7 @@ def test_paired_comparison_skips_missing_values():
 def test_precision_line_plans_for_every_allocator_and_for_the_lead_alone():
     """The widest CI sets the plan for every allocator; the lead allocator's own, smaller plan comes beside
     it, and is left out once the lead is already within ±3 %."""
-    from harness.alloc_report import precision_line, runs_needed
+    from harness.alloc.report import precision_line, runs_needed
 
     rng = np.random.default_rng(1)
     base = list(1.0 + 0.05 * rng.standard_normal(12))
@@ -107,7 +107,7 @@ def _runs(values: dict[str, list[float]], **extra) -> list[dict]:
 def test_signals_name_what_moved_with_the_slow_runs():
     """Steal that rises with a run's ITL p25 is named; a steady GPU clock and an unreadable CPU frequency are
     said as such; page faults that only differ between allocators do not count as moving with slow runs."""
-    from harness.alloc_report import signals_part
+    from harness.alloc.report import signals_part
 
     rng = np.random.default_rng(3)
     slow = {name: list(0.020 * np.exp(0.05 * rng.standard_normal(10))) for name in ("glibc", "jemalloc")}
@@ -142,7 +142,7 @@ def test_a_wide_ci_is_called_inconclusive_never_a_bound():
 
 
 def test_answer_is_a_verdict_or_the_runs_a_usable_one_needs():
-    from harness.alloc_report import answer_lines, run_to_run_spread, runs_for
+    from harness.alloc.report import answer_lines, run_to_run_spread, runs_for
 
     config = {"metric": "itl_p25", "target_ci": 0.03}
     rng = np.random.default_rng(5)
@@ -166,7 +166,7 @@ def test_answer_is_a_verdict_or_the_runs_a_usable_one_needs():
 
 def test_runs_for_plans_about_the_ci_it_promises():
     """With the run count runs_for names, the bootstrap ratio CI of medians comes out about ±target wide."""
-    from harness.alloc_report import runs_for
+    from harness.alloc.report import runs_for
 
     rng = np.random.default_rng(7)
     n = runs_for(0.05, 0.04)
@@ -178,14 +178,14 @@ def test_runs_for_plans_about_the_ci_it_promises():
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("2m", 120), ("1h30m", 5400), ("1.5h", 5400), ("45", 45),
                                            ("2m30s", 150)])
 def test_durations_read_like_the_issue_writes_them(text, seconds):
-    from harness.stopping import parse_duration
+    from harness.measure.stopping import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "m", "2x", "-5", "0s", "1m-2s"])
 def test_durations_refuse_what_is_not_one(text):
-    from harness.stopping import parse_duration
+    from harness.measure.stopping import parse_duration
 
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
@@ -202,11 +202,12 @@ class Clock:
 
 
 def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
-    from harness.results import ResultsDir
-    from harness.stopping import Stopper, StopRule
+    from harness.measure.results import ResultsDir
+    from harness.alloc.stopping import AllocStopper
+    from harness.measure.stopping import StopRule
 
     clock = Clock()
-    stopper = Stopper(StopRule(target=None, max_time_s=100.0), ResultsDir(tmp_path), ["glibc", "jemalloc"],
+    stopper = AllocStopper(StopRule(target=None, metric="itl_p25", max_time_s=100.0), ResultsDir(tmp_path), ["glibc", "jemalloc"],
                       clock=clock)
     assert stopper.may_start(2, [])  # nothing measured yet: no estimate, the first run starts
     clock.now = 30.0
@@ -222,15 +223,16 @@ def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
 
 def test_stopper_checks_the_width_once_a_round_from_the_minimum_on(tmp_path):
     """The check sees the rounds up to its own only, and stops on width whatever the ratio."""
-    from harness.results import ResultsDir
-    from harness.stopping import Stopper, StopRule
+    from harness.measure.results import ResultsDir
+    from harness.alloc.stopping import AllocStopper
+    from harness.measure.stopping import StopRule
 
     rng = np.random.default_rng(11)
     far_apart = {"glibc": list(np.exp(0.01 * rng.standard_normal(8))),
                  "jemalloc": list(1.5 * np.exp(0.01 * rng.standard_normal(8)))}
     runs = _runs(far_apart)
     results = ResultsDir(tmp_path)
-    stopper = Stopper(StopRule(target=0.05, min_rounds=3, max_rounds=6), results, ["glibc", "jemalloc"],
+    stopper = AllocStopper(StopRule(target=0.05, metric="itl_p25", min_rounds=3, max_rounds=6), results, ["glibc", "jemalloc"],
                       warmup_rounds=1)
     assert list(stopper.rounds()) == [-1, 0, 1, 2, 3, 4, 5]
     assert not stopper.round_done(1, runs)  # before the third round: no check

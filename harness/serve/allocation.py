@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from harness.allocators import Allocator
+from harness.measure.allocators import Allocator
 from harness.serve.engines import ServerSpec
 from harness.serve.phases import process_roles
 from harness.serve.server import ServerError

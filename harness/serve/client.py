@@ -3,11 +3,10 @@
 The streamed figures follow vLLM's own benchmark client (`vllm bench serve`:
 vllm/benchmarks/lib/endpoint_request_func.py and serve.py), so that the two compare:
 
-- t0 is `time.perf_counter()` just before the request, already built and JSON-encoded, is sent (the
-  connection, if a new one is needed, is inside every figure). vLLM's client starts its clock before
-  `session.post` builds and encodes the request; building it first keeps the client's own work out
-  of TTFT (it was about 0.5 ms of httpx's on this 2-core host). Plain requests start the clock before
-  httpx builds the request, as curl's wall time includes its own work.
+- t0 is `time.perf_counter()` just before the request is built and JSON-encoded, as vLLM's client
+  starts its clock before `session.post` builds and encodes it and as curl's wall time includes its
+  own work (the connection, if a new one is needed, is inside every figure too). The client's own
+  request building is therefore part of TTFT, on both clients alike: a lean client adds little.
 - A token event is an SSE event whose `choices` carry a token: a completions chunk with a `text` field
   (also "", as for a special token), or a chat delta with content other than the role-only opener
   (vLLM's chat client counts that opener as the first token; it carries none). The trailing usage chunk
@@ -211,10 +210,10 @@ class _StreamState:
 def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str | list[int], max_tokens: int,
                    extra: dict[str, Any] | None = None) -> RequestResult:
     """One streamed completion: TTFT, inter-token latencies, TPOT, E2E, wall time and the server's usage."""
-    body = completion_body(model, prompt, max_tokens, stream=True, extra=extra)
-    request = client.build_request("POST", base_url + "/v1/completions", json=body)  # encoded before t0
     state = _StreamState()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # before the request is built, as vLLM's client starts its clock
+    body = completion_body(model, prompt, max_tokens, stream=True, extra=extra)
+    request = client.build_request("POST", base_url + "/v1/completions", json=body)
     try:
         with contextlib.closing(client.send(request, stream=True)) as resp:
             if resp.status_code != 200:

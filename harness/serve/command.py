@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from harness.measure.signals import exit_code_of
+from harness.measure.stopping import parse_duration
 from harness.serve.config import (
     DEFAULT_STOP_METRIC,
     REQUEST_MODES,
@@ -17,8 +19,6 @@ from harness.serve.config import (
     parse_gaps,
 )
 from harness.serve.run import EXIT_USAGE, run_serve
-from harness.signals import exit_code_of
-from harness.stopping import parse_duration
 
 
 def config_from_options(**kw: Any) -> ServeConfig:

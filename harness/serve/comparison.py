@@ -4,7 +4,7 @@ The unit is one fresh server, as one fresh process is in `harness alloc`: per co
 record ok, its allocator verified) the start-up times, each named phase, the cold request's TTFT, the
 median of its warm requests' TTFT, TPOT and E2E, and its memory peaks. Per allocator: the median over
 its servers with a bootstrap CI; against the baseline: the ratio of medians with a 95 % bootstrap CI
-and a two-sided Mann–Whitney p-value (`harness.stats`, the same as `harness alloc`). Written as a
+and a two-sided Mann–Whitney p-value (`harness.measure.stats`, the same as `harness alloc`). Written as a
 section of first_token_latency.md, `allocator_comparison.csv` and `allocator_latency.png`.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from harness import stats, stopping
-from harness.alloc_report import STOP_REASONS, format_duration
-from harness.results import ResultsDir
+from harness.measure import stats, stopping
+from harness.measure.results import ResultsDir
+from harness.measure.stopping import STOP_REASONS, format_duration
 from harness.serve.config import STOP_METRICS
 
 CSV_FILE = "serve/allocator_comparison.csv"

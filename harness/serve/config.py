@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from harness.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.measure.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
@@ -74,7 +74,7 @@ class ServeConfig:
     allocators: tuple[str, ...] = ()
     allocator_lib: tuple[str, ...] = ()  # NAME=PATH, as `harness alloc --allocator-lib`
     allocator_env: tuple[str, ...] = ()  # NAME:VAR=VALUE, as `harness alloc --allocator-env`
-    # The stopping rule of `harness alloc` (harness.stopping): open-ended rounds until every ratio CI on
+    # The stopping rule of `harness alloc` (harness.measure.stopping): open-ended rounds until every ratio CI on
     # `metric` is ±target_ci (a fraction) or narrower, checked once a round from round `cold_starts` on,
     # or until no server would likely end before max_time_s, or max_rounds rounds. None: cold_starts rounds.
     target_ci: float | None = None

@@ -22,10 +22,10 @@ import requests
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
-from harness.runners.docker_runner import OWNER_LABEL, owner_pid
-from harness.runners.docker_stats import StatsMonitor
+from harness.containers.engine import OWNER_LABEL, owner_pid
+from harness.containers.stats import StatsMonitor
+from harness.measure.signals import Shielded
 from harness.serve.server import ReadinessMixin, ServerError, check_port_free, describe_exit
-from harness.signals import Shielded
 
 LABEL_KEY = "harness"
 LABEL_VALUE = "server"

@@ -10,11 +10,11 @@ from typing import Any
 import docker
 from docker.types import Mount
 
-from harness import images as img
-from harness import vllm_image, wheelhouse
-from harness.allocators import Allocator, parse_allocator_envs, parse_allocator_libs
-from harness.runners.base import RunnerError
-from harness.runners.docker_runner import _can_build_cpu_base, connect
+from harness.containers import images as img
+from harness.containers import vllm_image, wheelhouse
+from harness.containers.engine import can_build_cpu_base, connect
+from harness.errors import RunnerError
+from harness.measure.allocators import Allocator, parse_allocator_envs, parse_allocator_libs
 from harness.serve.config import ConfigError, ServeConfig
 from harness.serve.docker_server import ContainerSpec, DockerErrors, remove_exited_leftovers
 from harness.serve.engines import ServerSpec, container_model_path
@@ -71,7 +71,7 @@ def choose_runner(config: ServeConfig) -> tuple[str, str]:
         return "docker", f"Docker {version} answers and the vLLM image {image} is present"
     if config.runner == "docker":
         return "docker", f"--runner docker; the vLLM image {image} is {state} ({detail})"
-    if variant == "cpu" and _can_build_cpu_base():
+    if variant == "cpu" and can_build_cpu_base():
         return "docker", f"Docker {version} answers; the vLLM image {image} is {state} and will be built " \
                          "(several minutes, once)"
     return "local", f"Docker {version} answers but the vLLM image {image} is {state} ({detail})"

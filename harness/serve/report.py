@@ -6,11 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.results import ResultsDir
+from harness.measure.results import ResultsDir
+from harness.measure.stats import Summary, summarize
 from harness.serve import comparison, startup, timeline
 from harness.serve.config import ServeConfig
 from harness.serve.timeline import Timeline
-from harness.stats import Summary, summarize
 
 REPORT_FILE = "serve/first_token_latency.md"
 REQUESTS_FILE = "serve/requests.jsonl"

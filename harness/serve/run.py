@@ -23,9 +23,11 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
-from harness import environment
-from harness.allocators import Allocator
-from harness.results import ResultsDir, ResultsError
+from harness.measure import environment
+from harness.measure.allocators import Allocator
+from harness.measure.results import ResultsDir, ResultsError
+from harness.measure.signals import Shielded
+from harness.measure.stopping import StopRule
 from harness.serve import allocation, comparison, engines, metrics, report, startup, timeline
 from harness.serve.allocation import AllocatorMismatchError
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
@@ -43,8 +45,6 @@ from harness.serve.server import (
     process_facts,
 )
 from harness.serve.stacks import StackSampler
-from harness.signals import Shielded
-from harness.stopping import StopRule
 
 if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
     from harness.serve.docker_server import DockerServer

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from harness.runners.docker_stats import MB, StatsMonitor
+from harness.containers.stats import MB, StatsMonitor
 
 CHILD_REFRESH_S = 1.0  # re-list the server's children at most this often (cheap on 2 cores)
 

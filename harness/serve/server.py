@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import psutil
 
-from harness.signals import Shielded
+from harness.measure.signals import Shielded
 
 ALLOCATOR_LIB = re.compile(r"/\S*lib(tcmalloc|jemalloc|mimalloc|iomp5|gomp)[^/\s]*\.so[.\d]*")
 EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b: \S")  # "RuntimeError: CUDA error: ..."

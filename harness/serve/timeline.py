@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.results import ResultsDir
+from harness.measure.results import ResultsDir
 from harness.serve.phases import SHORT
 from harness.serve.sampler import Marker, MemorySampler
 
@@ -168,7 +168,7 @@ def peaks(rows: list[dict[str, Any]], start: float, end: float) -> dict[str, flo
 
 def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
     """Samples and markers back from memory_timeline.csv (to redraw or re-report a run)."""
-    from harness.results import read_csv
+    from harness.measure.results import read_csv
 
     rows: list[dict[str, Any]] = []
     markers: list[Marker] = []

@@ -24,7 +24,7 @@ case "${AFFINITY:-}" in
   gpu:*)
     bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i 0)  # 00000000:1B:00.0; sysfs: 0000:1b:00.0
     local_cpus=$(cat "/sys/bus/pci/devices/$(echo "${bus:4}" | tr 'A-F' 'a-f')/local_cpulist")
-    cpus=$($PY -c 'import sys; from harness.runners.base import parse_cpu_list as p, format_cpu_list as f
+    cpus=$($PY -c 'import sys; from harness.alloc.runners.base import parse_cpu_list as p, format_cpu_list as f
 print(f(p(sys.argv[1])[-int(sys.argv[2]):]))' "$local_cpus" "${AFFINITY#gpu:}")
     echo "CPUs local to GPU 0 ($bus): $local_cpus; probes pinned to $cpus"
     pin=(--affinity "$cpus") ;;

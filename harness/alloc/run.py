@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.allocators import KNOWN, Allocator
-from harness.results import ResultsDir, ResultsError
-from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner, format_cpu_list
+from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner, format_cpu_list
+from harness.measure.allocators import KNOWN, Allocator
+from harness.measure.results import ResultsDir, ResultsError
 
 RUNS_FILE = "alloc/runs.jsonl"
 CONFIG_FILE = "alloc/config.json"

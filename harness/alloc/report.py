@@ -11,10 +11,11 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness import stats
-from harness.alloc import DEFAULT_METRIC, METRICS, measured_seconds
-from harness.results import ResultsDir
-from harness.runners.base import describe_cpus, describe_placement
+from harness.alloc.run import DEFAULT_METRIC, METRICS, measured_seconds
+from harness.alloc.runners.base import describe_cpus, describe_placement
+from harness.measure import stats
+from harness.measure.results import ResultsDir
+from harness.measure.stopping import STOP_REASONS, format_duration
 
 CSV_FILE = "alloc/allocator_latency_comparison.csv"
 SUMMARY_FILE = "alloc/summary.md"
@@ -377,16 +378,6 @@ def share_line(records: list[dict[str, Any]]) -> str | None:
             "model, cold generate) and exit.")
 
 
-STOP_REASONS = {
-    "target": "the precision target was reached",
-    "time": "the time was up (--max-time: the next run would likely have ended after it)",
-    "max-runs": "--max-runs rounds were done",
-    "failed": "every run of the first round failed",
-    "interrupted": "it was interrupted (continue with --resume)",
-    "error": "the runner failed (continue with --resume)",
-}
-
-
 def stopping_line(stop: dict[str, Any] | None, records: list[dict[str, Any]], order: list[str],
                   paired: bool) -> str | None:
     """What stopped an open-ended experiment (--target-ci / --max-time), and the CI its runs reached."""
@@ -409,14 +400,6 @@ def stopping_line(stop: dict[str, Any] | None, records: list[dict[str, Any]], or
         text += (f" The rule stops on the CIs' width alone (never on where they lie or on a p-value), checked once "
                  f"a round from round {rule.get('min_rounds', 1)} on.")
     return text
-
-
-def format_duration(seconds: float) -> str:
-    """132.4 → '2m12s'; 45 → '45s'."""
-    seconds = max(0, round(seconds))
-    m, s = divmod(seconds, 60)
-    h, m = divmod(m, 60)
-    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
 
 
 def runs_for(spread: float, target: float) -> int:

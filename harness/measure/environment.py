@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from harness.allocators import describe_host_libraries
+from harness.measure.allocators import describe_host_libraries
 
 
 def _read(path: str) -> str | None:

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.allocators import Allocator, resolve
-from harness.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
+from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
+from harness.measure.allocators import Allocator, resolve
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def probe_environment(request: ProbeRequest, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -19,8 +19,8 @@ from typing import Any
 import docker
 from docker.errors import APIError
 
-from harness import images as img
-from harness import wheelhouse
+from harness.containers import images as img
+from harness.containers import wheelhouse
 
 CPU_TAG = os.environ.get("HARNESS_VLLM_CPU_IMAGE", "harness-vllm:cpu")
 RUNTIME_TAG = "harness-vllm:runtime"
@@ -71,12 +71,12 @@ def fingerprint(base_id: str) -> str:
 def status(client: docker.DockerClient, variant: str) -> tuple[str, str]:
     """('ok' | 'missing' | 'stale', detail) for `--runner auto` and `doctor`."""
     if variant == "cuda":
-        image = img._image(client, CUDA_IMAGE)
+        image = img.find_image(client, CUDA_IMAGE)
         return ("ok", CUDA_IMAGE) if image is not None else ("missing", f"docker pull {CUDA_IMAGE}")
-    image = img._image(client, CPU_TAG)
+    image = img.find_image(client, CPU_TAG)
     if image is None:
         return "missing", "scripts/build-images.sh --vllm"
-    base = img._image(client, img.CPU_BASE)
+    base = img.find_image(client, img.CPU_BASE)
     if base is None or image.labels.get(img.LABEL + "fingerprint") != fingerprint(base.id):
         return "stale", "scripts/build-images.sh --vllm"
     return "ok", CPU_TAG
@@ -87,8 +87,8 @@ def _probe_runtime(client: docker.DockerClient, log: img.Log) -> dict[str, str]:
     ctx = CONTEXT_DIR.parent / "vllm-runtime-context"
     ctx.mkdir(parents=True, exist_ok=True)
     shutil.copy2(DOCKERFILE, ctx / DOCKERFILE.name)
-    img._build(client, ctx, DOCKERFILE.name, RUNTIME_TAG, "runtime", {"BASE_IMAGE": img.CPU_BASE}, None, log)
-    out = img._run_once(client, RUNTIME_TAG, ["python3", "-c", (
+    img.build_image(client, ctx, DOCKERFILE.name, RUNTIME_TAG, "runtime", {"BASE_IMAGE": img.CPU_BASE}, None, log)
+    out = img.run_once(client, RUNTIME_TAG, ["python3", "-c", (
         "import json, platform, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
         "'glibc': platform.libc_ver()[1]}))")])
     info: dict[str, str] = json.loads(out)
@@ -99,7 +99,7 @@ def stage_context(wheels: Path) -> Path:
     """Build context: the Dockerfile and the wheels (hard links), nothing else."""
     if CONTEXT_DIR.exists():
         shutil.rmtree(CONTEXT_DIR)
-    img._link_tree(wheels, CONTEXT_DIR / "wheels")
+    img.link_tree(wheels, CONTEXT_DIR / "wheels")
     shutil.copy2(DOCKERFILE, CONTEXT_DIR / DOCKERFILE.name)
     return CONTEXT_DIR
 
@@ -108,7 +108,7 @@ def build_cpu(client: docker.DockerClient, rebuild: bool = False, log: img.Log =
     """`harness-vllm:cpu`, built when missing or stale (minutes: see docker/README.md)."""
     base = img.ensure_base(client, "cpu", log)
     fp = fingerprint(base.id)
-    image = img._image(client, CPU_TAG)
+    image = img.find_image(client, CPU_TAG)
     if image is None or rebuild or image.labels.get(img.LABEL + "fingerprint") != fp:
         t0 = time.perf_counter()
         info = _probe_runtime(client, log)
@@ -122,7 +122,7 @@ def build_cpu(client: docker.DockerClient, rebuild: bool = False, log: img.Log =
                   img.LABEL + "base_id": base.id, img.LABEL + "python": info["python"],
                   img.LABEL + "excluded": ",".join(EXCLUDE),
                   img.LABEL + "wheels": json.dumps(compact, separators=(",", ":"))}
-        image = img._build(client, stage_context(wheels), DOCKERFILE.name, CPU_TAG, "server",
+        image = img.build_image(client, stage_context(wheels), DOCKERFILE.name, CPU_TAG, "server",
                            {"BASE_IMAGE": img.CPU_BASE}, labels, log)
         log(f"images: built {CPU_TAG} in {time.perf_counter() - t0:.0f} s")
     return VllmImage(CPU_TAG, image.id, "cpu", None, dict(image.labels or {}))
@@ -131,7 +131,7 @@ def build_cpu(client: docker.DockerClient, rebuild: bool = False, log: img.Log =
 def cuda_image(client: docker.DockerClient, pull: bool = False, log: img.Log = print) -> VllmImage:
     """The official image; pulled if missing only when `pull` (scripts/build-images.sh --device cuda
     --vllm), never behind a serve run's back. ImageError naming the fix otherwise."""
-    image = img._image(client, CUDA_IMAGE)
+    image = img.find_image(client, CUDA_IMAGE)
     if image is None and pull:
         log(f"images: pulling {CUDA_IMAGE}")
         try:
@@ -141,7 +141,7 @@ def cuda_image(client: docker.DockerClient, pull: bool = False, log: img.Log = p
                 f"the vLLM image {CUDA_IMAGE} is not present and cannot be pulled ({exc.explanation}): "
                 f"`docker pull {CUDA_IMAGE}` (or `docker load`) on a host with a registry, or set "
                 "HARNESS_VLLM_CUDA_IMAGE to a vLLM OpenAI-server image you have") from exc
-        image = img._image(client, CUDA_IMAGE)
+        image = img.find_image(client, CUDA_IMAGE)
     if image is None:
         raise img.ImageError(f"the vLLM image {CUDA_IMAGE} is not present: `docker pull {CUDA_IMAGE}` or "
                              "`scripts/build-images.sh --device cuda --vllm-only` (or set HARNESS_VLLM_CUDA_IMAGE "
@@ -165,37 +165,10 @@ def ensure_allocator(client: docker.DockerClient, server: VllmImage, allocator: 
     """`harness-vllm:<variant>-<allocator>`: `server` plus the allocator layer, identical but for it;
     (re)built when missing, stale (another server image under it) or asked."""
     tag = allocator_tag(server.variant, allocator)
-    image = img._image(client, tag)
+    image = img.find_image(client, tag)
     if image is None or rebuild or image.labels.get(SERVER_ID_LABEL) != server.id:
         stage = f"harness-vllm-stage:{server.variant}-{allocator}"
         image = img.build_allocator_layer(client, server.tag, allocator, tag, stage, {SERVER_ID_LABEL: server.id},
                                           log)
     return VllmImage(tag, image.id, server.variant, server.entrypoint, dict(image.labels or {}), allocator,
-                     img._env(image, "LD_PRELOAD") or None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m harness.vllm_image", description=__doc__)
-    p.add_argument("--device", default="cpu", help="cpu (build harness-vllm:cpu) or cuda (the official image)")
-    p.add_argument("--rebuild", action="store_true")
-    p.add_argument("--allocators", default="",
-                   help="also harness-vllm:<variant>-<allocator> for these, e.g. glibc,jemalloc,tcmalloc,mimalloc")
-    args = p.parse_args(argv)
-    client = docker.from_env(timeout=1800)
-    try:
-        image = ensure(client, img.variant_for(args.device), args.rebuild, pull=True)
-        arms = [ensure_allocator(client, image, a, args.rebuild) for a in args.allocators.split(",") if a]
-    except (img.ImageError, wheelhouse.WheelhouseError) as exc:
-        print(f"images: {exc}")
-        return 1
-    finally:
-        client.close()
-    for built in (image, *arms):
-        print(f"images: {built.tag:28} {built.id[:19]}  LD_PRELOAD={built.library or '-'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+                     img.image_env(image, "LD_PRELOAD") or None)

@@ -20,10 +20,10 @@ from typing import Any
 import docker
 from docker.errors import BuildError, ImageNotFound
 
-from harness import wheelhouse
-from harness.allocators import KNOWN
+from harness.containers import wheelhouse
+from harness.measure.allocators import KNOWN
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
 BUILD_DIR = REPO_ROOT / "build" / "probe-context"
 REPOSITORY = "harness-probe"
@@ -88,14 +88,14 @@ def fingerprint(base_id: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _image(client: docker.DockerClient, ref: str) -> Any | None:
+def find_image(client: docker.DockerClient, ref: str) -> Any | None:
     try:
         return client.images.get(ref)
     except ImageNotFound:
         return None
 
 
-def _env(image: Any, key: str) -> str | None:
+def image_env(image: Any, key: str) -> str | None:
     for item in image.attrs.get("Config", {}).get("Env") or []:
         name, _, value = item.partition("=")
         if name == key:
@@ -106,7 +106,7 @@ def _env(image: Any, key: str) -> str | None:
 def ensure_base(client: docker.DockerClient, variant: str, log: Log = print) -> Any:
     """The base image, built locally (CPU: debootstrap) or pulled (CUDA) when missing."""
     ref = base_for(variant)
-    image = _image(client, ref)
+    image = find_image(client, ref)
     if image is not None:
         return image
     if variant == "cpu":
@@ -122,13 +122,13 @@ def ensure_base(client: docker.DockerClient, variant: str, log: Log = print) -> 
         except docker.errors.APIError as exc:
             raise ImageError(f"cannot pull {ref} ({exc.explanation}); pull or load it by hand, or set "
                              "HARNESS_CUDA_BASE_IMAGE to a CUDA PyTorch image you have") from exc
-    image = _image(client, ref)
+    image = find_image(client, ref)
     if image is None:
         raise ImageError(f"base image {ref} still missing after building it")
     return image
 
 
-def _build(client: docker.DockerClient, context: Path, dockerfile: str, tag: str, target: str,
+def build_image(client: docker.DockerClient, context: Path, dockerfile: str, tag: str, target: str,
            buildargs: dict[str, str], labels: dict[str, str] | None, log: Log) -> Any:
     log(f"images: building {tag} (target {target})")
     try:
@@ -141,13 +141,13 @@ def _build(client: docker.DockerClient, context: Path, dockerfile: str, tag: str
     return image
 
 
-def _run_once(client: docker.DockerClient, image: str, command: list[str]) -> str:
+def run_once(client: docker.DockerClient, image: str, command: list[str]) -> str:
     out = client.containers.run(image, command, entrypoint=[], network_mode="none", remove=True,
                                 labels={"harness": "build"})
     return out.decode().strip()
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for path in src.iterdir():
         if path.is_file():
@@ -162,7 +162,7 @@ def stage_context(wheels: Path) -> Path:
     """A small build context: the Dockerfiles, the wheels (hard links) and the probe code."""
     if BUILD_DIR.exists():
         shutil.rmtree(BUILD_DIR)
-    _link_tree(wheels, BUILD_DIR / "wheels")
+    link_tree(wheels, BUILD_DIR / "wheels")
     (BUILD_DIR / "harness" / "probe").mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "harness" / "__init__.py", BUILD_DIR / "harness" / "__init__.py")
     for path in (REPO_ROOT / "harness" / "probe").glob("*.py"):
@@ -177,16 +177,16 @@ def ensure_common(client: docker.DockerClient, variant: str, rebuild: bool, log:
     base = ensure_base(client, variant, log)
     fp = fingerprint(base.id)
     tag = tag_for("common", variant)
-    image = _image(client, tag)
+    image = find_image(client, tag)
     if image is not None and not rebuild and image.labels.get(LABEL + "fingerprint") == fp:
         return image
     runtime_ctx = BUILD_DIR.parent / "runtime-context"
     runtime_ctx.mkdir(parents=True, exist_ok=True)
     shutil.copy2(DOCKER_DIR / "probe.Dockerfile", runtime_ctx / "probe.Dockerfile")
     runtime_tag = tag_for("runtime", variant)
-    _build(client, runtime_ctx, "probe.Dockerfile", runtime_tag, "runtime", {"BASE_IMAGE": base_for(variant)},
+    build_image(client, runtime_ctx, "probe.Dockerfile", runtime_tag, "runtime", {"BASE_IMAGE": base_for(variant)},
            None, log)
-    info = json.loads(_run_once(client, runtime_tag, ["python3", "-c", (
+    info = json.loads(run_once(client, runtime_tag, ["python3", "-c", (
         "import importlib.util, json, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
         "'torch': importlib.util.find_spec('torch') is not None}))")]))
     wheels = wheelhouse.ensure(info["python"], with_torch=not info["torch"], rebuild=rebuild, log=log)
@@ -196,7 +196,7 @@ def ensure_common(client: docker.DockerClient, variant: str, rebuild: bool, log:
               LABEL + "variant": variant, LABEL + "python": info["python"],
               LABEL + "wheels": json.dumps(compact, separators=(",", ":"))}
     context = stage_context(wheels)
-    image = _build(client, context, "probe.Dockerfile", tag, "probe", {"BASE_IMAGE": base_for(variant)},
+    image = build_image(client, context, "probe.Dockerfile", tag, "probe", {"BASE_IMAGE": base_for(variant)},
                    labels, log)
     return image
 
@@ -204,13 +204,13 @@ def ensure_common(client: docker.DockerClient, variant: str, rebuild: bool, log:
 def ensure_allocator(client: docker.DockerClient, allocator: str, variant: str, common: Any,
                      rebuild: bool, log: Log) -> ProbeImage:
     tag = tag_for(allocator, variant)
-    image = _image(client, tag)
+    image = find_image(client, tag)
     fresh = (image is not None and not rebuild and image.labels.get(LABEL + "probe_image_id") == common.id)
     if not fresh:
         stage = f"{REPOSITORY}-stage:{allocator}" + ("-cuda" if variant == "cuda" else "")
         image = build_allocator_layer(client, tag_for("common", variant), allocator, tag, stage,
                                       {LABEL + "probe_image_id": common.id}, log)
-    library = _env(image, "LD_PRELOAD") or None
+    library = image_env(image, "LD_PRELOAD") or None
     return ProbeImage(allocator, tag, image.id, library, dict(image.labels or {}))
 
 
@@ -221,15 +221,15 @@ def build_allocator_layer(client: docker.DockerClient, base: str, allocator: str
     context = allocator_context()
     args = {"PROBE_IMAGE": base, "ALLOCATOR": allocator}
     if allocator == "glibc":
-        return _build(client, context, "allocator.Dockerfile", tag, "plain", args, labels, log)
+        return build_image(client, context, "allocator.Dockerfile", tag, "plain", args, labels, log)
     if allocator not in PACKAGES:
         raise ImageError(f"no image recipe for allocator {allocator!r} (known: {', '.join(KNOWN)})")
     package, soname = PACKAGES[allocator]
     args["ALLOCATOR_PACKAGE"] = package
-    _build(client, context, "allocator.Dockerfile", stage, "packaged", args, None, log)
-    real = _run_once(client, stage, ["sh", "-c", f'readlink -f "/usr/lib/$(uname -m)-linux-gnu/{soname}"'])
+    build_image(client, context, "allocator.Dockerfile", stage, "packaged", args, None, log)
+    real = run_once(client, stage, ["sh", "-c", f'readlink -f "/usr/lib/$(uname -m)-linux-gnu/{soname}"'])
     args["ALLOCATOR_LIB"] = real
-    image = _build(client, context, "allocator.Dockerfile", tag, "preload", args, labels, log)
+    image = build_image(client, context, "allocator.Dockerfile", tag, "preload", args, labels, log)
     client.images.remove(stage, noprune=True)
     return image
 
@@ -251,13 +251,13 @@ def ensure_images(client: docker.DockerClient, allocators: Iterable[str], varian
 
 def images_status(client: docker.DockerClient, allocators: Iterable[str], variant: str) -> dict[str, str]:
     """For `doctor` and `--runner auto`: 'ok', 'missing' or 'stale' per allocator image."""
-    base = _image(client, base_for(variant))
-    common = _image(client, tag_for("common", variant))
+    base = find_image(client, base_for(variant))
+    common = find_image(client, tag_for("common", variant))
     current = base is not None and common is not None and \
         common.labels.get(LABEL + "fingerprint") == fingerprint(base.id)
     out = {}
     for a in allocators:
-        image = _image(client, tag_for(a, variant))
+        image = find_image(client, tag_for(a, variant))
         if image is None:
             out[a] = "missing"
         elif not current or image.labels.get(LABEL + "probe_image_id") != common.id:
@@ -283,7 +283,7 @@ def ensure_driver(client: docker.DockerClient, rebuild: bool = False, log: Log =
     """`harness-driver:latest`: the CPU common image + the harness CLI (compose's alloc services)."""
     common = ensure_common(client, "cpu", rebuild, log)
     fp = driver_fingerprint(common.id)
-    image = _image(client, DRIVER_TAG)
+    image = find_image(client, DRIVER_TAG)
     if image is not None and not rebuild and image.labels.get(LABEL + "driver_fingerprint") == fp:
         return image
     python = common.labels.get(LABEL + "python", "3.11")
@@ -292,51 +292,9 @@ def ensure_driver(client: docker.DockerClient, rebuild: bool = False, log: Log =
     ctx = BUILD_DIR.parent / "driver-context"
     if ctx.exists():
         shutil.rmtree(ctx)
-    _link_tree(wheels, ctx / "wheels")
+    link_tree(wheels, ctx / "wheels")
     shutil.copytree(REPO_ROOT / "harness", ctx / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(DOCKER_DIR, ctx / "docker", ignore=shutil.ignore_patterns("base"))
     shutil.copy2(DOCKER_DIR / "driver.Dockerfile", ctx / "driver.Dockerfile")
-    return _build(client, ctx, "driver.Dockerfile", DRIVER_TAG, "", {"PROBE_IMAGE": tag_for("common", "cpu")},
+    return build_image(client, ctx, "driver.Dockerfile", DRIVER_TAG, "", {"PROBE_IMAGE": tag_for("common", "cpu")},
                   {LABEL + "driver_fingerprint": fp}, log)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m harness.images", description=__doc__)
-    p.add_argument("--device", default="cpu", help="cpu (local debootstrap base) or cuda (CUDA PyTorch base)")
-    p.add_argument("--allocators", default=",".join(KNOWN))
-    p.add_argument("--rebuild", action="store_true", help="rebuild even when the images are current")
-    p.add_argument("--no-driver", action="store_true", help="skip harness-driver (compose's alloc services)")
-    p.add_argument("--vllm", action="store_true",
-                   help="also the vLLM server image (CPU: build harness-vllm:cpu and harness-vllm:cpu-<allocator> "
-                        "for --allocators; cuda: pull vllm/vllm-openai)")
-    p.add_argument("--vllm-only", action="store_true", help="only the vLLM server image")
-    args = p.parse_args(argv)
-    client = docker.from_env(timeout=1800)
-    images: dict[str, ProbeImage] = {}
-    try:
-        if not args.vllm_only:
-            images = ensure_images(client, args.allocators.split(","), variant_for(args.device), args.rebuild)
-            if not args.no_driver:
-                driver = ensure_driver(client, args.rebuild)
-                print(f"images: {DRIVER_TAG:28} {driver.id[:19]}")
-        if args.vllm or args.vllm_only:
-            from harness import vllm_image
-
-            server = vllm_image.ensure(client, variant_for(args.device), args.rebuild, pull=True)
-            print(f"images: {server.tag:28} {server.id[:19]}")
-            if server.variant == "cpu":  # serve --allocators: one server image per allocator
-                for name in args.allocators.split(","):
-                    arm = vllm_image.ensure_allocator(client, server, name, args.rebuild)
-                    print(f"images: {arm.tag:28} {arm.id[:19]}  LD_PRELOAD={arm.library or '-'}")
-    except (ImageError, wheelhouse.WheelhouseError) as exc:
-        print(f"images: {exc}")
-        return 1
-    for img in images.values():
-        print(f"images: {img.tag:28} {img.id[:19]}  LD_PRELOAD={img.library or '-'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

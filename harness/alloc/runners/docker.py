@@ -6,8 +6,6 @@ from the engine while it runs, removed afterwards whatever happens (exit, error,
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
 import time
 import uuid
@@ -16,71 +14,27 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import psutil
 import requests
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
-from harness import images as img
-from harness.allocators import Allocator, AllocatorError
-from harness.runners.base import ProbeOutcome, ProbeRequest, RunnerError, format_cpu_list, parse_probe_output
-from harness.runners.docker_stats import StatsMonitor
-from harness.signals import Shielded
+from harness.alloc.runners.base import ProbeOutcome, ProbeRequest, RunnerError, format_cpu_list, parse_probe_output
+from harness.containers import engine
+from harness.containers import images as img
+from harness.containers.stats import StatsMonitor
+from harness.measure.allocators import Allocator, AllocatorError
+from harness.measure.signals import Shielded
 
 LABEL_KEY = "harness"
 LABEL_VALUE = "probe"
 LABEL_FILTER = f"{LABEL_KEY}={LABEL_VALUE}"
-OWNER_LABEL = "harness.owner_pid"  # the harness process that runs a container (probe or server)
-FIX_DAEMON = "scripts/setup-docker.sh"
-
-
-def connect(timeout: int = 120) -> docker.DockerClient:
-    """A client whose daemon answers, or RunnerError saying how to start one."""
-    try:
-        client = docker.from_env(timeout=timeout)
-        client.ping()
-        return client
-    except (DockerException, requests.exceptions.RequestException) as exc:
-        raise RunnerError(f"no Docker daemon reachable ({exc}); start one with {FIX_DAEMON}") from exc
-
-
-def docker_available(device: str = "cpu", allocators: list[str] | None = None) -> tuple[bool, str]:
-    """For `--runner auto`: can the docker runner be used here, and why (not)."""
-    try:
-        client = connect(timeout=10)
-    except RunnerError as exc:
-        return False, str(exc)
-    try:
-        version = client.version().get("Version", "?")
-        status = img.images_status(client, allocators or ["glibc", "jemalloc"], img.variant_for(device))
-    except (DockerException, requests.exceptions.RequestException) as exc:
-        return False, f"Docker daemon error: {exc}"
-    finally:
-        client.close()
-    if all(s == "ok" for s in status.values()):
-        return True, f"Docker {version} reachable, probe images present"
-    todo = ", ".join(f"{a} {s}" for a, s in status.items() if s != "ok")
-    if img.variant_for(device) == "cpu" and not _can_build_cpu_base():
-        return False, f"Docker {version} reachable but images not usable ({todo}) and cannot be built here " \
-                      "(needs root and debootstrap: scripts/setup-docker.sh && scripts/build-images.sh)"
-    return True, f"Docker {version} reachable; images will be built ({todo})"
-
-
-def _can_build_cpu_base() -> bool:
-    try:
-        client = docker.from_env(timeout=10)
-        if img._image(client, img.CPU_BASE) is not None:
-            return True
-    except DockerException:
-        return False
-    return os.geteuid() == 0 and any(Path(d, "debootstrap").exists() for d in ("/usr/sbin", "/sbin"))
 
 
 def remove_leftovers(client: docker.DockerClient) -> int:
     """Remove every probe container whose harness command is gone (killed hard); those in use stay."""
     n = 0
     for c in client.containers.list(all=True, filters={"label": LABEL_FILTER}):
-        if owner_pid(c) is not None:
+        if engine.owner_pid(c) is not None:
             continue
         try:
             c.remove(force=True)
@@ -88,46 +42,6 @@ def remove_leftovers(client: docker.DockerClient) -> int:
         except NotFound:
             pass
     return n
-
-
-def owner_pid(container: Any) -> int | None:
-    """The harness process that runs `container` while that process still runs; None once it has ended
-    (or for containers of harness versions without the owner label)."""
-    label = (container.labels or {}).get(OWNER_LABEL, "")
-    created = _parse_time(container.attrs.get("Created"))
-    if not label.isdigit() or created is None:
-        return None
-    try:
-        started = psutil.Process(int(label)).create_time()
-    except psutil.Error:
-        return None
-    return int(label) if started <= created.timestamp() + 1.0 else None  # not a later process with its PID
-
-
-def _parse_time(value: str | None) -> dt.datetime | None:
-    """Docker's RFC 3339 timestamps with nanoseconds; None for the zero time."""
-    if not value or value.startswith("0001-"):
-        return None
-    head, _, frac = value.rstrip("Z").partition(".")
-    frac = (frac.split("+")[0].split("-")[0] + "000000")[:6]
-    return dt.datetime.fromisoformat(f"{head}.{frac}+00:00")
-
-
-def _wheel_set(label: str) -> list[dict[str, str]]:
-    """The image label's "name==version sha256:HEX" entries as records."""
-    out = []
-    for item in json.loads(label):
-        spec, _, digest = item.partition(" sha256:")
-        name, _, version = spec.partition("==")
-        out.append({"name": name, "version": version, "sha256": digest})
-    return out
-
-
-def _daemon_alive(client: docker.DockerClient) -> bool:
-    try:
-        return bool(client.ping())
-    except (DockerException, requests.exceptions.RequestException):
-        return False
 
 
 class DockerRunner:
@@ -168,7 +82,7 @@ class DockerRunner:
             "cgroup": info.get("CgroupVersion"), "cgroup_driver": info.get("CgroupDriver"),
             "storage_driver": info.get("Driver"), "runtimes": sorted(info.get("Runtimes") or {}),
             "images": {name: pi.describe() for name, pi in self.images.items()},
-            "wheels": _wheel_set(any_image.labels.get(img.LABEL + "wheels", "[]")),
+            "wheels": engine.wheel_set(any_image.labels.get(img.LABEL + "wheels", "[]")),
             "mem_limit": self.mem_limit,
         }}
 
@@ -207,12 +121,12 @@ class DockerRunner:
             container = self.client.containers.create(
                 probe_image.id, args, name=name, environment=env, mounts=mounts, network_mode="none",
                 labels={LABEL_KEY: LABEL_VALUE, "harness.allocator": request.allocator.name,
-                        OWNER_LABEL: str(os.getpid())}, **kwargs)
+                        engine.OWNER_LABEL: str(os.getpid())}, **kwargs)
             return self._run(container, probe_image, request)
         except (DockerException, requests.exceptions.RequestException) as exc:
-            if not _daemon_alive(self.client):
+            if not engine.daemon_alive(self.client):
                 raise RunnerError(f"the Docker daemon stopped answering during a run ({exc}); runs recorded "
-                                  f"so far are kept; restart it ({FIX_DAEMON}) and continue with --resume"
+                                  f"so far are kept; restart it ({engine.FIX_DAEMON}) and continue with --resume"
                                   ) from exc
             raise RunnerError(f"Docker error running {probe_image.tag}: {exc}") from exc
         finally:
@@ -238,7 +152,7 @@ class DockerRunner:
         try:
             container.wait(timeout=request.timeout_s)
         except requests.exceptions.RequestException:
-            if not _daemon_alive(self.client):
+            if not engine.daemon_alive(self.client):
                 raise
             timed_out = True
             container.kill()
@@ -247,7 +161,7 @@ class DockerRunner:
         monitor.join(timeout=3.0)
         container.reload()
         state = container.attrs.get("State", {})
-        started, finished = _parse_time(state.get("StartedAt")), _parse_time(state.get("FinishedAt"))
+        started, finished = engine.parse_time(state.get("StartedAt")), engine.parse_time(state.get("FinishedAt"))
         wall = (finished - started).total_seconds() if started and finished else client_wall
         stdout = container.logs(stdout=True, stderr=False).decode(errors="replace").splitlines()
         stderr = container.logs(stdout=False, stderr=True).decode(errors="replace").splitlines()
@@ -286,7 +200,7 @@ def make_docker_runner(device: str, allocators: list[str], rebuild: bool = False
     if unknown:
         raise AllocatorError(f"the docker runner has images for {', '.join(img.KNOWN)} only, not "
                              f"{', '.join(unknown)}")
-    client = connect(timeout=600)
+    client = engine.connect(timeout=600)
     try:
         probe_images = img.ensure_images(client, allocators, img.variant_for(device), rebuild, log)
     except (img.ImageError, img.wheelhouse.WheelhouseError) as exc:

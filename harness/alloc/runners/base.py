@@ -6,14 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from harness.allocators import Allocator
+from harness.errors import RunnerError  # noqa: F401  (the runners raise it; imported from here)
+from harness.measure.allocators import Allocator
 
 RESULT_MARKER = "HARNESS_PROBE_RESULT "  # kept equal to harness.probe.__main__.RESULT_MARKER
 ERROR_MARKER = "HARNESS_PROBE_ERROR "
-
-
-class RunnerError(RuntimeError):
-    """The runner itself cannot go on (no daemon, daemon gone, image missing)."""
 
 
 @dataclass(frozen=True)

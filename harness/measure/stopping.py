@@ -6,8 +6,9 @@ p-value: a fixed-width sequential rule in the spirit of Chow and Robbins (1965).
 push the ratio towards or away from 1, where stopping on significance would. It is checked at most once a
 round, after every allocator of the round has run, and not before `min_rounds` rounds.
 
-Every check and the stop are appended to `alloc/stopping.jsonl`, so the report can say what stopped the
-experiment and anyone can recompute the CI it reached from `alloc/runs.jsonl`.
+Every check and the stop are appended to the experiment's stop file (`alloc/stopping.jsonl`,
+`serve/stopping.jsonl`), so its report can say what stopped it and anyone can recompute the CI it reached
+from its records. Each experiment subclasses `Stopper` with its own CIs.
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import alloc_report
-from harness.alloc import DEFAULT_METRIC, METRICS
-from harness.alloc_report import STOP_FILE
-from harness.results import ResultsDir
+from harness.measure.results import ResultsDir
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
@@ -46,10 +44,23 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def half_widths(records: list[dict[str, Any]], order: list[str], metric: str, paired: bool) -> dict[str, float]:
-    """Each allocator's ratio-CI half-width against the baseline on `metric` (the summary's own CIs)."""
-    comps = alloc_report.comparisons(records, order, METRICS[metric], paired)
-    return {name: comp.half_width for name, comp in comps.items()}
+# Why an experiment stopped (the `reason` of its stop record), in words; an experiment may add its own.
+STOP_REASONS = {
+    "target": "the precision target was reached",
+    "time": "the time was up (--max-time: the next run would likely have ended after it)",
+    "max-runs": "--max-runs rounds were done",
+    "failed": "every run of the first round failed",
+    "interrupted": "it was interrupted (continue with --resume)",
+    "error": "the runner failed (continue with --resume)",
+}
+
+
+def format_duration(seconds: float) -> str:
+    """132.4 → '2m12s'; 45 → '45s'."""
+    seconds = max(0, round(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
 
 
 def widest(widths: dict[str, float]) -> float:
@@ -61,7 +72,7 @@ def widest(widths: dict[str, float]) -> float:
 @dataclass(frozen=True)
 class StopRule:
     target: float | None  # the CI half-width to reach, as a fraction (0.03: ±3 %)
-    metric: str = DEFAULT_METRIC
+    metric: str  # the experiment's name of the figure whose ratio CIs are checked
     max_time_s: float | None = None
     min_rounds: int = 5  # measured rounds before the first check
     max_rounds: int | None = None
@@ -71,10 +82,10 @@ class StopRule:
 
 
 class Stopper:
-    """Decides, for `alloc.execute`, whether another run may start and whether a finished round is the last.
-    Other experiments reuse the rule by overriding `widths` (their CIs) and `stop_file` (serve --allocators)."""
+    """Decides whether another run (or server) may start and whether a finished round is the last. Each
+    experiment subclasses it with its CIs (`widths`) and the file its checks go to (`stop_file`)."""
 
-    stop_file = STOP_FILE
+    stop_file: str
 
     def __init__(self, rule: StopRule, results: ResultsDir, order: list[str], paired: bool = False,
                  warmup_rounds: int = 1, clock: Callable[[], float] = time.monotonic,
@@ -120,7 +131,7 @@ class Stopper:
 
     def widths(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Each allocator's ratio-CI half-width against the baseline on the rule's metric, from `records`."""
-        return half_widths(records, self.order, self.rule.metric, self.paired)
+        raise NotImplementedError
 
     # --- rounds ---------------------------------------------------------------------------------
     def rounds(self) -> Iterator[int]:

@@ -1,0 +1,103 @@
+"""The Docker engine, as both experiments use it: the connection, whether the docker runner can be used
+here, which harness process owns a container, and the labels and timestamps the engine keeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import docker
+import psutil
+import requests
+from docker.errors import DockerException
+
+from harness.containers import images as img
+from harness.errors import RunnerError
+
+OWNER_LABEL = "harness.owner_pid"  # the harness process that runs a container (probe or server)
+FIX_DAEMON = "scripts/setup-docker.sh"
+
+
+def connect(timeout: int = 120) -> docker.DockerClient:
+    """A client whose daemon answers, or RunnerError saying how to start one."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+        return client
+    except (DockerException, requests.exceptions.RequestException) as exc:
+        raise RunnerError(f"no Docker daemon reachable ({exc}); start one with {FIX_DAEMON}") from exc
+
+
+def docker_available(device: str = "cpu", allocators: list[str] | None = None) -> tuple[bool, str]:
+    """For `--runner auto`: can the docker runner be used here, and why (not)."""
+    try:
+        client = connect(timeout=10)
+    except RunnerError as exc:
+        return False, str(exc)
+    try:
+        version = client.version().get("Version", "?")
+        status = img.images_status(client, allocators or ["glibc", "jemalloc"], img.variant_for(device))
+    except (DockerException, requests.exceptions.RequestException) as exc:
+        return False, f"Docker daemon error: {exc}"
+    finally:
+        client.close()
+    if all(s == "ok" for s in status.values()):
+        return True, f"Docker {version} reachable, probe images present"
+    todo = ", ".join(f"{a} {s}" for a, s in status.items() if s != "ok")
+    if img.variant_for(device) == "cpu" and not can_build_cpu_base():
+        return False, f"Docker {version} reachable but images not usable ({todo}) and cannot be built here " \
+                      "(needs root and debootstrap: scripts/setup-docker.sh && scripts/build-images.sh)"
+    return True, f"Docker {version} reachable; images will be built ({todo})"
+
+
+def can_build_cpu_base() -> bool:
+    try:
+        client = docker.from_env(timeout=10)
+        if img.find_image(client, img.CPU_BASE) is not None:
+            return True
+    except DockerException:
+        return False
+    return os.geteuid() == 0 and any(Path(d, "debootstrap").exists() for d in ("/usr/sbin", "/sbin"))
+
+
+def owner_pid(container: Any) -> int | None:
+    """The harness process that runs `container` while that process still runs; None once it has ended
+    (or for containers of harness versions without the owner label)."""
+    label = (container.labels or {}).get(OWNER_LABEL, "")
+    created = parse_time(container.attrs.get("Created"))
+    if not label.isdigit() or created is None:
+        return None
+    try:
+        started = psutil.Process(int(label)).create_time()
+    except psutil.Error:
+        return None
+    return int(label) if started <= created.timestamp() + 1.0 else None  # not a later process with its PID
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """Docker's RFC 3339 timestamps with nanoseconds; None for the zero time."""
+    if not value or value.startswith("0001-"):
+        return None
+    head, _, frac = value.rstrip("Z").partition(".")
+    frac = (frac.split("+")[0].split("-")[0] + "000000")[:6]
+    return dt.datetime.fromisoformat(f"{head}.{frac}+00:00")
+
+
+def wheel_set(label: str) -> list[dict[str, str]]:
+    """The image label's "name==version sha256:HEX" entries as records."""
+    out = []
+    for item in json.loads(label):
+        spec, _, digest = item.partition(" sha256:")
+        name, _, version = spec.partition("==")
+        out.append({"name": name, "version": version, "sha256": digest})
+    return out
+
+
+def daemon_alive(client: docker.DockerClient) -> bool:
+    try:
+        return bool(client.ping())
+    except (DockerException, requests.exceptions.RequestException):
+        return False
