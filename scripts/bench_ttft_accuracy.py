@@ -38,9 +38,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from harness.measure import environment
 from harness.measure.stats import compare, compare_paired, summarize
 from harness.serve import engines, metrics
 from harness.serve.client import RequestError, stream_request
@@ -63,8 +65,11 @@ def server_url(args: argparse.Namespace) -> Iterator[Target]:
     if args.url:
         yield Target(args.url.rstrip("/"), args.model, args.tokenizer)
         return
-    extra = ("--no-enable-prefix-caching",) if args.fidelity else ()
-    cfg = ServeConfig(model=args.model, port=free_port(), max_model_len=2048, extra_args=extra)
+    extra = (("--no-enable-prefix-caching",) if args.fidelity else ()) + tuple(getattr(args, "server_arg", ()) or ())
+    cfg = ServeConfig(model=args.model, port=free_port(), max_model_len=2048, extra_args=extra,
+                      dtype=getattr(args, "dtype", None), model_cache=getattr(args, "model_cache", None),
+                      gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
+                      vllm_python=getattr(args, "vllm_python", None) or default_vllm_python())
     spec = engines.build(cfg)
     argv = spec.argv
     if getattr(args, "server_cpus", None):
@@ -237,7 +242,10 @@ class VllmClient:
         if not line:
             tail = self.log.read_text().strip().splitlines()[-3:]
             raise RuntimeError(f"vLLM's client exited (code {self.proc.wait()}): {' | '.join(tail)}")
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"vLLM's client answered something other than JSON: {line.strip()[:120]!r}") from None
         if "error" in answer:
             raise RuntimeError(f"vLLM's client: {answer['error']}")
         return answer
@@ -271,11 +279,13 @@ class VllmClient:
         if res.get("failed"):
             raise RuntimeError(f"vllm bench serve: {res['failed']} request(s) failed: {res.get('errors')}")
         got = Latencies()
-        for ttft, e2e, tokens, prompt, itl in zip(res["ttfts"], res["latencies"], res["output_lens"],
+        # vLLM 0.26 saves no per-request latency: its latency is the first token plus the gaps after it
+        latencies = res.get("latencies") or [t + sum(gaps) for t, gaps in zip(res["ttfts"], res["itls"], strict=True)]
+        for ttft, e2e, tokens, prompt, itl in zip(res["ttfts"], latencies, res["output_lens"],
                                                   res["input_lens"], res["itls"], strict=True):
             got.add(ttft, (e2e - ttft) / (tokens - 1), e2e, prompt, len(itl) + 1)
         for key, mine in (("median_ttft_ms", got.ttft), ("median_tpot_ms", got.tpot), ("median_e2el_ms", got.e2e)):
-            if abs(statistics.median(mine) * 1e3 - res[key]) > 1e-6:  # we read its file as it computes its medians
+            if abs(statistics.median(mine) * 1e3 - res[key]) > 0.01:  # its file read as it computes its medians
                 raise RuntimeError(f"{key}: vLLM says {res[key]:.4f}, its per-request values give "
                                    f"{statistics.median(mine) * 1e3:.4f}")
         for i in range(len(got.ttft)):
@@ -389,15 +399,17 @@ def zero_work_server(token_delay_s: float, cpus: str | None = None) -> Iterator[
 
 
 def pin_clients(args: argparse.Namespace) -> None:
-    """With --pin (the default on 2 CPUs or more): the server on the last CPU, this script and vLLM's client
-    process on the others, so that neither client's own CPU work slows the server the other one measures."""
+    """With --pin (the default on 2 CPUs or more): the server on the upper half of the CPUs, this script and
+    vLLM's client process on the lower half, so that neither client's own CPU work takes a CPU from the server
+    the other one measures (it can still slow it where two CPUs share a core: see the README)."""
     cpus = sorted(os.sched_getaffinity(0))
     if not args.pin or len(cpus) < 2:
         args.server_cpus = None
         return
-    args.server_cpus = str(cpus[-1])
-    os.sched_setaffinity(0, cpus[:-1])  # inherited by vLLM's client process, started next
-    print(f"CPUs: server on {args.server_cpus}, both clients on {','.join(map(str, cpus[:-1]))} (--no-pin: shared)")
+    half = len(cpus) // 2
+    args.server_cpus = ",".join(map(str, cpus[half:]))
+    os.sched_setaffinity(0, cpus[:half])  # inherited by vLLM's client process, started next
+    print(f"CPUs: server on {args.server_cpus}, both clients on {','.join(map(str, cpus[:half]))} (--no-pin: shared)")
 
 
 def fidelity(args: argparse.Namespace) -> bool:
@@ -418,6 +430,30 @@ def fidelity(args: argparse.Namespace) -> bool:
     return ok
 
 
+class _Tee:
+    """stdout that is also written to a file, line by line (a cut run keeps what it printed)."""
+
+    def __init__(self, stream: Any, path: Path) -> None:
+        self.stream, self.file = stream, open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as stdout)
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+
+def save_to(directory: Path, args: argparse.Namespace) -> None:
+    """--save: the environment and the arguments now, then everything printed (results/ keeps benchmark runs
+    as it keeps experiment runs: real output beside its environment)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    env = environment.collect(extra={"benchmark": "scripts/bench_ttft_accuracy.py", "arguments": vars(args)})
+    (directory / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    sys.stdout = _Tee(sys.stdout, directory / "output.txt")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url")
@@ -433,15 +469,26 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=1024, help="prompt tokens (4.) [vllm bench serve's default]")
     ap.add_argument("--output-len", type=int, default=128, help="generated tokens (4.) [vllm bench serve's default]")
     ap.add_argument("--tokenizer", help="tokenizer directory for vLLM's client (4.) [default: the synthetic model's]")
-    ap.add_argument("--vllm-python", help="python of the vLLM environment (4.) [default: ./.venv-vllm]")
+    ap.add_argument("--vllm-python", help="python of the vLLM environment: the server's and vLLM's client "
+                    "[default: ./.venv-vllm]")
     ap.add_argument("--floor-token-delay", type=float, default=0.01, help="zero-work server's s per token (4b.)")
+    ap.add_argument("--dtype", help="the server's --dtype (e.g. bfloat16 on a GPU)")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="the server's (GPU)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the vLLM server (repeat), e.g. --server-arg=--attention-backend")
+    ap.add_argument("--model-cache", help="where synthetic model directories are written")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="(4.) the server on the last CPU, the clients on the others (default: on)")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per batch (4.)")
     ap.add_argument("--nice", type=int, default=0,
                     help="scheduling priority for this script and everything it starts (server, both clients); "
                          "negative (root) takes the CPU from other work on a shared host: less noise, same for both")
+    ap.add_argument("--save", metavar="DIR",
+                    help="also write what is printed to DIR/output.txt, with DIR/environment.json (host, software, "
+                         "the arguments)")
     args = ap.parse_args()
+    if args.save:
+        save_to(Path(args.save), args)
     if args.sse_server:
         ThreadingHTTPServer(("127.0.0.1", args.sse_server), _SSEHandler).serve_forever()
         return 0

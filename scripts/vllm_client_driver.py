@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 
 def main() -> int:
+    # The answers get their own copy of stdout; file descriptor 1 and sys.stdout then lead to stderr, so that
+    # nothing vLLM prints (its log handlers keep the stdout they found at import) can corrupt an answer.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     from vllm.benchmarks.datasets import RandomDataset
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_serve
     from vllm.tokenizers import get_tokenizer
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    out = sys.stdout
-    sys.stdout = sys.stderr
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
