@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
-from harness.alloc.runners.base import RunnerError, describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
+from harness.alloc.runners.base import describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
 from harness.alloc.stopping import AllocStopper
+from harness.errors import HarnessError, Interrupted, RunnerError, UsageError
 from harness.measure import environment, stopping
-from harness.measure.allocators import KNOWN, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
-from harness.measure.results import ResultsDir, ResultsError
+from harness.measure.allocators import KNOWN, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
 from harness.probe.models import ModelError, parse_model
 
@@ -32,21 +34,6 @@ REAL_PHI3 = "microsoft/Phi-3-mini-4k-instruct"
 BENCH_ALLOC_TIME = "2m"
 BENCH_MEASURE_S = 3.0
 BENCH_MIN_ROUNDS = 3
-
-
-class HarnessError(click.ClickException):
-    """One clear line, non-zero exit."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class HarnessFault(HarnessError):
-    """A fault, not a usage error: one clear line, exit code 1."""
-
-    exit_code = 1
 
 
 def default_out(prefix: str = "") -> str:
@@ -74,10 +61,10 @@ def gpu_visible() -> tuple[bool, str]:
 
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise HarnessError(f"unknown --device {device!r} (auto, cpu, cuda)")
+        raise UsageError(f"unknown --device {device!r} (auto, cpu, cuda)")
     has_gpu, why = gpu_visible()
     if device.startswith("cuda") and not has_gpu:
-        raise HarnessError(f"--device {device} asked for, but no NVIDIA GPU is visible ({why})")
+        raise UsageError(f"--device {device} asked for, but no NVIDIA GPU is visible ({why})")
     if device == "auto":
         return "cuda" if has_gpu else "cpu"
     return device
@@ -103,7 +90,7 @@ def validate_model(model: str) -> str:
     try:
         return parse_model(model).name
     except ModelError as exc:
-        raise HarnessError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
 
 def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[str, str] | None = None):
@@ -127,7 +114,7 @@ def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[s
         from harness.containers import engine
     except ImportError as exc:
         if kind == "docker":
-            raise HarnessError(f"the docker runner is unavailable: {exc}") from None
+            raise UsageError(f"the docker runner is unavailable: {exc}") from None
         console.print(f"[yellow]runner auto: local (docker runner unavailable: {exc})[/]")
         from harness.alloc.runners.local import LocalRunner
 
@@ -135,11 +122,8 @@ def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[s
     ok, why = engine.docker_available(device, allocator_names)
     if kind == "docker":
         if not ok:
-            raise HarnessError(f"--runner docker: {why}")
-        try:
-            return docker_runner.make_docker_runner(device, allocator_names)
-        except AllocatorError as exc:
-            raise HarnessError(f"--runner docker: {exc}") from None
+            raise UsageError(f"--runner docker: {why}")
+        return docker_runner.make_docker_runner(device, allocator_names)
     if ok:
         try:
             runner = docker_runner.make_docker_runner(device, allocator_names)
@@ -231,48 +215,39 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     max_time_s = _duration(max_time) if max_time is not None else None
     cpus = _affinity(affinity) if affinity is not None else None
     if paired and cpus:
-        raise HarnessError("--paired splits the host's CPUs itself: leave out --affinity")
+        raise UsageError("--paired splits the host's CPUs itself: leave out --affinity")
     if paired and runner_kind == "docker":
-        raise HarnessError("--paired runs with the local runner only (--runner local)")
+        raise UsageError("--paired runs with the local runner only (--runner local)")
     if paired and len(names) < 2:
-        raise HarnessError("--paired needs a baseline and at least one other allocator")
-    try:
-        libs = parse_allocator_libs(allocator_lib)
-        envs = parse_allocator_envs(allocator_env)
-        resolve(names, libs, envs, check_files=False)  # names and syntax: fail before anything starts
-    except AllocatorError as exc:
-        raise HarnessError(str(exc)) from None
+        raise UsageError("--paired needs a baseline and at least one other allocator")
+    libs = parse_allocator_libs(allocator_lib)
+    envs = parse_allocator_envs(allocator_env)
+    resolve(names, libs, envs, check_files=False)  # names and syntax: fail before anything starts
     dev = resolve_device(device)
     model_name = validate_model(model or default_model(dev))
     results = ResultsDir(out or default_out())
-    try:
-        results.lock()  # held until this process ends
-    except ResultsError as exc:
-        raise HarnessError(str(exc)) from None
+    results.lock()  # held until this process ends
     saved = (results.read_json(alloc.CONFIG_FILE) or {}).get("config") if resume else None
     if saved and target_ci is None and saved.get("target_ci"):  # --resume continues towards the same target
         target_ci = saved["target_ci"] * 100
     metric = metric or (saved or {}).get("metric") or alloc.DEFAULT_METRIC
     open_ended = target_ci is not None or max_time_s is not None
     if max_runs is not None and not open_ended:
-        raise HarnessError("--max-runs caps an open-ended experiment: give --target-ci or --max-time with it")
+        raise UsageError("--max-runs caps an open-ended experiment: give --target-ci or --max-time with it")
     warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
 
     placements = []
     if paired:
-        from harness.alloc.runners.local import PlacementError, split_host
+        from harness.alloc.runners.local import split_host
 
-        try:
-            placements = split_host(dev)
-        except PlacementError as exc:
-            raise HarnessError(str(exc)) from None
+        placements = split_host(dev)
         runner_kind = "local"
     runner = make_runner(runner_kind, dev, names, libs)
     try:
         resolved = runner.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
-    except AllocatorError as exc:
+    except HarnessError:
         runner.close()
-        raise HarnessError(str(exc)) from None
+        raise
     config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
                                dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
@@ -289,16 +264,13 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     try:
         records = _run_with_progress(config, runner, results, resume,
                                      environment.collect({"runner": runner.describe()}), stop_rule)
-    except ResultsError as exc:
-        raise HarnessError(str(exc)) from None
     except RunnerError as exc:
         _report(results, config, names)
-        raise HarnessError(f"{exc} (runs so far kept in {results.root / alloc.RUNS_FILE})") from None
+        raise RunnerError(f"{exc} (runs so far kept in {results.root / alloc.RUNS_FILE})") from None
     except KeyboardInterrupt:
         _report(results, config, names)
-        console.print(f"[red]interrupted[/]: runs so far kept in {results.root / alloc.RUNS_FILE}; "
-                      "continue with --resume")
-        return 130
+        raise Interrupted(f"interrupted: runs so far kept in {results.root / alloc.RUNS_FILE}; "
+                          "continue with --resume") from None
     finally:
         runner.close()
     rows = _report(results, config, names)
@@ -306,18 +278,15 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     if rows:
         _print_rows(rows, results)
     elif records and len(failed) == len(records):
-        console.print(f"[red]error[/]: every warm-up run failed ({_failures(failed)}): no round was measured "
-                      f"and no summary was written; the runs are in {results.root / alloc.RUNS_FILE}", soft_wrap=True)
-        return 1
+        raise HarnessError(f"every warm-up run failed ({_failures(failed)}): no round was measured and no "
+                           f"summary was written; the runs are in {results.root / alloc.RUNS_FILE}")
     else:
         console.print(f"no measured run yet, so no summary was written; the warm-up runs are in "
                       f"{results.root / alloc.RUNS_FILE} (continue with --resume)", soft_wrap=True)
     for line in alloc_answer(results):
         click.echo(line)
     if failed:
-        for reason in sorted({r["failure"] or "unknown" for r in failed}):
-            console.print(f"[red]failed run[/]: {reason}")
-        return 1
+        raise HarnessError(f"{len(failed)} of {len(records)} runs failed: {_failures(failed)}")
     return 0
 
 
@@ -325,7 +294,7 @@ def _duration(text: str) -> float:
     try:
         return stopping.parse_duration(text)
     except ValueError as exc:
-        raise HarnessError(f"--max-time: {exc}") from None
+        raise UsageError(f"--max-time: {exc}") from None
 
 
 def _window(warm_gens: int | None, measure_s: float | None, open_ended: bool,
@@ -333,7 +302,7 @@ def _window(warm_gens: int | None, measure_s: float | None, open_ended: bool,
     """(warm generates, measured seconds): a count of warm generates, or a window in seconds (the default of
     an open-ended experiment). A resumed experiment keeps its own window unless one is given."""
     if warm_gens is not None and measure_s is not None:
-        raise HarnessError("--warm-gens counts the measured generates and --measure-s times them: give one of them")
+        raise UsageError("--warm-gens counts the measured generates and --measure-s times them: give one of them")
     if saved and warm_gens is None and measure_s is None:
         return saved.get("warm_gens", alloc.DEFAULT_WARM_GENS), saved.get("measure_s")
     if warm_gens is not None:
@@ -366,11 +335,11 @@ def _affinity(text: str) -> tuple[int, ...]:
     try:
         cpus = parse_cpu_list(text)
     except ValueError as exc:
-        raise HarnessError(f"--affinity: {exc}") from None
+        raise UsageError(f"--affinity: {exc}") from None
     allowed = os.sched_getaffinity(0)
     outside = [c for c in cpus if c not in allowed]
     if outside:
-        raise HarnessError(f"--affinity: CPU(s) {format_cpu_list(outside)} not available here "
+        raise UsageError(f"--affinity: CPU(s) {format_cpu_list(outside)} not available here "
                            f"(this process may use CPUs {format_cpu_list(allowed)})")
     return cpus
 
@@ -457,25 +426,26 @@ def report_command(directory: str) -> None:
     host, or after the report code changed). Runs nothing. Allocator experiment: CSV, summary and plots
     from runs.jsonl and config.json; serve experiment: the start-up analysis (from each server's log and
     stacks), first_token_latency.md and the timeline plot."""
-    results = ResultsDir(directory)
+    sys.exit(exit_code_of(lambda: rebuild_reports(ResultsDir(directory))))
+
+
+def rebuild_reports(results: ResultsDir) -> None:
+    """`harness report`: every report of the experiments in `results`, from its files."""
     if results.root.is_dir():
-        try:
-            results.lock()  # runs.jsonl is not read while another command appends to it
-        except ResultsError as exc:
-            raise HarnessError(str(exc)) from None
+        results.lock()  # runs.jsonl is not read while another command appends to it
     records = results.read_jsonl(alloc.RUNS_FILE)
     saved = results.read_json(alloc.CONFIG_FILE)
     has_serve = (results.root / "serve" / "config.json").exists()
     if not (records and saved is not None) and not has_serve:
-        raise HarnessError(f"{results.root} holds no experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE}, "
-                           "or serve/config.json)")
+        raise UsageError(f"{results.root} holds no experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE}, "
+                         "or serve/config.json)")
     if records and saved is not None:
         if alloc_report.measured(records):
             _rebuild_alloc(results, records, saved)
         elif has_serve:
             console.print(f"[yellow]warning[/]: {_no_measured_runs(results, records)}", soft_wrap=True)
         else:
-            raise HarnessFault(_no_measured_runs(results, records))
+            raise HarnessError(_no_measured_runs(results, records))
     if has_serve:
         from harness.serve import report as serve_report
 
@@ -531,21 +501,36 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
     dev = resolve_device(device)
     model_name = validate_model(model or default_model(dev))
 
-    def both() -> int:
-        alloc_code = run_alloc(runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators,
-                               runs=runs, out=out, target_ci=target_ci, max_time=alloc_time, measure_s=measure_s)
-        if alloc_code == 130:
-            return 130
-        outcome = run_serve(ServeConfig(model=model_name, out=out, engine=engine, runner=runner_kind,
-                                        cold_starts=cold_starts, warm_requests=warm_requests, port=port,
-                                        device=dev if engine == "transformers" else "auto"))
-        index = write_index(ResultsDir(out), model_name, alloc_code, outcome.exit_code, outcome.error)
+    def both() -> None:
+        alloc_error = _error_of(lambda: run_alloc(
+            runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators, runs=runs, out=out,
+            target_ci=target_ci, max_time=alloc_time, measure_s=measure_s))
+        if isinstance(alloc_error, Interrupted):
+            raise alloc_error
+        serve_error = _error_of(lambda: run_serve(ServeConfig(
+            model=model_name, out=out, engine=engine, runner=runner_kind, cold_starts=cold_starts,
+            warm_requests=warm_requests, port=port, device=dev if engine == "transformers" else "auto")).failure())
+        index = write_index(ResultsDir(out), model_name, alloc_error, serve_error)
         click.echo(f"wrote {index}")
         for line in alloc_answer(ResultsDir(out)):  # the last word: what the allocator part found
             click.echo(line)
-        return alloc_code or outcome.exit_code
+        if alloc_error and serve_error:
+            both_failed = HarnessError(f"allocator part: {alloc_error}; serve part: {serve_error}")
+            both_failed.exit_code = max(alloc_error.exit_code, serve_error.exit_code)
+            raise both_failed
+        if alloc_error or serve_error:
+            raise alloc_error or serve_error
 
     sys.exit(exit_code_of(both))
+
+
+def _error_of(part: Callable[[], HarnessError | int | None]) -> HarnessError | None:
+    """The error one part of `bench` raised or returned, so that the next part still runs."""
+    try:
+        result = part()
+    except HarnessError as exc:
+        return exc
+    return result if isinstance(result, HarnessError) else None
 
 
 def alloc_answer(results: ResultsDir) -> list[str]:
@@ -557,21 +542,22 @@ def alloc_answer(results: ResultsDir) -> list[str]:
     return alloc_report.answer_lines(records, config, [a["name"] for a in config["allocators"]])
 
 
-def write_index(results: ResultsDir, model: str, alloc_code: int, serve_code: int, serve_error: str | None) -> Path:
+def write_index(results: ResultsDir, model: str, alloc_error: HarnessError | None,
+                serve_error: HarnessError | None) -> Path:
     """DIR/index.md: what ran, how it ended, and links to both reports."""
     from harness.alloc.report import CSV_FILE, PLOT_FILE, SUMMARY_FILE
 
-    def status(code: int) -> str:
-        return "completed" if code == 0 else f"ended with exit code {code}"
+    def status(error: HarnessError | None) -> str:
+        return "completed" if error is None else f"ended with exit code {error.exit_code}: {error}"
 
     def links(*files: tuple[str, str]) -> str:
         """Links to the files that were written; no link to one that was not."""
         return ", ".join(f"[{label}]({rel})" for label, rel in files if (results.root / rel).exists()) or "no files"
 
     lines = [f"# Benchmark: {model}", "",
-             f"- A. Allocator impact ({status(alloc_code)}): " + links(
+             f"- A. Allocator impact ({status(alloc_error)}): " + links(
                  ("summary", SUMMARY_FILE), ("CSV", CSV_FILE), ("plot", PLOT_FILE), ("runs", "alloc/runs.jsonl")),
-             f"- B. First-token path ({status(serve_code)}" + (f": {serve_error}" if serve_error else "") + "): "
+             f"- B. First-token path ({status(serve_error)}): "
              + links(("report", "serve/first_token_latency.md"), ("requests", "serve/requests.jsonl"),
                      ("start-up", "serve/startup.jsonl"), ("memory timeline", "serve/memory_timeline.png")),
              "- Environment: " + links(("environment.json", "environment.json")), "",
@@ -598,16 +584,9 @@ def images_command(device: str, allocators: str, rebuild: bool, driver: bool, vl
     """Build what `make images` builds: the probe images, the driver image and the vLLM server images, each
     only when its sources changed (wheelhouse from the host, base image from debootstrap)."""
     from harness.containers import build as containers_build
-    from harness.containers import images, wheelhouse
 
-    def build() -> int:
-        try:
-            containers_build.build(device, _csv_list(allocators), rebuild, driver, vllm, vllm_only)
-        except (images.ImageError, wheelhouse.WheelhouseError) as exc:
-            raise HarnessFault(f"images: {exc}") from None
-        return 0
-
-    sys.exit(exit_code_of(build))
+    sys.exit(exit_code_of(lambda: containers_build.build(device, _csv_list(allocators), rebuild, driver, vllm,
+                                                         vllm_only)))
 
 
 def _register() -> None:

@@ -21,3 +21,9 @@ class UsageError(HarnessError):
 
 class RunnerError(HarnessError, RuntimeError):
     """A runner (local or docker, of probes or servers) cannot go on: no daemon, daemon gone, image missing."""
+
+
+class Interrupted(HarnessError):
+    """Ctrl-C or SIGTERM ended the command after its clean-up; the message says what was kept."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from conftest import kill_left_behind, wait_for
 
+from harness.errors import UsageError
 from harness.serve import engines, metrics, phases
 from harness.serve.client import (
     RequestError,
@@ -96,11 +97,13 @@ def test_config_validation() -> None:
 
 
 def test_unusable_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
-    out = run_serve(ServeConfig(model="synthetic:nope", out=str(tmp_path / "r")), log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "unknown synthetic model" in (out.error or "")
-    out = run_serve(ServeConfig(vllm_python=str(tmp_path / "none/python"), out=str(tmp_path / "r2")),
-                    log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "setup-vllm.sh" in (out.error or "")
+    with pytest.raises(UsageError, match="unknown synthetic model") as err:
+        run_serve(ServeConfig(model="synthetic:nope", out=str(tmp_path / "r")), log=lambda m: None)
+    assert err.value.exit_code == EXIT_USAGE
+    with pytest.raises(UsageError, match="setup-vllm.sh"):
+        run_serve(ServeConfig(vllm_python=str(tmp_path / "none/python"), out=str(tmp_path / "r2")),
+                  log=lambda m: None)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
 
 
 def test_port_in_use_is_refused_before_start(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_port_in_use_is_refused_before_start(tmp_path: Path) -> None:
         logs: list[str] = []
         out = run_serve(cfg, log=logs.append)
     assert out.exit_code == EXIT_FAULT
-    assert "already in use" in (out.error or "") and any("already in use" in m for m in logs)
+    assert "already in use" in (out.error or "") and "already in use" in str(out.failure())
     report = (tmp_path / "r/serve/first_token_latency.md").read_text()
     assert "already in use" in report
     assert out.startups[0]["status"] == "failed" and out.startups[0].get("pid") is None

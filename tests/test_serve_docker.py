@@ -24,10 +24,11 @@ from conftest import wait_for
 
 from harness.containers import vllm_image
 from harness.containers.engine import docker_available
+from harness.errors import UsageError
 from harness.serve import docker_setup
 from harness.serve.config import ServeConfig
 from harness.serve.docker_server import LABEL_FILTER
-from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_serve
+from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, run_serve
 from harness.serve.server import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.vllm]
@@ -86,21 +87,21 @@ def test_runner_auto_picks_docker_when_the_image_is_there(client) -> None:
 
 
 def test_docker_runner_refuses_what_it_cannot_do(client, tmp_path: Path) -> None:
-    out = run_serve(_config(tmp_path, engine="transformers"), log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "vllm only" in (out.error or "")
-    out = run_serve(_config(tmp_path, server_preload="/etc/hostname"), log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "host library" in (out.error or "")
-    out = run_serve(_config(tmp_path, allocators=("glibc", "jemalloc"), allocator_lib=("jemalloc=/etc/hostname",)),
-                    log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "cannot apply to --runner docker" in (out.error or "")
+    with pytest.raises(UsageError, match="vllm only"):
+        run_serve(_config(tmp_path, engine="transformers"), log=lambda m: None)
+    with pytest.raises(UsageError, match="host library"):
+        run_serve(_config(tmp_path, server_preload="/etc/hostname"), log=lambda m: None)
+    with pytest.raises(UsageError, match="cannot apply to --runner docker"):
+        run_serve(_config(tmp_path, allocators=("glibc", "jemalloc"), allocator_lib=("jemalloc=/etc/hostname",)),
+                  log=lambda m: None)
     assert not _server_containers(client)
 
 
 def test_missing_cuda_image_is_named_not_pulled(client, tmp_path: Path, monkeypatch) -> None:
     """NVIDIA hosts use the official image; where it is missing the fix is named and nothing is pulled."""
     monkeypatch.setattr(vllm_image, "CUDA_IMAGE", "harness-test/no-such-vllm:none")
-    out = run_serve(_config(tmp_path, device="cuda"), log=lambda m: None)
-    assert out.exit_code == EXIT_USAGE and "docker pull harness-test/no-such-vllm:none" in (out.error or "")
+    with pytest.raises(UsageError, match="docker pull harness-test/no-such-vllm:none"):
+        run_serve(_config(tmp_path, device="cuda"), log=lambda m: None)
     runner, why = docker_setup.choose_runner(ServeConfig(runner="auto", device="cuda"))
     assert runner == "local" and "missing" in why and "docker pull" in why
 

@@ -21,6 +21,7 @@ import docker
 from docker.errors import BuildError, ImageNotFound
 
 from harness.containers import wheelhouse
+from harness.errors import HarnessError
 from harness.measure.allocators import KNOWN
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
 Log = Callable[[str], None]
 
 
-class ImageError(RuntimeError):
+class ImageError(HarnessError):
     """An image is missing and cannot be built, or its build failed."""
 
 

@@ -10,6 +10,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harness.errors import UsageError
+
 KNOWN = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
 
 # File names in preference order; Debian/Ubuntu ship jemalloc as .so.2, tcmalloc-minimal as .so.4.
@@ -20,7 +22,7 @@ _CANDIDATE_NAMES = {
 }
 
 
-class AllocatorError(ValueError):
+class AllocatorError(UsageError):
     """An allocator name or library that cannot be used."""
 
 

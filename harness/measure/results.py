@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UsageError
+
 LOCK_FILE = ".lock"
 
 
-class ResultsError(RuntimeError):
+class ResultsError(UsageError):
     """A results directory that cannot be written or resumed."""
 
 

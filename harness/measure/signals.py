@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+from harness.errors import EXIT_INTERRUPTED, EXIT_OK, HarnessError
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -35,16 +37,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-EXIT_INTERRUPTED = 130
-
-
-def exit_code_of(command: Callable[[], int]) -> int:
-    """Runs a command with SIGTERM handled as Ctrl-C, for a click command to exit with. An interrupt that
-    its own clean-up let through (a second Ctrl-C at an unlucky moment) still ends in one line and exit
+def exit_code_of(command: Callable[[], int | None]) -> int:
+    """Runs a command with SIGTERM handled as Ctrl-C, for a click command to exit with: the one place where
+    an error becomes its line, `error: <message>`, and its exit code (HarnessError.exit_code). An interrupt
+    that its own clean-up let through (a second Ctrl-C at an unlucky moment) still ends in one line and exit
     code 130, never a traceback; once the command is over, further signals are ignored until the exit."""
     with sigterm_as_interrupt():
         try:
-            code = command()
+            code = command() or EXIT_OK
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            code = exc.exit_code
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C / SIGTERM)", file=sys.stderr, flush=True)
             code = EXIT_INTERRUPTED

@@ -38,8 +38,10 @@ from typing import Any
 
 import httpx
 
+from harness.errors import HarnessError
 
-class RequestError(RuntimeError):
+
+class RequestError(HarnessError):
     """A request that did not produce a measurement; `kind` says why."""
 
     def __init__(self, message: str, kind: str, status: int | None = None) -> None:

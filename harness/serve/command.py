@@ -18,7 +18,7 @@ from harness.serve.config import (
     default_vllm_python,
     parse_gaps,
 )
-from harness.serve.run import EXIT_USAGE, run_serve
+from harness.serve.run import run_serve
 
 
 def config_from_options(**kw: Any) -> ServeConfig:
@@ -119,12 +119,14 @@ def serve(**kw: Any) -> None:
         kw["engine"] = "custom"
     if kw.get("vllm_python") is None:
         kw.pop("vllm_python")
-    try:
-        config = config_from_options(**kw)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    sys.exit(exit_code_of(lambda: run_serve(config).exit_code))
+    sys.exit(exit_code_of(lambda: run_outcome(config_from_options(**kw))))
+
+
+def run_outcome(config: ServeConfig) -> None:
+    """Runs serve; raises the error it ended with (exit_code_of prints its line)."""
+    failure = run_serve(config).failure()
+    if failure is not None:
+        raise failure
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from harness.errors import UsageError
 from harness.measure.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ STOP_METRICS = {"warm_tpot": "warm_tpot_s", "warm_ttft": "warm_ttft_s", "warm_e2
 DEFAULT_STOP_METRIC = "warm_tpot"  # the decode step: what alloc's default (ITL p25) is for a bare generate
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """Options that cannot work together."""
 
 

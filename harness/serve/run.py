@@ -23,9 +23,10 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
+from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
 from harness.measure import environment
 from harness.measure.allocators import Allocator
-from harness.measure.results import ResultsDir, ResultsError
+from harness.measure.results import ResultsDir
 from harness.measure.signals import Shielded
 from harness.measure.stopping import StopRule
 from harness.serve import allocation, comparison, engines, metrics, report, startup, timeline
@@ -53,16 +54,29 @@ if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is u
 REQUESTS_FILE, STARTUP_FILE, CONFIG_FILE = report.REQUESTS_FILE, report.STARTUP_FILE, report.CONFIG_FILE
 REQUEST_SCHEMA = report.REQUEST_SCHEMA
 
-EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_FAULT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "ServeOutcome", "run_serve"]
 
 
 @dataclass
 class ServeOutcome:
+    """How a serve run that measured ended: its exit code, the fault that ended it (None when it ran to its
+    end), the report, and what was measured."""
+
     exit_code: int
     error: str | None = None
     report: Path | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     startups: list[dict[str, Any]] = field(default_factory=list)
+
+    def failure(self) -> HarnessError | None:
+        """The error the command ends with (its line and exit code), or None when everything was measured."""
+        if self.exit_code == EXIT_OK:
+            return None
+        if self.exit_code == EXIT_INTERRUPTED:
+            return Interrupted(self.error or "interrupted (Ctrl-C / SIGTERM)")
+        failed = [s for s in self.startups if s.get("status") != "ok"]
+        return HarnessError(self.error or f"{len(failed)} of {len(self.startups)} servers failed and were not "
+                                          "counted (listed above)")
 
 
 def _now_iso() -> str:
@@ -235,8 +249,8 @@ class _Session:
                 rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
             rec.update(status="ok", failure=None)
         except ServerError as exc:
-            rec.update(status="failed", failure=str(exc), exit_code=exc.exit_code,
-                       exit=describe_exit(exc.exit_code) if exc.exit_code is not None else None,
+            rec.update(status="failed", failure=str(exc), exit_code=exc.server_exit_code,
+                       exit=describe_exit(exc.server_exit_code) if exc.server_exit_code is not None else None,
                        log_tail=exc.log_tail, fault=type(exc).__name__)
             raise
         except RequestError as exc:
@@ -409,23 +423,21 @@ def _docker_setup(config: ServeConfig):
 
 
 def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> ServeOutcome:
-    """Runs the serve experiment. exit_code 0: all measured; 1: a fault (partial results kept);
-    2: unusable options (nothing started); 130: interrupted."""
+    """Runs the serve experiment. Raises UsageError (ConfigError, ResultsError) for unusable options, before
+    anything is started, and Interrupted when Ctrl-C / SIGTERM stops the preparation. Once servers run, every
+    fault is measured data: exit_code 0: all measured; 1: a fault (partial results kept, the report says
+    which); 130: interrupted. `ServeOutcome.failure()` is the error the command then ends with."""
     requested = config.runner
-    try:
-        config.validate()
-        docker_setup = _docker_setup(config)
-        runner, why = docker_setup.choose_runner(config) if docker_setup else ("local", _NO_DOCKER_SDK)
-        if requested == "auto" and not config.attach:
-            log(f"runner auto: {runner} ({why})")
-        config = dataclasses.replace(config, runner=runner)
-        spec = None if config.attach else engines.build(config, runner)
-        arms = config.arms(check_files=True) if config.allocators and runner == "local" else []
-        results = ResultsDir(config.out)
-        results.lock()  # another command writing the same directory would mix two runs' results
-    except (ConfigError, ResultsError) as exc:
-        log(f"error: {exc}")
-        return ServeOutcome(EXIT_USAGE, str(exc))
+    config.validate()
+    docker_setup = _docker_setup(config)
+    runner, why = docker_setup.choose_runner(config) if docker_setup else ("local", _NO_DOCKER_SDK)
+    if requested == "auto" and not config.attach:
+        log(f"runner auto: {runner} ({why})")
+    config = dataclasses.replace(config, runner=runner)
+    spec = None if config.attach else engines.build(config, runner)
+    arms = config.arms(check_files=True) if config.allocators and runner == "local" else []
+    results = ResultsDir(config.out)
+    results.lock()  # another command writing the same directory would mix two runs' results
     try:
         return _prepare_and_run(config, results, spec, docker_setup, log,
                                 {"runner_requested": requested, "runner_reason": why}, arms)
@@ -436,22 +448,18 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
 def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None, docker_setup: Any,
                      log: Callable[[str], None], runner_info: dict[str, str], arms: list[Allocator]) -> ServeOutcome:
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
-        msg = f"{results.root / 'serve'} already holds serve results: choose another --out"
-        log(f"error: {msg}")
-        return ServeOutcome(EXIT_USAGE, msg)
+        raise UsageError(f"{results.root / 'serve'} already holds serve results: choose another --out")
     docker_ctx = None
     try:
         docker_ctx = docker_setup.prepare(config, log) if docker_setup and config.runner == "docker" else None
         if docker_ctx is not None and config.allocators:
             arms = docker_ctx.arms(config)
-    except ConfigError as exc:
+    except ConfigError:
         if docker_ctx is not None:
             docker_ctx.close()
-        log(f"error: {exc}")
-        return ServeOutcome(EXIT_USAGE, str(exc))
+        raise
     except KeyboardInterrupt:
-        log("interrupted while preparing the vLLM image: nothing was started")
-        return ServeOutcome(EXIT_INTERRUPTED, "interrupted")
+        raise Interrupted("interrupted while preparing the vLLM image: nothing was started") from None
     info: dict[str, Any] = dict(runner_info)
     if arms:
         info["allocator_arms"] = [arm.to_dict() for arm in arms]
@@ -502,7 +510,6 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         error, code = "interrupted (Ctrl-C / SIGTERM) while the report was written", EXIT_INTERRUPTED
     failed = [s for s in session.startups if s.get("status") != "ok"]
     if error:
-        log(f"error: {error}")
         code = code or EXIT_FAULT
     elif failed and arms:  # a comparison goes on past a failed server; the command still says so
         for reason in sorted({s.get("failure") or "unknown" for s in failed}):

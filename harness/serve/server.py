@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import psutil
 
+from harness.errors import HarnessError
 from harness.measure.signals import Shielded
 
 ALLOCATOR_LIB = re.compile(r"/\S*lib(tcmalloc|jemalloc|mimalloc|iomp5|gomp)[^/\s]*\.so[.\d]*")
@@ -32,12 +33,13 @@ LOWER_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|WARN)\b")
 KILL_NOW = "killing the server now (SIGKILL)"
 
 
-class ServerError(RuntimeError):
-    """The server could not be started or stopped serving; `detail` goes into the report."""
+class ServerError(HarnessError):
+    """The server could not be started or stopped serving; `server_exit_code` (the server's own, not the
+    command's) and `log_tail` go into the report."""
 
-    def __init__(self, message: str, exit_code: int | None = None, log_tail: list[str] | None = None) -> None:
+    def __init__(self, message: str, server_exit_code: int | None = None, log_tail: list[str] | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.server_exit_code = server_exit_code
         self.log_tail = log_tail or []
 
 

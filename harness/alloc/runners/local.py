@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
+from harness.errors import UsageError
 from harness.measure.allocators import Allocator, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -121,7 +122,7 @@ class LocalRunner:
         self.abort()
 
 
-class PlacementError(ValueError):
+class PlacementError(UsageError):
     """The host cannot be split for the paired design."""
 
 
