@@ -436,7 +436,7 @@ def test_a_directory_in_use_is_refused_with_one_line(tmp_path):
 
 def test_default_out_directories_never_collide():
     """Two commands started in the same second get two directories."""
-    from harness.cli import default_out
+    from harness.measure.options import default_out
 
     first, second = default_out(), default_out()
     try:
