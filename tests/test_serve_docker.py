@@ -25,10 +25,9 @@ from conftest import wait_for
 from harness.containers import vllm_image
 from harness.containers.engine import docker_available
 from harness.errors import UsageError
-from harness.serve import docker_setup
 from harness.serve.config import ServeConfig
 from harness.serve.docker_server import LABEL_FILTER
-from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, run_serve
+from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, choose_runner, run_serve
 from harness.serve.server import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.vllm]
@@ -79,10 +78,10 @@ def _server_containers(client: docker.DockerClient) -> list:  # type: ignore[typ
 
 
 def test_runner_auto_picks_docker_when_the_image_is_there(client) -> None:
-    runner, why = docker_setup.choose_runner(ServeConfig(runner="auto", device="cpu"))
-    assert runner == "docker" and vllm_image.CPU_TAG in why
-    runner, why = docker_setup.choose_runner(ServeConfig(runner="auto", engine="transformers"))
-    assert runner == "local" and "vLLM only" in why
+    choice = choose_runner(ServeConfig(runner="auto", device="cpu"))
+    assert choice.kind == "docker" and vllm_image.CPU_TAG in choice.why
+    choice = choose_runner(ServeConfig(runner="auto", engine="transformers"))
+    assert choice.kind == "local" and "vllm only" in choice.why
     assert vllm_image.status(client, "cpu")[0] == "ok"
 
 
@@ -102,8 +101,8 @@ def test_missing_cuda_image_is_named_not_pulled(client, tmp_path: Path, monkeypa
     monkeypatch.setattr(vllm_image, "CUDA_IMAGE", "harness-test/no-such-vllm:none")
     with pytest.raises(UsageError, match="docker pull harness-test/no-such-vllm:none"):
         run_serve(_config(tmp_path, device="cuda"), log=lambda m: None)
-    runner, why = docker_setup.choose_runner(ServeConfig(runner="auto", device="cuda"))
-    assert runner == "local" and "missing" in why and "docker pull" in why
+    choice = choose_runner(ServeConfig(runner="auto", device="cuda"))
+    assert choice.kind == "local" and "missing" in choice.why and "docker pull" in choice.why
 
 
 def test_full_docker_run(client, tmp_path: Path) -> None:

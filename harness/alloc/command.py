@@ -17,9 +17,10 @@ from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
 from harness.alloc.stopping import AllocStopper
+from harness.containers.runner_choice import DEFAULT_RUNNER, RUNNERS, RunnerChoice, choose_runner
 from harness.errors import HarnessError, Interrupted, RunnerError, UsageError
 from harness.measure import environment, stopping
-from harness.measure.allocators import parse_allocator_envs, parse_allocator_libs, resolve
+from harness.measure.allocators import KNOWN, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.measure.options import csv_list, default_out
 from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
@@ -72,51 +73,39 @@ def validate_model(model: str) -> str:
 
 
 def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[str, str] | None = None):
-    """The runner named by --runner; `auto` prefers docker when an engine and the images are usable."""
-    from harness.measure.allocators import KNOWN
-
-    if kind == "local":
-        from harness.alloc.runners.local import LocalRunner
-
-        return LocalRunner()
-    custom = [n for n in allocator_names if n not in KNOWN]
-    if kind == "auto" and (custom or libs):
-        from harness.alloc.runners.local import LocalRunner
-
-        why = (f"no probe image has {', '.join(custom)}" if custom
-               else "--allocator-lib names libraries of this host")
-        console.print(f"[yellow]runner auto: local ({why})[/]")
-        return LocalRunner()
-    try:
-        from harness.alloc.runners import docker as docker_runner
-        from harness.containers import engine
-    except ImportError as exc:
-        if kind == "docker":
-            raise UsageError(f"the docker runner is unavailable: {exc}") from None
-        console.print(f"[yellow]runner auto: local (docker runner unavailable: {exc})[/]")
-        from harness.alloc.runners.local import LocalRunner
-
-        return LocalRunner()
-    ok, why = engine.docker_available(device, allocator_names)
-    if kind == "docker":
-        if not ok:
-            raise UsageError(f"--runner docker: {why}")
-        return docker_runner.make_docker_runner(device, allocator_names)
-    if ok:
-        try:
-            runner = docker_runner.make_docker_runner(device, allocator_names)
-            console.print(f"runner auto: docker ({why})")
-            return runner
-        except RunnerError as exc:
-            why = str(exc)
+    """The probe runner for `--runner kind`: containers.runner_choice decides, and `auto` says which and why."""
     from harness.alloc.runners.local import LocalRunner
 
-    console.print(f"[yellow]runner auto: local ({why})[/]")
+    custom = [n for n in allocator_names if n not in KNOWN]
+    local_only = (f"no probe image has {', '.join(custom)}" if custom
+                  else "--allocator-lib names libraries of this host" if libs and kind == "auto" else None)
+
+    def docker_usable() -> tuple[bool, str]:
+        from harness.containers import engine
+
+        return engine.docker_available(device, allocator_names)
+
+    choice = choose_runner(kind, docker_usable, local_only)
+    if choice.kind == "docker":
+        from harness.alloc.runners import docker as docker_runner
+
+        try:
+            runner = docker_runner.make_docker_runner(device, allocator_names)
+        except RunnerError as exc:
+            if kind == "docker":
+                raise
+            choice = RunnerChoice("local", str(exc))
+        else:
+            if kind == "auto":
+                console.print(choice.line())
+            return runner
+    if kind == "auto":
+        console.print(f"[yellow]{choice.line()}[/]")
     return LocalRunner()
 
 
 @click.command("alloc")
-@click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
+@click.option("--runner", "runner_kind", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER,
               show_default=True, help="Where each probe runs: a fresh process or a fresh container.")
 @click.option("--model", default=None, help="synthetic:tiny | synthetic:phi3-mini | hub id | local directory "
               "[default: synthetic:tiny on CPU, Phi-3-mini (real if cached, else synthetic) on CUDA]")

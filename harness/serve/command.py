@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from harness.containers.runner_choice import DEFAULT_RUNNER, RUNNERS
 from harness.measure.signals import exit_code_of
 from harness.measure.stopping import parse_duration
 from harness.serve.config import (
@@ -42,7 +43,7 @@ def config_from_options(**kw: Any) -> ServeConfig:
 @click.command("serve")
 @click.option("--engine", type=click.Choice(["vllm", "transformers", "custom"]), default="vllm",
               show_default=True)
-@click.option("--runner", type=click.Choice(["local", "docker", "auto"]), default="local", show_default=True,
+@click.option("--runner", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER, show_default=True,
               help="local: a process group here; docker: a container of harness-vllm:cpu (CPU) or "
                    "vllm/vllm-openai (NVIDIA), vLLM only; auto: docker when the engine answers and the image "
                    "is there or can be built, else local (it says which and why).")

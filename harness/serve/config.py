@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from harness.containers.runner_choice import DEFAULT_RUNNER, RUNNERS
 from harness.errors import UsageError
 from harness.measure.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
-RUNNERS = ("local", "docker", "auto")
 REQUEST_MODES = ("stream", "plain")
 COMPILE_CACHES = ("fresh", "shared")
 DEFAULT_VLLM_PYTHON = str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
@@ -39,7 +39,7 @@ class ServeConfig:
     model: str = "synthetic:tiny"
     out: str = "results/serve-run"
     engine: str = "vllm"
-    runner: str = "local"
+    runner: str = DEFAULT_RUNNER
     url: str | None = None  # attach to a running server: no start-up figures
     server_cmd: str | None = None  # engine "custom": {host} {port} {model} {model_dir} are filled in
     host: str = "127.0.0.1"

@@ -40,41 +40,30 @@ def detect_variant(device: str) -> str:
         return "cpu"
 
 
-def choose_runner(config: ServeConfig) -> tuple[str, str]:
-    """('local' | 'docker', why). Raises ConfigError when --runner docker cannot work here."""
-    if config.attach:
-        return "local", "attached to a running server (--url): nothing is started"
-    if config.runner == "local":
-        return "local", "--runner local"
-    if config.engine != "vllm":
-        if config.runner == "docker":
-            raise ConfigError(f"--runner docker serves --engine vllm only, not {config.engine!r}")
-        return "local", f"the docker runner serves vLLM only (engine {config.engine})"
+def docker_usable(config: ServeConfig) -> tuple[bool, str]:
+    """For containers.runner_choice: can a vLLM server container run here, and why (not). With --runner
+    docker an image that is missing or stale still counts: prepare() builds it, or names the fix."""
     try:
         client = connect(timeout=10)
     except RunnerError as exc:
-        if config.runner == "docker":
-            raise ConfigError(str(exc)) from exc
-        return "local", str(exc)
+        return False, str(exc)
     variant = detect_variant(config.device)
     try:
         state, detail = vllm_image.status(client, variant)
         version = client.version().get("Version", "?")
     except DockerErrors as exc:
-        if config.runner == "docker":
-            raise ConfigError(f"Docker daemon error: {exc}") from exc
-        return "local", f"Docker daemon error: {exc}"
+        return False, f"Docker daemon error: {exc}"
     finally:
         client.close()
     image = vllm_image.CUDA_IMAGE if variant == "cuda" else vllm_image.CPU_TAG
     if state == "ok":
-        return "docker", f"Docker {version} answers and the vLLM image {image} is present"
+        return True, f"Docker {version} answers and the vLLM image {image} is present"
     if config.runner == "docker":
-        return "docker", f"--runner docker; the vLLM image {image} is {state} ({detail})"
+        return True, f"the vLLM image {image} is {state} ({detail})"
     if variant == "cpu" and can_build_cpu_base():
-        return "docker", f"Docker {version} answers; the vLLM image {image} is {state} and will be built " \
-                         "(several minutes, once)"
-    return "local", f"Docker {version} answers but the vLLM image {image} is {state} ({detail})"
+        return True, f"Docker {version} answers; the vLLM image {image} is {state} and will be built " \
+                     "(several minutes, once)"
+    return False, f"Docker {version} answers but the vLLM image {image} is {state} ({detail})"
 
 
 @dataclass

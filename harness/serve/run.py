@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
+from harness.containers import runner_choice
+from harness.containers.runner_choice import RunnerChoice
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
 from harness.measure import environment
 from harness.measure.allocators import Allocator
@@ -408,18 +410,20 @@ def _request_line(r: dict[str, Any]) -> str:
     return f"  {name:<10} wall {r['wall_s'] * 1e3:8.1f} ms  tokens {r.get('completion_tokens')}"
 
 
-_NO_DOCKER_SDK = "the Docker SDK for Python (pip package 'docker') is not importable"
+def choose_runner(config: ServeConfig) -> RunnerChoice:
+    """The server runner for config.runner (containers.runner_choice decides, as for alloc's probes)."""
+    host_libraries = config.runner == "auto" and (config.allocator_lib or config.server_preload)
+    local_only = ("attached to a running server (--url): nothing is started" if config.attach
+                  else f"the docker runner serves --engine vllm only, not {config.engine}" if config.engine != "vllm"
+                  else "--allocator-lib or --server-preload names libraries of this host" if host_libraries
+                  else None)
 
-
-def _docker_setup(config: ServeConfig):
-    """The docker_setup module, or None where the Docker SDK is missing and the local runner can serve."""
-    try:
+    def docker_usable() -> tuple[bool, str]:
         from harness.serve import docker_setup
-    except ImportError as exc:
-        if config.runner == "docker" and not config.attach:
-            raise ConfigError(f"--runner docker: {_NO_DOCKER_SDK} ({exc})") from None
-        return None
-    return docker_setup
+
+        return docker_setup.docker_usable(config)
+
+    return runner_choice.choose_runner(config.runner, docker_usable, local_only)
 
 
 def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> ServeOutcome:
@@ -429,29 +433,31 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     which); 130: interrupted. `ServeOutcome.failure()` is the error the command then ends with."""
     requested = config.runner
     config.validate()
-    docker_setup = _docker_setup(config)
-    runner, why = docker_setup.choose_runner(config) if docker_setup else ("local", _NO_DOCKER_SDK)
+    choice = choose_runner(config)
     if requested == "auto" and not config.attach:
-        log(f"runner auto: {runner} ({why})")
-    config = dataclasses.replace(config, runner=runner)
-    spec = None if config.attach else engines.build(config, runner)
-    arms = config.arms(check_files=True) if config.allocators and runner == "local" else []
+        log(choice.line())
+    config = dataclasses.replace(config, runner=choice.kind)
+    spec = None if config.attach else engines.build(config, choice.kind)
+    arms = config.arms(check_files=True) if config.allocators and choice.kind == "local" else []
     results = ResultsDir(config.out)
     results.lock()  # another command writing the same directory would mix two runs' results
     try:
-        return _prepare_and_run(config, results, spec, docker_setup, log,
-                                {"runner_requested": requested, "runner_reason": why}, arms)
+        return _prepare_and_run(config, results, spec, log,
+                                {"runner_requested": requested, "runner_reason": choice.why}, arms)
     finally:
         results.unlock()
 
 
-def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None, docker_setup: Any,
+def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
                      log: Callable[[str], None], runner_info: dict[str, str], arms: list[Allocator]) -> ServeOutcome:
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         raise UsageError(f"{results.root / 'serve'} already holds serve results: choose another --out")
     docker_ctx = None
     try:
-        docker_ctx = docker_setup.prepare(config, log) if docker_setup and config.runner == "docker" else None
+        if config.runner == "docker":
+            from harness.serve import docker_setup
+
+            docker_ctx = docker_setup.prepare(config, log)
         if docker_ctx is not None and config.allocators:
             arms = docker_ctx.arms(config)
     except ConfigError:
