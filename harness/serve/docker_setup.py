@@ -16,8 +16,9 @@ from harness.containers.engine import can_build_cpu_base, connect
 from harness.errors import RunnerError
 from harness.measure.allocators import Allocator, parse_allocator_envs, parse_allocator_libs
 from harness.serve.config import ConfigError, ServeConfig
-from harness.serve.docker_server import ContainerSpec, DockerErrors, remove_exited_leftovers
+from harness.serve.docker_server import ContainerSpec, DockerErrors, DockerServer, remove_exited_leftovers
 from harness.serve.engines import ServerSpec, container_model_path
+from harness.serve.sampler import MemorySampler
 
 SHARED_COMPILE_CACHE = Path.home() / ".cache" / "harness" / "vllm-docker"
 
@@ -69,11 +70,12 @@ def docker_usable(config: ServeConfig) -> tuple[bool, str]:
 @dataclass
 class DockerContext:
     """The engine client and the server image (and, with --allocators, one image per allocator), for the
-    whole serve run."""
+    whole serve run: the docker ServerRunner (each server a fresh container)."""
 
     client: docker.DockerClient
     image: vllm_image.VllmImage
     variant: str
+    config: ServeConfig
     arm_images: dict[str, vllm_image.VllmImage] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -104,6 +106,31 @@ class DockerContext:
                                   f"{image.tag} preloads {image.library}")
         return [Allocator(name, self.arm_images[name].library, envs.get(name, {})) for name in config.allocators]
 
+    # --- the docker ServerRunner (harness.serve.runners) ------------------------------------------
+    name = "docker"
+    host_pids_in_log = False  # a container's processes log the PIDs of its own namespace
+    has_container = True
+
+    def server(self, k: int, spec: ServerSpec, arm: Allocator | None, log_path: Path) -> DockerServer:
+        """A new container: its compile caches are empty whatever --compile-cache says."""
+        return DockerServer(self.client, container_spec(self.config, spec, self, self.image_for(arm)),
+                            self.config.host, self.config.port, log_path)
+
+    def where(self, arm: Allocator | None) -> str:
+        return f" in a container of {self.image_for(arm).tag}"
+
+    def started(self, server: DockerServer, record: dict[str, Any], sampler: MemorySampler) -> None:
+        record["container_name"] = server.name
+        sampler.set_container(server.monitor)  # container memory instead of the tree's RSS
+
+    def finished(self, server: DockerServer, record: dict[str, Any], sampler: MemorySampler) -> bool:
+        sampler.set_container(None)
+        record["container"] = server.describe()
+        return True
+
+    def environment(self, log: Any) -> dict[str, Any]:
+        return {"docker": self.describe()}
+
     def close(self) -> None:
         self.client.close()
 
@@ -130,7 +157,7 @@ def prepare(config: ServeConfig, log: Any) -> DockerContext:
     except DockerErrors as exc:
         client.close()
         raise ConfigError(f"Docker daemon error: {exc}") from exc
-    return DockerContext(client, image, variant, arm_images)
+    return DockerContext(client, image, variant, config, arm_images)
 
 
 def _hf_cache_mount() -> tuple[list[Mount], dict[str, str]]:

@@ -10,14 +10,12 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -34,10 +32,10 @@ from harness.measure.stopping import StopRule
 from harness.serve import allocation, comparison, engines, metrics, report, startup, timeline
 from harness.serve.allocation import AllocatorMismatchError
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
-from harness.serve.config import ConfigError, ServeConfig
+from harness.serve.config import ServeConfig
+from harness.serve.runners import LocalServers, Server, ServerRunner
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import (
-    LocalServer,
     ServerDiedError,
     ServerError,
     WrongModelError,
@@ -48,10 +46,6 @@ from harness.serve.server import (
     process_facts,
 )
 from harness.serve.stacks import StackSampler
-
-if TYPE_CHECKING:  # the Docker SDK is imported only when the docker runner is used
-    from harness.serve.docker_server import DockerServer
-    from harness.serve.docker_setup import DockerContext
 
 REQUESTS_FILE, STARTUP_FILE, CONFIG_FILE = report.REQUESTS_FILE, report.STARTUP_FILE, report.CONFIG_FILE
 REQUEST_SCHEMA = report.REQUEST_SCHEMA
@@ -108,13 +102,13 @@ class _Session:
     """State of one run_serve call."""
 
     def __init__(self, config: ServeConfig, results: ResultsDir, log: Callable[[str], None],
-                 docker_ctx: DockerContext | None = None) -> None:
+                 runner: ServerRunner) -> None:
         self.config = config
-        self.docker = docker_ctx
+        self.runner = runner
         self.results = results
         self.log = log
         self.sampler = MemorySampler(hz=config.sample_hz, enabled=config.sampler)
-        self.sampler.has_container = docker_ctx is not None  # container memory, not a process tree's RSS
+        self.sampler.has_container = runner.has_container  # container memory, not a process tree's RSS
         self.requests: list[dict[str, Any]] = []
         self.startups: list[dict[str, Any]] = []
         self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
@@ -187,24 +181,7 @@ class _Session:
         """One fresh server: start, ready, (its allocator checked,) the request sequence, stop. Appends its
         start-up record whatever happens; raises ServerError / RequestError after recording a fault."""
         cfg = self.config
-        log_path = self.results.path(f"serve/server-{k}.log")
-        env = dict(spec.env)
-        cache_dir = None
-        if cfg.engine == "vllm" and cfg.compile_cache == "fresh" and self.docker is None:
-            # A new node: neither vLLM's torch.compile cache nor Triton's kernel cache (kept apart) is warm.
-            cache_dir = tempfile.mkdtemp(prefix=f"harness-vllm-cache-s{k}-")
-            env["VLLM_CACHE_ROOT"] = cache_dir
-            env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
-        server: LocalServer | DockerServer
-        if self.docker is not None:  # a new container starts with an empty compile cache anyway
-            from harness.serve.docker_server import DockerServer
-            from harness.serve.docker_setup import container_spec
-
-            server = DockerServer(self.docker.client,
-                                  container_spec(cfg, spec, self.docker, self.docker.image_for(arm)),
-                                  cfg.host, cfg.port, log_path)
-        else:
-            server = LocalServer(spec.argv, env, cfg.host, cfg.port, log_path)
+        server = self.runner.server(k, spec, arm, self.results.path(f"serve/server-{k}.log"))
         rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
                                "runner": cfg.runner, "argv": spec.argv, "started_at": _now_iso(),
                                "log": f"serve/server-{k}.log", "allocator": arm.name if arm else None}
@@ -215,17 +192,12 @@ class _Session:
         t_spawn: float | None = None
         profiler: StackSampler | None = None
         try:
-            where = f" in a container of {self.docker.image_for(arm).tag}" if self.docker else ""
             under = f" under {arm.name}" if arm is not None else ""
-            self.log(f"server {k}: starting {cfg.engine}{under}{where} on {cfg.host}:{cfg.port}")
+            self.log(f"server {k}: starting {cfg.engine}{under}{self.runner.where(arm)} on {cfg.host}:{cfg.port}")
             t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
             server.start()
             rec["pid"] = server.pid
-            if self.docker is not None:
-                rec["container_name"] = server.name
-                self.sampler.set_container(server.monitor)  # container memory instead of the tree's RSS
-            else:
-                self.sampler.set_root(server.pid)
+            self.runner.started(server, rec, self.sampler)
             if cfg.profile_startup and server.pid:
                 profiler = StackSampler(server.pid, server.t_spawn, self.results.path(startup.stacks_file(k)),
                                         hz=cfg.stack_hz).start()
@@ -264,19 +236,13 @@ class _Session:
             server.stop(log=self.log)
             if t_spawn is not None:
                 rec["memory_peaks"] = timeline.peaks(self.sampler.rows, t_spawn, t_stop)
-            if cache_dir:
-                shutil.rmtree(cache_dir, ignore_errors=True)
-            self.sampler.set_root(None)
-            self.sampler.set_container(None)
-            if self.docker is not None:
-                rec["container"] = server.describe()
+            new_caches = self.runner.finished(server, rec, self.sampler)  # started with empty compile caches
             rec.setdefault("exit_code", server.exit_code)
             rec["stopped_exit"] = describe_exit(server.exit_code)
             samples = startup.stacks.load(self.results.root / startup.stacks_file(k)) if profiler else []
             analysis = startup.analyse(server.lines, ready.health_s if ready else server.since_spawn(), samples,
                                        profiler.reason if profiler else "not asked for (--profile-startup)")
             vllm_cache = cfg.compile_cache if cfg.engine == "vllm" else None
-            new_caches = cache_dir is not None or self.docker is not None  # a new container has empty caches
             rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
                                                 "triton": ("fresh" if new_caches else "shared") if vllm_cache
                                                 else None})
@@ -285,12 +251,12 @@ class _Session:
         if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
             raise KeyboardInterrupt
 
-    def _check_allocator(self, k: int, arm: Allocator, server: LocalServer | DockerServer, pids: list[int],
+    def _check_allocator(self, k: int, arm: Allocator, server: Server, pids: list[int],
                          rec: dict[str, Any]) -> None:
         """Raises AllocatorMismatchError (the server is then stopped, recorded failed and never counted)
         unless every serving process of the tree runs under `arm`."""
         check = allocation.check_server(arm, pids, server.pid, server.lines, self.config.engine,
-                                        host_pids_in_log=self.docker is None)
+                                        host_pids_in_log=self.runner.host_pids_in_log)
         rec["allocator_check"] = check
         if not check["verified"]:
             raise AllocatorMismatchError(check["reason"])
@@ -438,59 +404,56 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
         log(choice.line())
     config = dataclasses.replace(config, runner=choice.kind)
     spec = None if config.attach else engines.build(config, choice.kind)
-    arms = config.arms(check_files=True) if config.allocators and choice.kind == "local" else []
     results = ResultsDir(config.out)
     results.lock()  # another command writing the same directory would mix two runs' results
     try:
         return _prepare_and_run(config, results, spec, log,
-                                {"runner_requested": requested, "runner_reason": choice.why}, arms)
+                                {"runner_requested": requested, "runner_reason": choice.why})
     finally:
         results.unlock()
 
 
 def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
-                     log: Callable[[str], None], runner_info: dict[str, str], arms: list[Allocator]) -> ServeOutcome:
+                     log: Callable[[str], None], runner_info: dict[str, str]) -> ServeOutcome:
     if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
         raise UsageError(f"{results.root / 'serve'} already holds serve results: choose another --out")
-    docker_ctx = None
     try:
-        if config.runner == "docker":
-            from harness.serve import docker_setup
-
-            docker_ctx = docker_setup.prepare(config, log)
-        if docker_ctx is not None and config.allocators:
-            arms = docker_ctx.arms(config)
-    except ConfigError:
-        if docker_ctx is not None:
-            docker_ctx.close()
-        raise
+        runner = _server_runner(config, log)
     except KeyboardInterrupt:
         raise Interrupted("interrupted while preparing the vLLM image: nothing was started") from None
+    try:
+        arms = runner.arms(config) if config.allocators else []  # the library each arm's servers preload
+    except HarnessError:
+        runner.close()
+        raise
     info: dict[str, Any] = dict(runner_info)
     if arms:
         info["allocator_arms"] = [arm.to_dict() for arm in arms]
     try:
-        return _run(config, results, spec, docker_ctx, log, info, arms)
+        return _run(config, results, spec, runner, log, info, arms)
     finally:
-        if docker_ctx is not None:
-            docker_ctx.close()
+        runner.close()
+
+
+def _server_runner(config: ServeConfig, log: Callable[[str], None]) -> ServerRunner:
+    """The runner config.runner names (auto is decided by now); the docker one connects, clears stopped
+    leftovers and builds or pulls the image first."""
+    if config.runner != "docker":
+        return LocalServers(config)
+    from harness.serve import docker_setup
+
+    return docker_setup.prepare(config, log)
 
 
 def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
-         docker_ctx: DockerContext | None, log: Callable[[str], None],
+         runner: ServerRunner, log: Callable[[str], None],
          runner_info: dict[str, Any], arms: list[Allocator]) -> ServeOutcome:
     results.write_json(CONFIG_FILE, {**config.to_dict(), **runner_info})
     extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner,
                              **{k: v for k, v in runner_info.items() if k != "allocator_arms"}}
-    if docker_ctx is not None:
-        extra["docker"] = docker_ctx.describe()
-    else:
-        extra["vllm_python"] = config.vllm_python
-        if config.engine == "vllm" and not config.attach:
-            extra["server_vllm"] = engines.vllm_build(config.vllm_python)
-            log(f"server: {engines.describe_build(extra['server_vllm'])}")
+    extra.update(runner.environment(log))
     results.write_json("serve/environment.json", environment.collect(extra))
-    session = _Session(config, results, log, docker_ctx)
+    session = _Session(config, results, log, runner)
     error = None
     code = EXIT_OK
     session.sampler.start()
