@@ -6,6 +6,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -14,10 +15,12 @@ from harness.alloc import command as alloc_command
 from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
 from harness.errors import HarnessError, Interrupted, UsageError
+from harness.measure import options
 from harness.measure.allocators import KNOWN
 from harness.measure.options import csv_list, default_out
 from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
+from harness.serve import command as serve_command
 
 console = Console(stderr=True)
 
@@ -67,57 +70,59 @@ def rebuild_reports(results: ResultsDir) -> None:
 
 
 @main.command("bench")
-@click.option("--model", default=None, help="Same model for both experiments [default: as `harness alloc`].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--runner", "runner_kind", type=click.Choice(["auto", "local", "docker"]), default="auto",
-              show_default=True, help="Runner of both experiments (probes and the server).")
-@click.option("--allocators", default="glibc,jemalloc", show_default=True)
-@click.option("--runs", default=BENCH_MIN_ROUNDS, show_default=True, type=click.IntRange(1),
-              help="Allocator rounds before the first precision check.")
-@click.option("--target-ci", default=alloc_report.PRECISION_TARGET * 100, show_default=True,
-              type=click.FloatRange(0, min_open=True), metavar="PCT",
-              help="The allocator part stops once every ratio CI is ±PCT % wide or narrower, or --alloc-time is up.")
-@click.option("--alloc-time", default=BENCH_ALLOC_TIME, show_default=True, metavar="DURATION",
-              help="The allocator part's time budget (as alloc --max-time).")
-@click.option("--measure-s", default=BENCH_MEASURE_S, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Seconds of measured generation per allocator run.")
-@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default="vllm", show_default=True)
-@click.option("--cold-starts", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--warm-requests", default=5, show_default=True, type=click.IntRange(0))
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--out", default=None, help="Results directory [default: results/bench-<timestamp>].")
-def bench_command(model: str | None, device: str, runner_kind: str, allocators: str, runs: int, target_ci: float,
-                  alloc_time: str, measure_s: float, engine: str, cold_starts: int, warm_requests: int, port: int,
-                  out: str | None) -> None:
+@alloc_command.model_option(help="Same model for both experiments [default: as `harness alloc`].")
+@alloc_command.device_option()
+@options.runner(help="Runner of both experiments (probes and the server): " + options.RUNNER_HELP)
+@options.allocators(alloc_command.DEFAULT_ALLOCATORS, "The allocator part's allocators (as alloc --allocators).")
+@alloc_command.runs_option(default=BENCH_MIN_ROUNDS, help="Allocator rounds before the first precision check.")
+@options.target_ci(default=alloc_report.PRECISION_TARGET * 100, show_default=True,
+                   help="The allocator part stops once every ratio CI is ±PCT % wide or narrower, or --alloc-time "
+                        "is up.")
+@options.max_time("--alloc-time", "max_time", default=BENCH_ALLOC_TIME, show_default=True,
+                  help="The allocator part's time budget (as alloc --max-time).")
+@alloc_command.measure_s_option(default=BENCH_MEASURE_S, show_default=True,
+                                help="Seconds of measured generation per allocator run.")
+@serve_command.engine_option(type=click.Choice(["vllm", "transformers"]))
+@serve_command.cold_starts_option()
+@serve_command.warm_requests_option()
+@serve_command.port_option()
+@options.out(help="Results directory [default: results/bench-<timestamp>].")
+def bench_command(**kw: Any) -> None:
     """Both experiments on one model: `alloc` on a time budget, then `serve`, and DIR/index.md linking both
-    reports. Ends with the allocator answer: a verdict, or how many runs a usable one needs on this host."""
-    from harness.serve.config import ServeConfig
+    reports. Ends with the allocator answer: a verdict, or how many runs a usable one needs on this host.
+    Every other setting is the default of `harness alloc` and `harness serve`."""
+    sys.exit(exit_code_of(lambda: run_bench(**kw)))
+
+
+def run_bench(model: str | None, device: str, runner: str, allocators: str, runs: int, target_ci: float,
+              max_time: str, measure_s: float, engine: str, cold_starts: int, warm_requests: int, port: int,
+              out: str | None) -> None:
+    """`harness bench`: each experiment's configuration is its command's defaults with bench's values."""
     from harness.serve.run import run_serve
 
-    def both() -> None:
-        dev = alloc_command.resolve_device(device)
-        model_name = alloc_command.validate_model(model or alloc_command.default_model(dev))
-        out_dir = out or default_out("bench-")
-        alloc_error = _error_of(lambda: alloc_command.run_alloc(
-            runner_kind=runner_kind, model=model_name, device=dev, allocators=allocators, runs=runs, out=out_dir,
-            target_ci=target_ci, max_time=alloc_time, measure_s=measure_s))
-        if isinstance(alloc_error, Interrupted):
-            raise alloc_error
-        serve_error = _error_of(lambda: run_serve(ServeConfig(
-            model=model_name, out=out_dir, engine=engine, runner=runner_kind, cold_starts=cold_starts,
-            warm_requests=warm_requests, port=port, device=dev if engine == "transformers" else "auto")).failure())
-        index = write_index(ResultsDir(out_dir), model_name, alloc_error, serve_error)
-        click.echo(f"wrote {index}")
-        for line in alloc_command.alloc_answer(ResultsDir(out_dir)):  # the last word: what the allocator part found
-            click.echo(line)
-        if alloc_error and serve_error:
-            both_failed = HarnessError(f"allocator part: {alloc_error}; serve part: {serve_error}")
-            both_failed.exit_code = max(alloc_error.exit_code, serve_error.exit_code)
-            raise both_failed
-        if alloc_error or serve_error:
-            raise alloc_error or serve_error
-
-    sys.exit(exit_code_of(both))
+    dev = alloc_command.resolve_device(device)
+    model_name = alloc_command.validate_model(model or alloc_command.default_model(dev))
+    out = out or default_out("bench-")
+    alloc_error = _error_of(lambda: alloc_command.run_alloc(**{
+        **options.defaults_of(alloc_command.alloc_command), "runner": runner, "model": model_name, "device": dev,
+        "allocators": allocators, "runs": runs, "out": out, "target_ci": target_ci, "max_time": max_time,
+        "measure_s": measure_s}))
+    if isinstance(alloc_error, Interrupted):
+        raise alloc_error
+    serve_error = _error_of(lambda: run_serve(serve_command.config_from_options(**{
+        **options.defaults_of(serve_command.serve), "model": model_name, "out": out, "engine": engine,
+        "runner": runner, "cold_starts": cold_starts, "warm_requests": warm_requests, "port": port,
+        "device": dev if engine == "transformers" else "auto"})).failure())
+    index = write_index(ResultsDir(out), model_name, alloc_error, serve_error)
+    click.echo(f"wrote {index}")
+    for line in alloc_command.alloc_answer(ResultsDir(out)):  # the last word: what the allocator part found
+        click.echo(line)
+    if alloc_error and serve_error:
+        both_failed = HarnessError(f"allocator part: {alloc_error}; serve part: {serve_error}")
+        both_failed.exit_code = max(alloc_error.exit_code, serve_error.exit_code)
+        raise both_failed
+    if alloc_error or serve_error:
+        raise alloc_error or serve_error
 
 
 def _error_of(part: Callable[[], HarnessError | int | None]) -> HarnessError | None:
@@ -178,11 +183,10 @@ def images_command(device: str, allocators: str, rebuild: bool, driver: bool, vl
 
 def _register() -> None:
     from harness.doctor import doctor
-    from harness.serve.command import serve
 
     main.add_command(alloc_command.alloc_command)
     main.add_command(doctor)
-    main.add_command(serve)
+    main.add_command(serve_command.serve)
 
 
 _register()

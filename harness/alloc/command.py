@@ -17,9 +17,9 @@ from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
 from harness.alloc.stopping import AllocStopper
-from harness.containers.runner_choice import DEFAULT_RUNNER, RUNNERS, RunnerChoice, choose_runner
+from harness.containers.runner_choice import RunnerChoice, choose_runner
 from harness.errors import HarnessError, Interrupted, RunnerError, UsageError
-from harness.measure import environment, stopping
+from harness.measure import environment, options, stopping
 from harness.measure.allocators import KNOWN, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.measure.options import csv_list, default_out
 from harness.measure.results import ResultsDir
@@ -104,27 +104,37 @@ def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[s
     return LocalRunner()
 
 
+# The options `harness bench` shares with `harness alloc` (it composes the rest from alloc's defaults).
+model_option = options.option(
+    "--model", default=None, help="synthetic:tiny | synthetic:phi3-mini | hub id | local directory "
+    "[default: synthetic:tiny on CPU, Phi-3-mini (real if cached, else synthetic) on CUDA]")
+device_option = options.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+DEFAULT_ALLOCATORS = "glibc,jemalloc"
+runs_option = options.option("--runs", default=5, show_default=True, type=click.IntRange(1),
+                             help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
+measure_s_option = options.option(
+    "--measure-s", default=None, type=click.FloatRange(0, min_open=True), metavar="S",
+    help="The measured window in seconds instead: warm generates until S seconds of generation are "
+         f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
+
+
 @click.command("alloc")
-@click.option("--runner", "runner_kind", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER,
-              show_default=True, help="Where each probe runs: a fresh process or a fresh container.")
-@click.option("--model", default=None, help="synthetic:tiny | synthetic:phi3-mini | hub id | local directory "
-              "[default: synthetic:tiny on CPU, Phi-3-mini (real if cached, else synthetic) on CUDA]")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--allocators", default="glibc,jemalloc", show_default=True,
-              help="Comma-separated: glibc, jemalloc, tcmalloc, mimalloc (or names given with --allocator-lib).")
-@click.option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
-@click.option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
-              help="Environment for one allocator's runs, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1),
-              help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
+@options.runner(help="Where each probe runs: local (a fresh process), docker (a fresh container of its "
+                     "allocator's probe image), auto (docker when the engine answers and the images are there or "
+                     "can be built, else local; it says which and why).")
+@model_option()
+@device_option()
+@options.allocators(DEFAULT_ALLOCATORS, "Comma-separated: glibc, jemalloc, tcmalloc, mimalloc (or names given "
+                                        "with --allocator-lib).")
+@options.allocator_lib()
+@options.allocator_env()
+@runs_option()
 @click.option("--warmup-runs", default=1, show_default=True, type=click.IntRange(0),
               help="Discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
 @click.option("--warm-gens", default=None, type=click.IntRange(1),
               help="Warm generate calls per run after the cold one; gen_latency_s is their median "
                    f"[default: {alloc.DEFAULT_WARM_GENS}].")
-@click.option("--measure-s", default=None, type=click.FloatRange(0, min_open=True), metavar="S",
-              help="The measured window in seconds instead: warm generates until S seconds of generation are "
-                   f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
+@measure_s_option()
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
@@ -141,39 +151,34 @@ def make_runner(kind: str, device: str, allocator_names: list[str], libs: dict[s
               help="Pin every probe (process or container) to these CPUs, e.g. 2-5 or 2,3 (as pyperf's "
                    "--affinity): the scheduler then cannot move the decode loop across cores or NUMA nodes "
                    "between runs. Each run checks that its process was pinned.")
-@click.option("--target-ci", default=None, type=click.FloatRange(0, min_open=True), metavar="PCT",
-              help="Add interleaved rounds until the ratio CI of every allocator against the baseline, on --metric, "
-                   "is ±PCT % wide or narrower (its width alone, checked once a round from round --runs on), or "
-                   "--max-time is up. --resume continues towards the same target.")
-@click.option("--max-time", default=None, metavar="DURATION",
-              help="Start no run that would likely end after this much time (90s, 2m, 1h30m); a run in flight "
-                   "is never cut. Without --target-ci: rounds until then.")
-@click.option("--max-runs", default=None, type=click.IntRange(1),
-              help="With --target-ci or --max-time: at most this many measured rounds.")
+@options.target_ci(help="Add interleaved rounds until the ratio CI of every allocator against the baseline, on "
+                        "--metric, is ±PCT % wide or narrower (its width alone, checked once a round from round "
+                        "--runs on), or --max-time is up. --resume continues towards the same target.")
+@options.max_time()
+@options.max_rounds
 @click.option("--metric", default=None, type=click.Choice(sorted(alloc.METRICS)),
               help=f"The value --target-ci applies to [default: {alloc.DEFAULT_METRIC}].")
-@click.option("--out", default=None, help="Results directory [default: results/<timestamp>].")
+@options.out()
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
     """Allocator impact: the same generation under each allocator (LD_PRELOAD), fresh verified runs."""
     sys.exit(exit_code_of(lambda: run_alloc(**kw)))
 
 
-def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str = "auto",
-              allocators: str = "glibc,jemalloc", allocator_lib: tuple[str, ...] = (),
-              allocator_env: tuple[str, ...] = (), runs: int = 5, warmup_runs: int = 1, warm_gens: int | None = None,
-              max_new_tokens: int = 32, dtype: str = "auto", threads: int = 0, timeout_s: float = 1800.0,
-              out: str | None = None, resume: bool = False, paired: bool = False,
-              affinity: str | None = None, measure_s: float | None = None, target_ci: float | None = None,
-              max_time: str | None = None, max_runs: int | None = None, metric: str | None = None) -> int:
-    """Runs experiment A; returns the exit code (0: all runs verified, 1: some run failed). `target_ci` is in
+def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, allocator_lib: tuple[str, ...],
+              allocator_env: tuple[str, ...], runs: int, warmup_runs: int, warm_gens: int | None,
+              max_new_tokens: int, dtype: str, threads: int, timeout_s: float, out: str | None, resume: bool,
+              paired: bool, affinity: str | None, measure_s: float | None, target_ci: float | None,
+              max_time: str | None, max_rounds: int | None, metric: str | None) -> int:
+    """Runs experiment A (every option of `harness alloc`, by name; `defaults_of(alloc_command)` has them
+    all): returns 0 once every run was verified; raises the error it ended with otherwise. `target_ci` is in
     percent, `max_time` a duration such as 2m."""
     names = csv_list(allocators)
     max_time_s = _duration(max_time) if max_time is not None else None
     cpus = _affinity(affinity) if affinity is not None else None
     if paired and cpus:
         raise UsageError("--paired splits the host's CPUs itself: leave out --affinity")
-    if paired and runner_kind == "docker":
+    if paired and runner == "docker":
         raise UsageError("--paired runs with the local runner only (--runner local)")
     if paired and len(names) < 2:
         raise UsageError("--paired needs a baseline and at least one other allocator")
@@ -189,8 +194,8 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         target_ci = saved["target_ci"] * 100
     metric = metric or (saved or {}).get("metric") or alloc.DEFAULT_METRIC
     open_ended = target_ci is not None or max_time_s is not None
-    if max_runs is not None and not open_ended:
-        raise UsageError("--max-runs caps an open-ended experiment: give --target-ci or --max-time with it")
+    if max_rounds is not None and not open_ended:
+        raise UsageError("--max-rounds caps an open-ended experiment: give --target-ci or --max-time with it")
     warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
 
     placements = []
@@ -198,29 +203,29 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         from harness.alloc.runners.local import split_host
 
         placements = split_host(dev)
-        runner_kind = "local"
-    runner = make_runner(runner_kind, dev, names, libs)
+        runner = "local"
+    probes = make_runner(runner, dev, names, libs)
     try:
-        resolved = runner.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
+        resolved = probes.resolve_allocators(names, libs, envs)  # host paths, or paths inside the images
     except HarnessError:
-        runner.close()
+        probes.close()
         raise
     config = alloc.AllocConfig(model=model_name, device=dev, allocators=resolved, runs=runs,
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
-                               dtype=dtype, threads=threads, timeout_s=timeout_s, runner=runner.name,
+                               dtype=dtype, threads=threads, timeout_s=timeout_s, runner=probes.name,
                                paired=paired, placements=placements, affinity=cpus, measure_s=measure_s,
                                target_ci=target_ci / 100 if target_ci is not None else None, metric=metric)
     stop_rule = (stopping.StopRule(target=config.target_ci, metric=metric, max_time_s=max_time_s, min_rounds=runs,
-                                   max_rounds=max_runs) if open_ended else None)
+                                   max_rounds=max_rounds) if open_ended else None)
     design = (f", paired with {config.baseline.name} on two host halves "
               f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
     if cpus:
         design += f", pinned to {describe_cpus(cpus)}"
     console.print(f"alloc: {model_name} on {dev}, allocators {', '.join(names)}, {_extent(config, stop_rule)} "
-                  f"(+{warmup_runs} warm-up) each{design}, runner {runner.name} → {results.root}")
+                  f"(+{warmup_runs} warm-up) each{design}, runner {probes.name} → {results.root}")
     try:
-        records = _run_with_progress(config, runner, results, resume,
-                                     environment.collect({"runner": runner.describe()}), stop_rule)
+        records = _run_with_progress(config, probes, results, resume,
+                                     environment.collect({"runner": probes.describe()}), stop_rule)
     except RunnerError as exc:
         _report(results, config, names)
         raise RunnerError(f"{exc} (runs so far kept in {results.root / alloc.RUNS_FILE})") from None
@@ -229,7 +234,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
         raise Interrupted(f"interrupted: runs so far kept in {results.root / alloc.RUNS_FILE}; "
                           "continue with --resume") from None
     finally:
-        runner.close()
+        probes.close()
     rows = _report(results, config, names)
     failed = [r for r in records if r["status"] != "ok"]
     if rows:

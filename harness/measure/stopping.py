@@ -1,5 +1,5 @@
 """When an open-ended allocator experiment stops: on the precision reached (`--target-ci`), on the time the
-user has (`--max-time`) or on a cap of rounds (`--max-runs`).
+user has (`--max-time`) or on a cap of rounds (`--max-rounds`).
 
 The precision rule looks at the width of each ratio CI only, never at where the interval lies or at a
 p-value: a fixed-width sequential rule in the spirit of Chow and Robbins (1965). Stopping on width does not
@@ -48,7 +48,7 @@ def parse_duration(text: str) -> float:
 STOP_REASONS = {
     "target": "the precision target was reached",
     "time": "the time was up (--max-time: the next run would likely have ended after it)",
-    "max-runs": "--max-runs rounds were done",
+    "max-runs": "--max-rounds rounds were done",
     "failed": "every run of the first round failed",
     "interrupted": "it was interrupted (continue with --resume)",
     "error": "the runner failed (continue with --resume)",
@@ -135,7 +135,7 @@ class Stopper:
 
     # --- rounds ---------------------------------------------------------------------------------
     def rounds(self) -> Iterator[int]:
-        """Warm-up rounds, then measured rounds until a stop (or --max-runs)."""
+        """Warm-up rounds, then measured rounds until a stop (or --max-rounds)."""
         last = self.rule.max_rounds
         return iter(range(-self.warmup_rounds, last)) if last is not None else itertools.count(-self.warmup_rounds)
 

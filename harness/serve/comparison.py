@@ -26,7 +26,7 @@ CSV_FILE = "serve/allocator_comparison.csv"
 PLOT_FILE = "serve/allocator_latency.png"
 STOP_FILE = "serve/stopping.jsonl"  # each precision check and the stop of an open-ended comparison
 SERVE_STOP_REASONS = {
-    **STOP_REASONS, "max-runs": "--max-rounds rounds were done", "interrupted": "it was interrupted",
+    **STOP_REASONS, "interrupted": "it was interrupted",
     "failed": "its servers failed (every one of the first round, or every arm was left out)",
     "error": "an error ended it",
     "time": "the time was up (--max-time: the next server would likely have ended after it)"}

@@ -400,12 +400,12 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     requested = config.runner
     config.validate()
     choice = choose_runner(config)
-    if requested == "auto" and not config.attach:
-        log(choice.line())
     config = dataclasses.replace(config, runner=choice.kind)
     spec = None if config.attach else engines.build(config, choice.kind)
     results = ResultsDir(config.out)
     results.lock()  # another command writing the same directory would mix two runs' results
+    if requested == "auto" and not config.attach:  # said once the command line proved usable
+        log(choice.line())
     try:
         return _prepare_and_run(config, results, spec, log,
                                 {"runner_requested": requested, "runner_reason": choice.why})
