@@ -21,6 +21,7 @@ from harness.alloc.runners.base import RunnerError, describe_cpus, describe_plac
 from harness.alloc.stopping import AllocStopper
 from harness.measure import environment, stopping
 from harness.measure.allocators import KNOWN, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
+from harness.measure.records import AllocRun
 from harness.measure.results import ResultsDir, ResultsError
 from harness.measure.signals import exit_code_of
 from harness.probe.models import ModelError, parse_model
@@ -302,7 +303,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     finally:
         runner.close()
     rows = _report(results, config, names)
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if not r.ok]
     if rows:
         _print_rows(rows, results)
     elif records and len(failed) == len(records):
@@ -315,7 +316,7 @@ def run_alloc(runner_kind: str = "auto", model: str | None = None, device: str =
     for line in alloc_answer(results):
         click.echo(line)
     if failed:
-        for reason in sorted({r["failure"] or "unknown" for r in failed}):
+        for reason in sorted({r.failure or "unknown" for r in failed}):
             console.print(f"[red]failed run[/]: {reason}")
         return 1
     return 0
@@ -357,8 +358,8 @@ def _extent(config: alloc.AllocConfig, rule: stopping.StopRule | None) -> str:
     return "runs until " + " or ".join(until)
 
 
-def _failures(failed: list[dict[str, Any]]) -> str:
-    return "; ".join(sorted({r["failure"] or "unknown" for r in failed}))
+def _failures(failed: list[AllocRun]) -> str:
+    return "; ".join(sorted({r.failure or "unknown" for r in failed}))
 
 
 def _affinity(text: str) -> tuple[int, ...]:
@@ -375,9 +376,9 @@ def _affinity(text: str) -> tuple[int, ...]:
     return cpus
 
 
-def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:
-    records = results.read_jsonl(alloc.RUNS_FILE)
-    if not any(not r.get("warmup") for r in records):
+def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[alloc_report.AllocRow]:
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
+    if not any(not r.warmup for r in records):
         return []
     return alloc_report.write(results, records, config.to_dict(), names)
 
@@ -390,7 +391,7 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("runs", total=total)
-        done_before = len(results.read_jsonl(alloc.RUNS_FILE)) if resume else 0
+        done_before = len(results.read_records(alloc.RUNS_FILE, AllocRun)) if resume else 0
         skipped = results.skipped_note(alloc.RUNS_FILE) if resume else None
         if skipped:
             progress.console.print(f"[yellow]warning[/]: {skipped}; runs it held are run again", soft_wrap=True)
@@ -408,10 +409,10 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
             who = f"{config.baseline.name} ‖ {run.pair}" if run.pair else run.allocator.name
             progress.update(task, description=f"{who:<9} {label}")
 
-        def on_run(run: alloc.PlannedRun, record: dict[str, Any]) -> None:
+        def on_run(run: alloc.PlannedRun, record: AllocRun) -> None:
             progress.advance(task)
-            if record["status"] != "ok":
-                progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record['failure']}")
+            if not record.ok:
+                progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record.failure}")
 
         records = alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
                                 on_start=on_start, stopper=stopper)
@@ -437,11 +438,11 @@ def _cell(value: Any) -> Any:
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
+def _print_rows(rows: list[alloc_report.AllocRow], results: ResultsDir) -> None:
     from tabulate import tabulate
 
-    table = [[r["allocator"], *(_cell(r[k]) for k in ("gen_latency_s", "wall_real_s", "rss_mb",
-                                                       "ratio_vs_baseline", "p_value")), r["n"], r["n_failed"]]
+    table = [[r.allocator, *(_cell(getattr(r, k)) for k in ("gen_latency_s", "wall_real_s", "rss_mb",
+                                                             "ratio_vs_baseline", "p_value")), r.n, r.n_failed]
              for r in rows]
     click.echo(tabulate(table, headers=["allocator", "gen_latency_s", "wall_real_s", "rss_mb", "ratio", "p", "n",
                                         "failed"], disable_numparse=True))
@@ -463,7 +464,7 @@ def report_command(directory: str) -> None:
             results.lock()  # runs.jsonl is not read while another command appends to it
         except ResultsError as exc:
             raise HarnessError(str(exc)) from None
-    records = results.read_jsonl(alloc.RUNS_FILE)
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
     saved = results.read_json(alloc.CONFIG_FILE)
     has_serve = (results.root / "serve" / "config.json").exists()
     if not (records and saved is not None) and not has_serve:
@@ -482,14 +483,14 @@ def report_command(directory: str) -> None:
         click.echo(f"wrote {serve_report.rebuild(results)}")
 
 
-def _no_measured_runs(results: ResultsDir, records: list[dict[str, Any]]) -> str:
-    failed = [r for r in records if r["status"] != "ok"]
+def _no_measured_runs(results: ResultsDir, records: list[AllocRun]) -> str:
+    failed = [r for r in records if not r.ok]
     why = (f"{len(failed)} warm-up runs failed ({_failures(failed)})" if failed
            else f"{len(records)} warm-up runs only: continue it with --resume")
     return f"{results.root} holds no measured runs: {why}"
 
 
-def _rebuild_alloc(results: ResultsDir, records: list[dict[str, Any]], saved: dict[str, Any]) -> None:
+def _rebuild_alloc(results: ResultsDir, records: list[AllocRun], saved: dict[str, Any]) -> None:
     skipped = results.skipped_note(alloc.RUNS_FILE)
     if skipped:
         console.print(f"[yellow]warning[/]: {skipped}", soft_wrap=True)
@@ -550,7 +551,7 @@ def bench_command(model: str | None, device: str, runner_kind: str, allocators: 
 
 def alloc_answer(results: ResultsDir) -> list[str]:
     """The allocator experiment's answer lines (alloc_report.answer_lines), from its files."""
-    records = results.read_jsonl(alloc.RUNS_FILE)
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
     config = (results.read_json(alloc.CONFIG_FILE) or {}).get("config")
     if not records or not config:
         return []

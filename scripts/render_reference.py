@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.alloc.report import host_key  # noqa: E402
+from harness.alloc import report as alloc_report  # noqa: E402
+from harness.alloc import run as alloc_run  # noqa: E402
 from harness.alloc.runners.base import describe_cpus  # noqa: E402
 from harness.measure import stats  # noqa: E402
+from harness.measure.records import AllocRun  # noqa: E402
 from harness.measure.results import ResultsDir  # noqa: E402
 from harness.serve import comparison  # noqa: E402
 from harness.serve.config import ServeConfig  # noqa: E402
@@ -37,41 +41,55 @@ def _gpu_name(env: dict) -> str:
     return devices[0]["name"] if devices else "no GPU"
 
 
-def _ci(r: dict[str, str], low: str, high: str) -> str:
-    return "–" if r["allocator"] == "glibc" or not r[low] else f"{float(r[low]):.3f}–{float(r[high]):.3f}"
+def _as_in_csv(row: alloc_report.AllocRow) -> alloc_report.AllocRow:
+    """The row's figures as allocator_latency_comparison.csv holds them (6 significant digits), so the README
+    quotes the CSV's figures rather than rounding the exact ones a second way."""
+    return dataclasses.replace(row, **{name: float(f"{value:.6g}") for name in alloc_report.CSV_COLUMNS
+                                       if isinstance(value := getattr(row, name), float) and math.isfinite(value)})
 
 
-def _p(value: str) -> str:
-    return "–" if not value else f"{float(value):.3g}"
+def _ci(row: alloc_report.AllocRow, low: float, high: float) -> str:
+    return "–" if row.allocator == "glibc" or math.isnan(low) else f"{low:.3f}–{high:.3f}"
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+ALLOC_LINES = ("answer", "noise", "hosts", "precision", "stopping", "run cost")  # the summary's lines quoted here
 
 
 def alloc_block(d: Path) -> list[str]:
-    rows = _rows(d / "alloc/allocator_latency_comparison.csv")
-    env = json.loads((d / "environment.json").read_text())
-    config = json.loads((d / "alloc/config.json").read_text())["config"]
-    hosts = len({host_key(e) for e in ResultsDir(d).environments()})
+    """An allocator experiment: its table and the harness's own answer, noise, hosts, precision, stopping and
+    run-cost lines (as alloc/summary.md has them), all computed from its records."""
+    results = ResultsDir(d)
+    records = results.read_records(alloc_run.RUNS_FILE, AllocRun)
+    config = results.read_json(alloc_run.CONFIG_FILE)["config"]
+    order = [a["name"] for a in config["allocators"]]
+    rows = alloc_report.allocator_rows(records, order, paired=bool(config.get("paired")))
+    environments = results.read_environments()
+    hosts = len({e.host_key for e in environments.values()})
     design = ("paired: each allocator's run beside a glibc run, one GPU and half the CPUs each"
               if config.get("paired") else "fresh process per run, one at a time, order rotated each round")
     if config.get("affinity"):
         design += f", each pinned to {describe_cpus(config['affinity'])}"
-    out = [f"**Allocator A/B** — `{config['model']}` on {_gpu_name(env)} ({config['device']}, "
-           f"{config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per run, "
-           f"{design}, {hosts} host(s) of this kind):", "",
+    out = [f"**Allocator A/B** — `{config['model']}` on {environments['environment.json'].gpu_name} "
+           f"({config['device']}, {config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per "
+           f"run, {design}, {hosts} host(s) of this kind):", "",
            "| allocator | gen_latency_s (median) | ratio vs glibc | 95 % CI | p | ITL p25 (ms) | ITL ratio | 95 % CI "
            "| p | peak RSS MB | n |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['allocator']} | {float(r['gen_latency_s']):.4f} | {float(r['ratio_vs_baseline']):.3f} "
-                   f"| {_ci(r, 'ratio_ci_low', 'ratio_ci_high')} | {_p(r['p_value'])} "
-                   f"| {float(r['itl_p25_s']) * 1e3:.2f} | {float(r['itl_ratio_vs_baseline']):.3f} "
-                   f"| {_ci(r, 'itl_ratio_ci_low', 'itl_ratio_ci_high')} | {_p(r['itl_p_value'])} "
-                   f"| {float(r['rss_mb']):.0f} | {r['n']} |")
-    # The harness's own answer, noise, hosts, precision, stopping and run-cost lines (alloc/summary.md), each a
-    # paragraph here.
-    lines = [line[2:].strip() for line in (d / "alloc/summary.md").read_text().splitlines()
-             if line.startswith(("- Answer", "- Noise", "- Hosts", "- Precision", "- Stopping", "- Run cost"))]
-    for line in lines:
-        out += ["", line]
+    for row in rows:
+        r = _as_in_csv(row)
+        out.append(f"| {r.allocator} | {r.gen_latency_s:.4f} | {r.ratio_vs_baseline:.3f} "
+                   f"| {_ci(r, r.ratio_ci_low, r.ratio_ci_high)} | {_p(r.p_value)} "
+                   f"| {r.itl_p25_s * 1e3:.2f} | {r.itl_ratio_vs_baseline:.3f} "
+                   f"| {_ci(r, r.itl_ratio_ci_low, r.itl_ratio_ci_high)} | {_p(r.itl_p_value)} "
+                   f"| {r.rss_mb:.0f} | {r.n} |")
+    lines = alloc_report.trust_lines(rows, config, records, environments, alloc_report.last_stop(results))
+    for kind, line in lines:
+        if kind in ALLOC_LINES:
+            out += ["", line]
     out += ["", "Verdicts: `alloc/summary.md`; per-run values: `alloc/runs.jsonl`."]
     return out
 

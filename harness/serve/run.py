@@ -475,7 +475,7 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         if config.engine == "vllm" and not config.attach:
             extra["server_vllm"] = engines.vllm_build(config.vllm_python)
             log(f"server: {engines.describe_build(extra['server_vllm'])}")
-    results.write_json("serve/environment.json", environment.collect(extra))
+    results.write_record("serve/environment.json", environment.collect(extra))
     session = _Session(config, results, log, docker_ctx)
     error = None
     code = EXIT_OK
