@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -22,23 +21,19 @@ from harness.alloc import report as alloc_report  # noqa: E402
 from harness.alloc import run as alloc_run  # noqa: E402
 from harness.alloc.runners.base import describe_cpus  # noqa: E402
 from harness.measure import stats  # noqa: E402
-from harness.measure.records import AllocRun  # noqa: E402
+from harness.measure.records import AllocRun, ServeRequest, StartupRecord  # noqa: E402
 from harness.measure.results import ResultsDir  # noqa: E402
-from harness.serve import comparison  # noqa: E402
+from harness.serve import comparison, timeline  # noqa: E402
 from harness.serve.config import ServeConfig  # noqa: E402
 from harness.serve.report import CONFIG_FILE, REQUESTS_FILE, STARTUP_FILE  # noqa: E402
 
 BEGIN, END = "<!-- reference:begin -->", "<!-- reference:end -->"
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _gpu_name(env: dict) -> str:
-    devices = (env.get("gpu") or {}).get("devices") or []
-    return devices[0]["name"] if devices else "no GPU"
+def _gpu_used(run: Path) -> list[float]:
+    """GPU 0's memory used (MiB) at every sample of a serve run's timeline."""
+    return [row["gpu0_used_mb"] for row in timeline.load(ResultsDir(run)).rows
+            if row.get("gpu0_used_mb") is not None]
 
 
 def _as_in_csv(row: alloc_report.AllocRow) -> alloc_report.AllocRow:
@@ -95,19 +90,19 @@ def alloc_block(d: Path) -> list[str]:
 
 
 def serve_block(d: Path) -> list[str]:
-    results = ResultsDir(d / "serve")
-    requests = [r for r in results.read_jsonl("requests.jsonl") if r.get("status") == "ok"]
+    results = ResultsDir(d)
+    requests = [r for r in results.read_records(REQUESTS_FILE, ServeRequest) if r.ok]
     config = json.loads((d / "serve/config.json").read_text())
-    env = json.loads((d / "serve/environment.json").read_text())
-    cold = [r["ttft_s"] for r in requests if r["kind"] == "cold"]
-    warm = [r["ttft_s"] for r in requests if r["kind"] == "warm"]
+    env = results.read_environment("serve/environment.json")
+    cold = [r.ttft_s for r in requests if r.kind == "cold"]
+    warm = [r.ttft_s for r in requests if r.kind == "warm"]
     c, w = stats.summarize(cold), stats.summarize(warm)
-    startups = [s for s in results.read_jsonl("startup.jsonl") if s.get("spawn_to_health_s") is not None]
-    health = stats.summarize([s["spawn_to_health_s"] for s in startups])
-    gpu = [float(row["gpu0_used_mb"]) for row in _rows(d / "serve/memory_timeline.csv") if row.get("gpu0_used_mb")]
+    startups = [s for s in results.read_records(STARTUP_FILE, StartupRecord) if s.spawn_to_health_s is not None]
+    health = stats.summarize([s.spawn_to_health_s for s in startups])
+    gpu = _gpu_used(d)
     model = config.get("model", "?") if isinstance(config, dict) else "?"
     engine = config.get("engine", "?") if isinstance(config, dict) else "?"
-    out = [f"**First-token path** — `{model}` on `{engine}`, {_gpu_name(env)}, {c.n} fresh server(s):", "",
+    out = [f"**First-token path** — `{model}` on `{engine}`, {env.gpu_name}, {c.n} fresh server(s):", "",
            "| | median | min | max | n |", "|---|---|---|---|---|",
            f"| cold TTFT (ms) | {c.median * 1e3:.1f} | {c.minimum * 1e3:.1f} | {c.maximum * 1e3:.1f} | {c.n} |",
            f"| warm TTFT (ms) | {w.median * 1e3:.1f} | {w.minimum * 1e3:.1f} | {w.maximum * 1e3:.1f} | {w.n} |",
@@ -123,56 +118,54 @@ def _median(values: list[float]) -> float:
     return stats.summarize(values).median
 
 
-def _startups(run: Path) -> list[dict]:
-    return [s for s in ResultsDir(run).read_jsonl("serve/startup.jsonl") if s.get("spawn_to_health_s")]
+def _startups(run: Path) -> list[StartupRecord]:
+    return [s for s in ResultsDir(run).read_records(STARTUP_FILE, StartupRecord) if s.spawn_to_health_s]
 
 
 def vllm_block(d: Path) -> list[str]:
     """A vLLM serving reference: `fresh/` (empty compile and Triton caches per start) and `shared/`
     (one cache across starts: the first fills it, the next ones hit it)."""
     runs = {name: d / name for name in ("fresh", "shared") if (d / name / "serve/startup.jsonl").exists()}
-    env = json.loads((runs["fresh"] / "serve/environment.json").read_text())
+    env = ResultsDir(runs["fresh"]).read_environment("serve/environment.json")
     config = json.loads((runs["fresh"] / "serve/config.json").read_text())
-    build = (env.get("extra") or env).get("server_vllm") or {}
+    build = env.added("server_vllm") or {}
     groups = {"fresh caches": _startups(runs["fresh"])}
     if "shared" in runs:
         groups["compile cache hit"] = [s for s in _startups(runs["shared"])
-                                       if (s.get("compile_cache") or {}).get("use") == "hit"]
-    requests = {name: [r for r in ResultsDir(path).read_jsonl("serve/requests.jsonl") if r.get("status") == "ok"]
+                                       if (s.compile_cache or {}).get("use") == "hit"]
+    requests = {name: [r for r in ResultsDir(path).read_records(REQUESTS_FILE, ServeRequest) if r.ok]
                 for name, path in runs.items()}
     every = [r for rs in requests.values() for r in rs]
     out = [f"**vLLM first-token path** — `{config['model']}` on vLLM {build.get('vllm', '?')} "
-           f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {_gpu_name(env)}, `--dtype "
+           f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {env.gpu_name}, `--dtype "
            f"{config['dtype']} --max-model-len {config['max_model_len']} --gpu-memory-utilization "
            f"{config['gpu_memory_utilization']}`, {sum(len(_startups(run)) for run in runs.values())} "
            f"fresh servers, {config['max_tokens']} tokens per request:", "",
            "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms)"
-           + (" to the end of the stream (serve-request/1)" if any(r.get("schema") == "serve-request/1" for r in every)
-              else "") + " | n |",
+           + (" to the end of the stream (serve-request/1)" if any(r.version == 1 for r in every) else "") + " | n |",
            "|---|---|---|---|---|---|"]
     for kind, name in (("cold", "cold"), ("warm", "warm"), ("idle", "after an idle gap")):
-        rows = [r for r in every if r["kind"] == kind]
+        rows = [r for r in every if r.kind == kind]
         if rows:
-            t = stats.summarize([r["ttft_s"] for r in rows])
+            t = stats.summarize([r.ttft_s for r in rows])
             out.append(f"| {name} | {t.median * 1e3:.1f} | {t.minimum * 1e3:.1f}–{t.maximum * 1e3:.1f} | "
-                       f"{_median([r['tpot_s'] for r in rows]) * 1e3:.2f} | "
-                       f"{_median([r['e2e_s'] for r in rows]) * 1e3:.1f} | {len(rows)} |")
+                       f"{_median([r.tpot_s for r in rows]) * 1e3:.2f} | "
+                       f"{_median([r.e2e_s for r in rows]) * 1e3:.1f} | {len(rows)} |")
     out += ["", "Start-up (s, median over servers; phases from the server log, calibrated on these logs):", "",
             "| phase | " + " | ".join(f"{g} (n = {len(v)})" for g, v in groups.items()) + " |",
             "|---|" + "---|" * len(groups)]
-    labels = list(dict.fromkeys(p["label"] for v in groups.values() for s in v for p in s["phases"]))
+    labels = list(dict.fromkeys(p["label"] for v in groups.values() for s in v for p in s.phases))
     for label in labels:
         cells = []
         for v in groups.values():
-            found = [sum(p["duration_s"] for p in s["phases"] if p["label"] == label) for s in v]
+            found = [sum(p["duration_s"] for p in s.phases if p["label"] == label) for s in v]
             cells.append(f"{_median(found):.1f}" if found else "–")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    totals = {g: _median([s["spawn_to_health_s"] for s in v]) for g, v in groups.items() if v}
+    totals = {g: _median([s.spawn_to_health_s for s in v]) for g, v in groups.items() if v}
     out.append("| **spawn → /health 200** | " + " | ".join(f"**{t:.1f}**" for t in totals.values()) + " |")
-    coverage = min(1 - s["unaccounted_s"] / s["spawn_to_health_s"] for v in groups.values() for s in v)
-    gpu = [float(row["gpu0_used_mb"]) for run in runs.values() for row in _rows(run / "serve/memory_timeline.csv")
-           if row.get("gpu0_used_mb")]
-    figures = groups["fresh caches"][0].get("server_figures") or {}
+    coverage = min(s.coverage() for v in groups.values() for s in v)
+    gpu = [used for run in runs.values() for used in _gpu_used(run)]
+    figures = groups["fresh caches"][0].server_figures or {}
     out += ["", f"Named phases cover at least {100 * coverage:.2f} % of every start-up (spawn → /health 200). "
             + (f"A compile-cache hit saved {totals['fresh caches'] - totals['compile cache hit']:.1f} s "
                f"({100 * (1 - totals['compile cache hit'] / totals['fresh caches']):.0f} %) of the median start-up. "
@@ -195,16 +188,16 @@ def serve_alloc_block(d: Path) -> list[str]:
     one-off start-up costs and the verdicts, all computed again from its records."""
     results = ResultsDir(d)
     config = ServeConfig.from_dict(results.read_json(CONFIG_FILE))
-    env = json.loads((d / "serve/environment.json").read_text())
-    build = (env.get("extra") or env).get("server_vllm") or {}
-    startups = results.read_jsonl(STARTUP_FILE)
-    requests = results.read_jsonl(REQUESTS_FILE)
+    env = results.read_environment("serve/environment.json")
+    build = env.added("server_vllm") or {}
+    startups = results.read_records(STARTUP_FILE, StartupRecord)
+    requests = results.read_records(REQUESTS_FILE, ServeRequest)
     order, baseline = list(config.allocators), config.baseline
     rows = [r for r in comparison.rows(startups, requests, order, baseline) if r.metric.key in SERVE_ALLOC_KEYS]
     stops = [e for e in results.read_jsonl(comparison.STOP_FILE) if e.get("event") == "stop"]
-    rounds = len({s.get("round") for s in startups})
+    rounds = len({s.round for s in startups})
     out = [f"**Allocators on the serving path** — `{config.model}` on vLLM {build.get('vllm', '?')} "
-           f"({build.get('build', '?')}), {_gpu_name(env)}, `--dtype {config.dtype} --max-model-len "
+           f"({build.get('build', '?')}), {env.gpu_name}, `--dtype {config.dtype} --max-model-len "
            f"{config.max_model_len} --gpu-memory-utilization {config.gpu_memory_utilization} --compile-cache "
            f"{config.compile_cache}`; {rounds} round(s) of one fresh server per allocator ({', '.join(order)}), "
            f"the order rotated each round, {config.warm_requests} warm requests of {config.max_tokens} tokens per "
@@ -223,9 +216,9 @@ def serve_alloc_block(d: Path) -> list[str]:
                 for r in rows if r.metric.key == key and r.comparison is not None]
     warmup = d / "warmup/serve/startup.jsonl"
     if warmup.exists():
-        first = ResultsDir(d / "warmup").read_jsonl(STARTUP_FILE)[0]
+        first = ResultsDir(d / "warmup").read_records(STARTUP_FILE, StartupRecord)[0]
         out += ["", f"Before the comparison, one uncounted start filled the torch.compile cache (compile "
-                f"cache {(first.get('compile_cache') or {}).get('use', '?')}): {first['spawn_to_health_s']:.1f} s "
+                f"cache {(first.compile_cache or {}).get('use', '?')}): {first.spawn_to_health_s:.1f} s "
                 "to /health 200 (`warmup/serve/`)."]
     out += ["", "Every phase, per server: `serve/first_token_latency.md`; per allocator and metric: "
             "`serve/allocator_comparison.csv`; warm TTFT and TPOT by allocator: `serve/allocator_latency.png`."]
