@@ -15,7 +15,6 @@ A tag of another family, or of a newer version than this harness knows, is a Rec
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -396,7 +395,3 @@ class Environment(Record):
         """What an experiment added to the file (`server_vllm`, `runner`, ...), or None."""
         return (self.extra.get("extra") or self.extra).get(name)
 
-
-def finite(value: Any) -> Any:
-    """None for NaN and infinities (JSON has no NaN), else the value."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value

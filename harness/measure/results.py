@@ -182,12 +182,9 @@ class ResultsDir:
         p = self.root / relpath
         return json.loads(p.read_text()) if p.exists() else None
 
-    def environments(self) -> list[dict[str, Any]]:
-        """environment.json and every environment.resume-N.json: one per invocation that ran."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("environment*.json"))]
-
     def read_environments(self) -> dict[str, Environment]:
-        """File name → Environment of environment.json and every environment.resume-N.json."""
+        """File name → Environment of environment.json and every environment.resume-N.json: one per
+        invocation that ran."""
         return {p.name: Environment.load(json.loads(p.read_text()))
                 for p in sorted(self.root.glob("environment*.json"))}
 
