@@ -142,9 +142,11 @@ def test_report_labels_both_end_points(streaming_server: str) -> None:
 
 def test_report_names_older_records_end_point() -> None:
     """serve-request/1 records (the committed H100 reference) ended E2E after [DONE]: the table says so."""
+    from harness.measure.records import ServeRequest
     from harness.serve.report import latency_table
 
-    old = {"schema": "serve-request/1", "mode": "stream", "status": "ok", "kind": "warm", "ttft_s": 0.01,
-           "e2e_s": 0.2, "wall_s": 0.2}
-    assert any("E2E (to the end of the stream" in line for line in latency_table([old]))
-    assert any("E2E (to the last token)" in line for line in latency_table([{**old, "schema": "serve-request/2"}]))
+    old = {"schema": "serve-request/1", "server": 0, "index": 1, "mode": "stream", "status": "ok", "kind": "warm",
+           "ttft_s": 0.01, "e2e_s": 0.2, "wall_s": 0.2}
+    assert any("E2E (to the end of the stream" in line for line in latency_table([ServeRequest.load(old)]))
+    assert any("E2E (to the last token)" in line
+               for line in latency_table([ServeRequest.load({**old, "schema": "serve-request/2"})]))

@@ -83,7 +83,9 @@ class StopRule:
 
 class Stopper:
     """Decides whether another run (or server) may start and whether a finished round is the last. Each
-    experiment subclasses it with its CIs (`widths`) and the file its checks go to (`stop_file`)."""
+    experiment subclasses it with its CIs (`widths`) and the file its checks go to (`stop_file`). The
+    records it is given are the experiment's typed records (harness.measure.records): each has a `round`;
+    `warmup` and `wall_real_s` are read where the record type has them."""
 
     stop_file: str
 
