@@ -637,7 +637,7 @@ def plot_itl_trace(rows: list[AllocRow], records: list[AllocRun], results: Resul
     traces = []
     for row in rows:
         run = _median_run([r for r in runs if r.allocator == row.allocator])
-        warm = ((run or {}).get("probe") or {}).get("warm") or []
+        warm = ((run.probe if run else None) or {}).get("warm") or []
         gaps = [g * 1000 for gen in warm for g in (gen.get("itl_s") or [])]
         if gaps:
             traces.append((row.allocator, run, gaps))
