@@ -87,18 +87,13 @@ class Record:
             raise RecordError(f"a {cls.FAMILY} record must be a JSON object, not {type(data).__name__}")
         cls._check_tag(data.get(SCHEMA_KEY))
         names = set(cls.field_names())
-        known = {k: v for k, v in cls.upgrade(dict(data)).items() if k in names}
+        known = {k: v for k, v in data.items() if k in names}
         missing = [f.name for f in fields(cls) if f.name in names and f.name not in known
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise RecordError(f"not a {cls.FAMILY} record: no {', '.join(missing)}")
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra, read_keys=tuple(data))
-
-    @classmethod
-    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """An older shape's values as the current fields mean them (the dict as read: nothing to do)."""
-        return data
 
     @classmethod
     def _check_tag(cls, schema: Any) -> None:

@@ -140,11 +140,10 @@ class ResultsDir:
         is not a whole JSON record, or not a record of `cls`'s family, is skipped and reported as
         read_jsonl's are."""
         records = []
-        with_numbers = self._numbered_jsonl(relpath)
-        for number, data in with_numbers:
+        for number, data in self._numbered_jsonl(relpath):
             try:
                 records.append(cls.load(data))
-            except (RecordError, TypeError):
+            except RecordError:
                 self._skipped[relpath].append(number)
         self._skipped[relpath].sort()
         return records
