@@ -18,6 +18,7 @@ from harness.errors import HarnessError, Interrupted, UsageError
 from harness.measure import options
 from harness.measure.allocators import KNOWN
 from harness.measure.options import csv_list, default_out
+from harness.measure.records import AllocRun
 from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
 from harness.serve import command as serve_command
@@ -50,7 +51,7 @@ def rebuild_reports(results: ResultsDir) -> None:
     """`harness report`: every report of the experiments in `results`, from its files."""
     if results.root.is_dir():
         results.lock()  # runs.jsonl is not read while another command appends to it
-    records = results.read_jsonl(alloc.RUNS_FILE)
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
     saved = results.read_json(alloc.CONFIG_FILE)
     has_serve = (results.root / "serve" / "config.json").exists()
     if not (records and saved is not None) and not has_serve:

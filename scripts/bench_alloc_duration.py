@@ -6,12 +6,16 @@ Prints figures; asserts nothing. Usage: .venv/bin/python scripts/bench_alloc_dur
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.measure.records import AllocRun  # noqa: E402
+from harness.measure.results import ResultsDir  # noqa: E402
 
 TARGET_S = 180.0
 
@@ -26,8 +30,8 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         elapsed = time.perf_counter() - t0
-        runs = [json.loads(line) for line in (Path(tmp) / "alloc/runs.jsonl").read_text().splitlines()]
-    ok = sum(r["status"] == "ok" for r in runs)
+        runs = ResultsDir(tmp).read_records("alloc/runs.jsonl", AllocRun)
+    ok = sum(r.ok for r in runs)
     print(f"default harness alloc (synthetic:tiny, glibc+jemalloc, 5 runs each, runner {args.runner}): "
           f"{elapsed:.1f} s for {len(runs)} runs ({ok} verified), exit code {proc.returncode}")
     print(f"target < {TARGET_S:.0f} s: {'met' if elapsed < TARGET_S else 'NOT met'}")

@@ -8,88 +8,101 @@
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.alloc.report import host_key  # noqa: E402
+from harness.alloc import report as alloc_report  # noqa: E402
+from harness.alloc import run as alloc_run  # noqa: E402
 from harness.alloc.runners.base import describe_cpus  # noqa: E402
 from harness.measure import stats  # noqa: E402
+from harness.measure.records import AllocRun, ServeRequest, StartupRecord  # noqa: E402
 from harness.measure.results import ResultsDir  # noqa: E402
-from harness.serve import comparison  # noqa: E402
+from harness.serve import comparison, timeline  # noqa: E402
 from harness.serve.config import ServeConfig  # noqa: E402
 from harness.serve.report import CONFIG_FILE, REQUESTS_FILE, STARTUP_FILE  # noqa: E402
 
 BEGIN, END = "<!-- reference:begin -->", "<!-- reference:end -->"
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def _gpu_used(run: Path) -> list[float]:
+    """GPU 0's memory used (MiB) at every sample of a serve run's timeline."""
+    return [row["gpu0_used_mb"] for row in timeline.load(ResultsDir(run)).rows
+            if row.get("gpu0_used_mb") is not None]
 
 
-def _gpu_name(env: dict) -> str:
-    devices = (env.get("gpu") or {}).get("devices") or []
-    return devices[0]["name"] if devices else "no GPU"
+def _as_in_csv(row: alloc_report.AllocRow) -> alloc_report.AllocRow:
+    """The row's figures as allocator_latency_comparison.csv holds them (6 significant digits), so the README
+    quotes the CSV's figures rather than rounding the exact ones a second way."""
+    return dataclasses.replace(row, **{name: float(f"{value:.6g}") for name in alloc_report.CSV_COLUMNS
+                                       if isinstance(value := getattr(row, name), float) and math.isfinite(value)})
 
 
-def _ci(r: dict[str, str], low: str, high: str) -> str:
-    return "–" if r["allocator"] == "glibc" or not r[low] else f"{float(r[low]):.3f}–{float(r[high]):.3f}"
+def _ci(row: alloc_report.AllocRow, low: float, high: float) -> str:
+    return "–" if row.allocator == "glibc" or math.isnan(low) else f"{low:.3f}–{high:.3f}"
 
 
-def _p(value: str) -> str:
-    return "–" if not value else f"{float(value):.3g}"
+def _p(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+ALLOC_LINES = ("answer", "noise", "hosts", "precision", "stopping", "run cost")  # the summary's lines quoted here
 
 
 def alloc_block(d: Path) -> list[str]:
-    rows = _rows(d / "alloc/allocator_latency_comparison.csv")
-    env = json.loads((d / "environment.json").read_text())
-    config = json.loads((d / "alloc/config.json").read_text())["config"]
-    hosts = len({host_key(e) for e in ResultsDir(d).environments()})
+    """An allocator experiment: its table and the harness's own answer, noise, hosts, precision, stopping and
+    run-cost lines (as alloc/summary.md has them), all computed from its records."""
+    results = ResultsDir(d)
+    records = results.read_records(alloc_run.RUNS_FILE, AllocRun)
+    config = results.read_json(alloc_run.CONFIG_FILE)["config"]
+    order = [a["name"] for a in config["allocators"]]
+    rows = alloc_report.allocator_rows(records, order, paired=bool(config.get("paired")))
+    environments = results.read_environments()
+    hosts = len({e.host_key for e in environments.values()})
     design = ("paired: each allocator's run beside a glibc run, one GPU and half the CPUs each"
               if config.get("paired") else "fresh process per run, one at a time, order rotated each round")
     if config.get("affinity"):
         design += f", each pinned to {describe_cpus(config['affinity'])}"
-    out = [f"**Allocator A/B** — `{config['model']}` on {_gpu_name(env)} ({config['device']}, "
-           f"{config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per run, "
-           f"{design}, {hosts} host(s) of this kind):", "",
+    out = [f"**Allocator A/B** — `{config['model']}` on {environments['environment.json'].gpu_name} "
+           f"({config['device']}, {config['max_new_tokens']} new tokens, {config['warm_gens']} warm generates per "
+           f"run, {design}, {hosts} host(s) of this kind):", "",
            "| allocator | gen_latency_s (median) | ratio vs glibc | 95 % CI | p | ITL p25 (ms) | ITL ratio | 95 % CI "
            "| p | peak RSS MB | n |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['allocator']} | {float(r['gen_latency_s']):.4f} | {float(r['ratio_vs_baseline']):.3f} "
-                   f"| {_ci(r, 'ratio_ci_low', 'ratio_ci_high')} | {_p(r['p_value'])} "
-                   f"| {float(r['itl_p25_s']) * 1e3:.2f} | {float(r['itl_ratio_vs_baseline']):.3f} "
-                   f"| {_ci(r, 'itl_ratio_ci_low', 'itl_ratio_ci_high')} | {_p(r['itl_p_value'])} "
-                   f"| {float(r['rss_mb']):.0f} | {r['n']} |")
-    # The harness's own answer, noise, hosts, precision, stopping and run-cost lines (alloc/summary.md), each a
-    # paragraph here.
-    lines = [line[2:].strip() for line in (d / "alloc/summary.md").read_text().splitlines()
-             if line.startswith(("- Answer", "- Noise", "- Hosts", "- Precision", "- Stopping", "- Run cost"))]
-    for line in lines:
-        out += ["", line]
+    for row in rows:
+        r = _as_in_csv(row)
+        out.append(f"| {r.allocator} | {r.gen_latency_s:.4f} | {r.ratio_vs_baseline:.3f} "
+                   f"| {_ci(r, r.ratio_ci_low, r.ratio_ci_high)} | {_p(r.p_value)} "
+                   f"| {r.itl_p25_s * 1e3:.2f} | {r.itl_ratio_vs_baseline:.3f} "
+                   f"| {_ci(r, r.itl_ratio_ci_low, r.itl_ratio_ci_high)} | {_p(r.itl_p_value)} "
+                   f"| {r.rss_mb:.0f} | {r.n} |")
+    lines = alloc_report.trust_lines(rows, config, records, environments, alloc_report.last_stop(results))
+    for kind, line in lines:
+        if kind in ALLOC_LINES:
+            out += ["", line]
     out += ["", "Verdicts: `alloc/summary.md`; per-run values: `alloc/runs.jsonl`."]
     return out
 
 
 def serve_block(d: Path) -> list[str]:
-    results = ResultsDir(d / "serve")
-    requests = [r for r in results.read_jsonl("requests.jsonl") if r.get("status") == "ok"]
+    results = ResultsDir(d)
+    requests = [r for r in results.read_records(REQUESTS_FILE, ServeRequest) if r.ok]
     config = json.loads((d / "serve/config.json").read_text())
-    env = json.loads((d / "serve/environment.json").read_text())
-    cold = [r["ttft_s"] for r in requests if r["kind"] == "cold"]
-    warm = [r["ttft_s"] for r in requests if r["kind"] == "warm"]
+    env = results.read_environment("serve/environment.json")
+    cold = [r.ttft_s for r in requests if r.kind == "cold"]
+    warm = [r.ttft_s for r in requests if r.kind == "warm"]
     c, w = stats.summarize(cold), stats.summarize(warm)
-    startups = [s for s in results.read_jsonl("startup.jsonl") if s.get("spawn_to_health_s") is not None]
-    health = stats.summarize([s["spawn_to_health_s"] for s in startups])
-    gpu = [float(row["gpu0_used_mb"]) for row in _rows(d / "serve/memory_timeline.csv") if row.get("gpu0_used_mb")]
+    startups = [s for s in results.read_records(STARTUP_FILE, StartupRecord) if s.spawn_to_health_s is not None]
+    health = stats.summarize([s.spawn_to_health_s for s in startups])
+    gpu = _gpu_used(d)
     model = config.get("model", "?") if isinstance(config, dict) else "?"
     engine = config.get("engine", "?") if isinstance(config, dict) else "?"
-    out = [f"**First-token path** — `{model}` on `{engine}`, {_gpu_name(env)}, {c.n} fresh server(s):", "",
+    out = [f"**First-token path** — `{model}` on `{engine}`, {env.gpu_name}, {c.n} fresh server(s):", "",
            "| | median | min | max | n |", "|---|---|---|---|---|",
            f"| cold TTFT (ms) | {c.median * 1e3:.1f} | {c.minimum * 1e3:.1f} | {c.maximum * 1e3:.1f} | {c.n} |",
            f"| warm TTFT (ms) | {w.median * 1e3:.1f} | {w.minimum * 1e3:.1f} | {w.maximum * 1e3:.1f} | {w.n} |",
@@ -105,56 +118,54 @@ def _median(values: list[float]) -> float:
     return stats.summarize(values).median
 
 
-def _startups(run: Path) -> list[dict]:
-    return [s for s in ResultsDir(run).read_jsonl("serve/startup.jsonl") if s.get("spawn_to_health_s")]
+def _startups(run: Path) -> list[StartupRecord]:
+    return [s for s in ResultsDir(run).read_records(STARTUP_FILE, StartupRecord) if s.spawn_to_health_s]
 
 
 def vllm_block(d: Path) -> list[str]:
     """A vLLM serving reference: `fresh/` (empty compile and Triton caches per start) and `shared/`
     (one cache across starts: the first fills it, the next ones hit it)."""
     runs = {name: d / name for name in ("fresh", "shared") if (d / name / "serve/startup.jsonl").exists()}
-    env = json.loads((runs["fresh"] / "serve/environment.json").read_text())
+    env = ResultsDir(runs["fresh"]).read_environment("serve/environment.json")
     config = json.loads((runs["fresh"] / "serve/config.json").read_text())
-    build = (env.get("extra") or env).get("server_vllm") or {}
+    build = env.added("server_vllm") or {}
     groups = {"fresh caches": _startups(runs["fresh"])}
     if "shared" in runs:
         groups["compile cache hit"] = [s for s in _startups(runs["shared"])
-                                       if (s.get("compile_cache") or {}).get("use") == "hit"]
-    requests = {name: [r for r in ResultsDir(path).read_jsonl("serve/requests.jsonl") if r.get("status") == "ok"]
+                                       if (s.compile_cache or {}).get("use") == "hit"]
+    requests = {name: [r for r in ResultsDir(path).read_records(REQUESTS_FILE, ServeRequest) if r.ok]
                 for name, path in runs.items()}
     every = [r for rs in requests.values() for r in rs]
     out = [f"**vLLM first-token path** — `{config['model']}` on vLLM {build.get('vllm', '?')} "
-           f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {_gpu_name(env)}, `--dtype "
+           f"({build.get('build', '?')}, torch {build.get('torch', '?')}), {env.gpu_name}, `--dtype "
            f"{config['dtype']} --max-model-len {config['max_model_len']} --gpu-memory-utilization "
            f"{config['gpu_memory_utilization']}`, {sum(len(_startups(run)) for run in runs.values())} "
            f"fresh servers, {config['max_tokens']} tokens per request:", "",
            "| request | TTFT median (ms) | TTFT min–max | TPOT median (ms) | E2E median (ms)"
-           + (" to the end of the stream (serve-request/1)" if any(r.get("schema") == "serve-request/1" for r in every)
-              else "") + " | n |",
+           + (" to the end of the stream (serve-request/1)" if any(r.version == 1 for r in every) else "") + " | n |",
            "|---|---|---|---|---|---|"]
     for kind, name in (("cold", "cold"), ("warm", "warm"), ("idle", "after an idle gap")):
-        rows = [r for r in every if r["kind"] == kind]
+        rows = [r for r in every if r.kind == kind]
         if rows:
-            t = stats.summarize([r["ttft_s"] for r in rows])
+            t = stats.summarize([r.ttft_s for r in rows])
             out.append(f"| {name} | {t.median * 1e3:.1f} | {t.minimum * 1e3:.1f}–{t.maximum * 1e3:.1f} | "
-                       f"{_median([r['tpot_s'] for r in rows]) * 1e3:.2f} | "
-                       f"{_median([r['e2e_s'] for r in rows]) * 1e3:.1f} | {len(rows)} |")
+                       f"{_median([r.tpot_s for r in rows]) * 1e3:.2f} | "
+                       f"{_median([r.e2e_s for r in rows]) * 1e3:.1f} | {len(rows)} |")
     out += ["", "Start-up (s, median over servers; phases from the server log, calibrated on these logs):", "",
             "| phase | " + " | ".join(f"{g} (n = {len(v)})" for g, v in groups.items()) + " |",
             "|---|" + "---|" * len(groups)]
-    labels = list(dict.fromkeys(p["label"] for v in groups.values() for s in v for p in s["phases"]))
+    labels = list(dict.fromkeys(p["label"] for v in groups.values() for s in v for p in s.phases))
     for label in labels:
         cells = []
         for v in groups.values():
-            found = [sum(p["duration_s"] for p in s["phases"] if p["label"] == label) for s in v]
+            found = [sum(p["duration_s"] for p in s.phases if p["label"] == label) for s in v]
             cells.append(f"{_median(found):.1f}" if found else "–")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    totals = {g: _median([s["spawn_to_health_s"] for s in v]) for g, v in groups.items() if v}
+    totals = {g: _median([s.spawn_to_health_s for s in v]) for g, v in groups.items() if v}
     out.append("| **spawn → /health 200** | " + " | ".join(f"**{t:.1f}**" for t in totals.values()) + " |")
-    coverage = min(1 - s["unaccounted_s"] / s["spawn_to_health_s"] for v in groups.values() for s in v)
-    gpu = [float(row["gpu0_used_mb"]) for run in runs.values() for row in _rows(run / "serve/memory_timeline.csv")
-           if row.get("gpu0_used_mb")]
-    figures = groups["fresh caches"][0].get("server_figures") or {}
+    coverage = min(s.coverage() for v in groups.values() for s in v)
+    gpu = [used for run in runs.values() for used in _gpu_used(run)]
+    figures = groups["fresh caches"][0].server_figures or {}
     out += ["", f"Named phases cover at least {100 * coverage:.2f} % of every start-up (spawn → /health 200). "
             + (f"A compile-cache hit saved {totals['fresh caches'] - totals['compile cache hit']:.1f} s "
                f"({100 * (1 - totals['compile cache hit'] / totals['fresh caches']):.0f} %) of the median start-up. "
@@ -177,16 +188,16 @@ def serve_alloc_block(d: Path) -> list[str]:
     one-off start-up costs and the verdicts, all computed again from its records."""
     results = ResultsDir(d)
     config = ServeConfig.from_dict(results.read_json(CONFIG_FILE))
-    env = json.loads((d / "serve/environment.json").read_text())
-    build = (env.get("extra") or env).get("server_vllm") or {}
-    startups = results.read_jsonl(STARTUP_FILE)
-    requests = results.read_jsonl(REQUESTS_FILE)
+    env = results.read_environment("serve/environment.json")
+    build = env.added("server_vllm") or {}
+    startups = results.read_records(STARTUP_FILE, StartupRecord)
+    requests = results.read_records(REQUESTS_FILE, ServeRequest)
     order, baseline = list(config.allocators), config.baseline
     rows = [r for r in comparison.rows(startups, requests, order, baseline) if r.metric.key in SERVE_ALLOC_KEYS]
     stops = [e for e in results.read_jsonl(comparison.STOP_FILE) if e.get("event") == "stop"]
-    rounds = len({s.get("round") for s in startups})
+    rounds = len({s.round for s in startups})
     out = [f"**Allocators on the serving path** — `{config.model}` on vLLM {build.get('vllm', '?')} "
-           f"({build.get('build', '?')}), {_gpu_name(env)}, `--dtype {config.dtype} --max-model-len "
+           f"({build.get('build', '?')}), {env.gpu_name}, `--dtype {config.dtype} --max-model-len "
            f"{config.max_model_len} --gpu-memory-utilization {config.gpu_memory_utilization} --compile-cache "
            f"{config.compile_cache}`; {rounds} round(s) of one fresh server per allocator ({', '.join(order)}), "
            f"the order rotated each round, {config.warm_requests} warm requests of {config.max_tokens} tokens per "
@@ -205,9 +216,9 @@ def serve_alloc_block(d: Path) -> list[str]:
                 for r in rows if r.metric.key == key and r.comparison is not None]
     warmup = d / "warmup/serve/startup.jsonl"
     if warmup.exists():
-        first = ResultsDir(d / "warmup").read_jsonl(STARTUP_FILE)[0]
+        first = ResultsDir(d / "warmup").read_records(STARTUP_FILE, StartupRecord)[0]
         out += ["", f"Before the comparison, one uncounted start filled the torch.compile cache (compile "
-                f"cache {(first.get('compile_cache') or {}).get('use', '?')}): {first['spawn_to_health_s']:.1f} s "
+                f"cache {(first.compile_cache or {}).get('use', '?')}): {first.spawn_to_health_s:.1f} s "
                 "to /health 200 (`warmup/serve/`)."]
     out += ["", "Every phase, per server: `serve/first_token_latency.md`; per allocator and metric: "
             "`serve/allocator_comparison.csv`; warm TTFT and TPOT by allocator: `serve/allocator_latency.png`."]

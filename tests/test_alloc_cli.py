@@ -293,28 +293,41 @@ def test_report_recomputes_the_artifacts_from_the_runs(alloc_dir, tmp_path):
     assert proc.returncode != 0 and "holds no experiment" in proc.stderr
 
 
+def _hosts_line(directory) -> str:
+    proc = run_harness("report", str(directory))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return next(x for x in (directory / "alloc/summary.md").read_text().splitlines() if x.startswith("- Hosts"))
+
+
 def test_report_tells_the_hosts_of_a_resumed_experiment_apart(alloc_dir, tmp_path):
     """Runs continued on another host (another environment file, another hostname): the summary gives each
-    host's level of the steady decode step, from the runs that ran there."""
-    copy = tmp_path / "copy"
-    (copy / "alloc").mkdir(parents=True)
-    for name in ("alloc/runs.jsonl", "alloc/config.json", "environment.json"):
-        (copy / name).write_bytes((alloc_dir / name).read_bytes())
-    runs = [json.loads(line) for line in (copy / "alloc/runs.jsonl").read_text().splitlines()]
-    first = json.loads((copy / "environment.json").read_text())
+    host's level of the steady decode step, from the runs that ran there. Each run names the environment
+    file of its invocation, so a host whose clock is off is still told apart; older runs (alloc-run/1, no
+    such name) are placed by the time each environment was collected."""
+    runs = [json.loads(line) for line in (alloc_dir / "alloc/runs.jsonl").read_text().splitlines()]
+    assert {r["schema"] for r in runs} == {"alloc-run/2"} and {r["environment"] for r in runs} == {"environment.json"}
+    first = json.loads((alloc_dir / "environment.json").read_text())
     second = json.loads(json.dumps(first))
     second["host"]["hostname"] = first["host"]["hostname"] + "-other"
-    second["collected_at"] = runs[4]["started_at"]  # runs 4.. ran after the second invocation began
-    (copy / "environment.resume-1.json").write_text(json.dumps(second))
-    proc = run_harness("report", str(copy))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(x for x in (copy / "alloc/summary.md").read_text().splitlines() if x.startswith("- Hosts"))
-    assert "runs came from 2 hosts" in line
-    for host, mine in ((first["host"]["hostname"], [r for r in runs[:4] if not r["warmup"]]),
-                       (second["host"]["hostname"], runs[4:])):
-        itl = sorted(r["itl_p25_s"] for r in mine)
-        median = (itl[(len(itl) - 1) // 2] + itl[len(itl) // 2]) / 2
-        assert f"{median * 1e3:.2f} ms on {host} ({len(mine)} runs)" in line
+    resumed = {**runs[4], "environment": "environment.resume-1.json"}  # runs 4.. ran in the second invocation
+    for name, shape, collected_at in (
+            ("named", lambda i, r: {**r, "environment": "environment.resume-1.json"} if i >= 4 else r,
+             "2000-01-01T00:00:00+00:00"),  # the second host's clock is far behind: the file name decides
+            ("older", lambda i, r: {k: v for k, v in r.items() if k != "environment"} | {"schema": "alloc-run/1"},
+             resumed["started_at"])):  # no file name: the runs after its collection belong to it
+        copy = tmp_path / name
+        (copy / "alloc").mkdir(parents=True)
+        for rel in ("alloc/config.json", "environment.json"):
+            (copy / rel).write_bytes((alloc_dir / rel).read_bytes())
+        (copy / "alloc/runs.jsonl").write_text("".join(json.dumps(shape(i, r)) + "\n" for i, r in enumerate(runs)))
+        (copy / "environment.resume-1.json").write_text(json.dumps({**second, "collected_at": collected_at}))
+        line = _hosts_line(copy)
+        assert "runs came from 2 hosts" in line, name
+        for host, mine in ((first["host"]["hostname"], [r for r in runs[:4] if not r["warmup"]]),
+                           (second["host"]["hostname"], runs[4:])):
+            itl = sorted(r["itl_p25_s"] for r in mine)
+            median = (itl[(len(itl) - 1) // 2] + itl[len(itl) // 2]) / 2
+            assert f"{median * 1e3:.2f} ms on {host} ({len(mine)} runs)" in line, name
     summary = (alloc_dir / "alloc/summary.md").read_text()
     assert "- Hosts" not in summary, "one host: no host line"
 

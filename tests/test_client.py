@@ -130,11 +130,13 @@ def test_stream_without_tokens_is_an_error(streaming_server: str) -> None:
 
 
 def test_report_labels_both_end_points(streaming_server: str) -> None:
+    from harness.measure.records import ServeRequest
     from harness.serve.report import latency_table
 
     with httpx.Client(timeout=30) as c:
         r = stream_request(c, streaming_server, "fake-model", "hi", 3, extra={"fake_tail_delay_s": 0.1})
-    table = "\n".join(latency_table([{**r.to_dict(), "status": "ok", "kind": "warm"}]))
+    record = ServeRequest.load({"server": 0, "index": 1, "kind": "warm", "status": "ok", **r.to_dict()})
+    table = "\n".join(latency_table([record]))
     e2e_row = next(line for line in table.splitlines() if "E2E (to the last token)" in line)
     wall_row = next(line for line in table.splitlines() if "wall (whole request)" in line)
     assert float(wall_row.split("|")[2]) - float(e2e_row.split("|")[2]) >= 95  # ms: the 0.1 s tail
@@ -142,9 +144,11 @@ def test_report_labels_both_end_points(streaming_server: str) -> None:
 
 def test_report_names_older_records_end_point() -> None:
     """serve-request/1 records (the committed H100 reference) ended E2E after [DONE]: the table says so."""
+    from harness.measure.records import ServeRequest
     from harness.serve.report import latency_table
 
-    old = {"schema": "serve-request/1", "mode": "stream", "status": "ok", "kind": "warm", "ttft_s": 0.01,
-           "e2e_s": 0.2, "wall_s": 0.2}
-    assert any("E2E (to the end of the stream" in line for line in latency_table([old]))
-    assert any("E2E (to the last token)" in line for line in latency_table([{**old, "schema": "serve-request/2"}]))
+    old = {"schema": "serve-request/1", "server": 0, "index": 1, "mode": "stream", "status": "ok", "kind": "warm",
+           "ttft_s": 0.01, "e2e_s": 0.2, "wall_s": 0.2}
+    assert any("E2E (to the end of the stream" in line for line in latency_table([ServeRequest.load(old)]))
+    assert any("E2E (to the last token)" in line
+               for line in latency_table([ServeRequest.load({**old, "schema": "serve-request/2"})]))

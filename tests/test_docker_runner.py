@@ -89,7 +89,7 @@ def test_failing_probe_recorded_with_exit_code_and_log_tail(runner):
                                warm_gens=1, max_new_tokens=4, runner="docker")
     run = alloc.plan(config)[0]
     record = alloc.build_record(config, run, 0, "now", outcome, "docker")
-    assert record["status"] == "failed" and record["exit_code"] == 2 and record["log_tail"]
+    assert record.status == "failed" and record.exit_code == 2 and record.log_tail
 
 
 def test_oom_killed_container_recorded_as_failed(runner):

@@ -121,7 +121,7 @@ def test_port_in_use_is_refused_before_start(tmp_path: Path) -> None:
     assert "already in use" in (out.error or "") and "already in use" in str(out.failure())
     report = (tmp_path / "r/serve/first_token_latency.md").read_text()
     assert "already in use" in report
-    assert out.startups[0]["status"] == "failed" and out.startups[0].get("pid") is None
+    assert out.startups[0].status == "failed" and out.startups[0].pid is None
 
 
 def test_non_streaming_server_gives_clear_error(tmp_path: Path) -> None:
@@ -133,12 +133,12 @@ def test_non_streaming_server_gives_clear_error(tmp_path: Path) -> None:
     assert out.exit_code == EXIT_FAULT
     assert "does not stream" in (out.error or "")
     assert (tmp_path / "r/serve/first_token_latency.md").exists()
-    assert out.requests[0]["failure_kind"] == "not_streaming"
+    assert out.requests[0].failure_kind == "not_streaming"
     # ... and the same server in plain mode (the seed's curl) is measured fine.
     plain = run_serve(ServeConfig(**{**cfg.to_dict(), "out": str(tmp_path / "p"), "request_mode": "plain",
                                      "idle_gaps": (), "extra_args": ()}), log=lambda m: None)
     assert plain.exit_code == EXIT_OK, plain.error
-    assert [r["kind"] for r in plain.requests] == ["cold", "warm", "warm"]
+    assert [r.kind for r in plain.requests] == ["cold", "warm", "warm"]
     for name in ARTIFACTS:
         assert (tmp_path / "p/serve" / name).exists(), name
 
@@ -160,9 +160,9 @@ def test_transformers_serve_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                       health_timeout_s=120)
     out = run_serve(cfg, log=lambda m: None)
     assert out.exit_code == EXIT_OK, out.error
-    assert [r["kind"] for r in out.requests] == ["cold", "warm"]
-    assert all(r["ttft_s"] and r["server_ttft_s"] is None for r in out.requests)
-    assert {"args", "app_startup"} <= {p["key"] for p in out.startups[0]["phases"]}
+    assert [r.kind for r in out.requests] == ["cold", "warm"]
+    assert all(r.ttft_s and r.server_ttft_s is None for r in out.requests)
+    assert {"args", "app_startup"} <= {p["key"] for p in out.startups[0].phases}
 
 
 def test_server_that_exits_during_startup(tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_server_that_exits_during_startup(tmp_path: Path) -> None:
     assert out.exit_code == EXIT_FAULT
     assert "exited with code 3 during start-up" in (out.error or "")
     st = out.startups[0]
-    assert st["exit_code"] == 3 and "boom: no GPU here" in st["log_tail"]
+    assert st.exit_code == 3 and "boom: no GPU here" in st.log_tail
     assert "boom: no GPU here" in (tmp_path / "r/serve/first_token_latency.md").read_text()
 
 
@@ -236,9 +236,9 @@ def test_vllm_attach_run_writes_report(vllm_server, tmp_path: Path) -> None:
     out = run_serve(ServeConfig(url=server.base_url, model=cfg.model, out=str(tmp_path / "a"),
                                 warm_requests=3, idle_gaps=(0.5,), max_tokens=8), log=lambda m: None)
     assert out.exit_code == EXIT_OK, out.error
-    kinds = [r["kind"] for r in out.requests]
+    kinds = [r.kind for r in out.requests]
     assert kinds == ["cold", "warm", "warm", "warm", "idle"]
-    assert all(r["status"] == "ok" and r["server_ttft_s"] is not None for r in out.requests)
+    assert all(r.status == "ok" and r.server_ttft_s is not None for r in out.requests)
     report = (tmp_path / "a/serve/first_token_latency.md").read_text()
     assert "no start-up figures" in report and "warm TTFT" in report
     assert (tmp_path / "a/serve/memory_timeline.csv").read_text().count("request_start:") == 5
@@ -374,9 +374,9 @@ def test_vllm_engine_core_killed_mid_run_is_named(tmp_path: Path) -> None:
 def test_vllm_health_timeout_and_death_during_startup(tmp_path: Path) -> None:
     out = run_serve(_vllm_config(tmp_path / "t", health_timeout_s=15), log=lambda m: None)
     assert out.exit_code == EXIT_FAULT and "not healthy after 15 s" in (out.error or "")
-    assert out.startups[0]["log_tail"]  # vLLM has logged its arguments by then (~9 s here)
+    assert out.startups[0].log_tail  # vLLM has logged its arguments by then (~9 s here)
     assert "Server log tail" in (tmp_path / "t/out/serve/first_token_latency.md").read_text()
-    assert group_members(out.startups[0]["pid"]) == []  # stopped
+    assert group_members(out.startups[0].pid) == []  # stopped
 
     cfg = _vllm_config(tmp_path / "d")
     log = tmp_path / "d/out/serve/server-0.log"
@@ -551,8 +551,8 @@ def test_engine_crash_during_requests_is_named(tmp_path: Path, model_cache: str)
                       health_timeout_s=60)
     out = run_serve(cfg, log=lambda m: None)
     assert out.exit_code == EXIT_FAULT
-    assert [r["status"] for r in out.requests] == ["ok", "ok", "failed"]
-    assert "EngineCore encountered an issue" in out.requests[2]["failure"]  # the error the stream carried
+    assert [r.status for r in out.requests] == ["ok", "ok", "failed"]
+    assert "EngineCore encountered an issue" in out.requests[2].failure  # the error the stream carried
     error = out.error or ""
     assert "without any text" not in error and "/health answered 503" in error and ENGINE_ERROR in error, error
     assert ENGINE_ERROR in (tmp_path / "r/serve/first_token_latency.md").read_text()

@@ -15,12 +15,14 @@ import math
 import os
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import run_harness
 
 from harness.measure.allocators import Allocator
+from harness.measure.records import ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.serve import allocation, comparison
 from harness.serve.config import ConfigError, ServeConfig, default_vllm_python
@@ -111,25 +113,25 @@ def test_config_refuses_what_cannot_work_together() -> None:
 
 
 # --- statistics and report on records built here ------------------------------------------------
-def _server(k: int, allocator: str, health: float, verified: bool = True, status: str = "ok") -> dict:
-    return {"server": k, "allocator": allocator, "round": k // 2, "status": status,
-            "failure": None if status == "ok" else "boom", "spawn_to_health_s": health,
-            "spawn_to_first_token_s": health + 1.0, "memory_peaks": {"server_rss_mb": 1000.0 + k},
-            "phases": [{"key": "args", "label": "API server: imports", "duration_s": health / 2}],
-            "allocator_check": {"verified": verified, "processes": [
-                {"pid": 1, "role": "api_server", "malloc": [], "verified": verified}]}}
+def _server(k: int, allocator: str, health: float, verified: bool = True, status: str = "ok") -> StartupRecord:
+    return StartupRecord(
+        server=k, allocator=allocator, round=k // 2, status=status, failure=None if status == "ok" else "boom",
+        spawn_to_health_s=health, spawn_to_first_token_s=health + 1.0, memory_peaks={"server_rss_mb": 1000.0 + k},
+        phases=[{"key": "args", "label": "API server: imports", "duration_s": health / 2}],
+        allocator_check={"verified": verified, "processes": [
+            {"pid": 1, "role": "api_server", "malloc": [], "verified": verified}]})
 
 
-def _requests(k: int, allocator: str, ttft: float, tpot: float) -> list[dict]:
-    cold = {"server": k, "allocator": allocator, "kind": "cold", "index": 0, "status": "ok", "ttft_s": 10 * ttft,
-            "tpot_s": tpot, "e2e_s": 10 * ttft + 8 * tpot, "wall_s": 10 * ttft + 8 * tpot}
-    warm = [{"server": k, "allocator": allocator, "kind": "warm", "index": i, "status": "ok",
-             "ttft_s": ttft * (1 + 0.01 * i), "tpot_s": tpot, "e2e_s": ttft + 8 * tpot, "wall_s": ttft + 8 * tpot}
+def _requests(k: int, allocator: str, ttft: float, tpot: float) -> list[ServeRequest]:
+    cold = ServeRequest(server=k, allocator=allocator, kind="cold", index=0, status="ok", ttft_s=10 * ttft,
+                        tpot_s=tpot, e2e_s=10 * ttft + 8 * tpot, wall_s=10 * ttft + 8 * tpot)
+    warm = [ServeRequest(server=k, allocator=allocator, kind="warm", index=i, status="ok",
+                         ttft_s=ttft * (1 + 0.01 * i), tpot_s=tpot, e2e_s=ttft + 8 * tpot, wall_s=ttft + 8 * tpot)
             for i in (1, 2, 3)]
     return [cold, *warm]
 
 
-def _experiment() -> tuple[list[dict], list[dict]]:
+def _experiment() -> tuple[list[StartupRecord], list[ServeRequest]]:
     """4 rounds of glibc/jemalloc; jemalloc's warm TTFT is 20 % lower; plus a failed jemalloc server and a
     jemalloc server that ran but was not verified, both with absurd figures that must not count."""
     startups, requests = [], []
@@ -204,8 +206,8 @@ def test_comparison_section_csv_and_plot(tmp_path: Path) -> None:
 def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
     startups, requests = _experiment()
     assert comparison.cache_line(startups) is None  # no cache use recorded: nothing to say
-    for s in startups:
-        s["compile_cache"] = {"mode": "shared", "use": "miss" if s["server"] == 0 else "hit"}
+    startups = [replace(s, compile_cache={"mode": "shared", "use": "miss" if s.server == 0 else "hit"})
+                for s in startups]
     section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc"))
     assert "server(s) 0 (glibc) missed it" in section
 
@@ -215,23 +217,21 @@ def test_a_one_off_phase_cost_is_named_and_ordinary_spread_is_not() -> None:
     startups, requests = _experiment()
     assert comparison.outlier_lines(startups) == []  # every server's phases alike: nothing to say
     for s in startups:
-        s["phases"].append({"key": "engine_finish", "label": "rest of engine init",
-                            "duration_s": 1.0 + s["server"] / 10})
-    startups[2]["phases"][-1]["duration_s"] = 13.3
+        s.phases.append({"key": "engine_finish", "label": "rest of engine init", "duration_s": 1.0 + s.server / 10})
+    startups[2].phases[-1]["duration_s"] = 13.3
     lines = comparison.outlier_lines(startups)
     assert lines == ["- server 2 (jemalloc, round 2) spent 13.3 s in rest of engine init, against a median 1.4 s on "
                      "the other servers"]
     assert "One-off start-up costs" in "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"],
                                                                    "glibc"))
-    startups[2]["phases"][-1]["duration_s"] = 4.0  # more than 3x, but not 5 s beyond: ordinary
+    startups[2].phases[-1]["duration_s"] = 4.0  # more than 3x, but not 5 s beyond: ordinary
     assert comparison.outlier_lines(startups) == []
 
 
 def test_no_ratios_without_a_counted_baseline() -> None:
     startups, requests = _experiment()
-    for s in startups:
-        if s["allocator"] == "glibc":
-            s["status"], s["failure"] = "failed", "not a glibc server: api_server maps libtcmalloc"
+    startups = [replace(s, status="failed", failure="not a glibc server: api_server maps libtcmalloc")
+                if s.allocator == "glibc" else s for s in startups]
     section = "\n".join(comparison.section(startups, requests, ["glibc", "jemalloc"], "glibc"))
     assert "the baseline glibc is missing, so there are no ratios" in section
     assert "Verdicts" not in section and "| glibc |" not in section
@@ -254,15 +254,15 @@ def test_interleaved_real_servers_each_verified(tmp_path: Path, jemalloc_path: s
     cfg = _fake(tmp_path)
     out = run_serve(cfg, log=lambda m: None)
     assert out.exit_code == EXIT_OK, out.error
-    assert [(s["allocator"], s["round"]) for s in out.startups] == [
+    assert [(s.allocator, s.round) for s in out.startups] == [
         ("glibc", 0), ("jemalloc", 0), ("jemalloc", 1), ("glibc", 1)]
     for s in out.startups:
-        check = s["allocator_check"]
-        assert s["status"] == "ok" and check["verified"], check
+        check = s.allocator_check
+        assert s.status == "ok" and check["verified"], check
         api = next(p for p in check["processes"] if p["role"] == "api_server")
-        assert api["malloc"] == ([] if s["allocator"] == "glibc" else [os.path.realpath(jemalloc_path)])
-        assert s["memory_peaks"]["server_rss_mb"] > 5
-    assert {(r["server"], r["allocator"]) for r in out.requests} == {(s["server"], s["allocator"])
+        assert api["malloc"] == ([] if s.allocator == "glibc" else [os.path.realpath(jemalloc_path)])
+        assert s.memory_peaks["server_rss_mb"] > 5
+    assert {(r.server, r.allocator) for r in out.requests} == {(s.server, s.allocator)
                                                                    for s in out.startups}
     serve = Path(cfg.out) / "serve"
     assert {r["allocator"] for r in _jsonl(serve / "requests.jsonl")} == {"glibc", "jemalloc"}
@@ -301,13 +301,13 @@ def test_a_server_under_another_allocator_is_failed_never_counted(tmp_path: Path
     logs: list[str] = []
     out = run_serve(cfg, log=logs.append)
     assert out.exit_code == EXIT_FAULT and out.error is None  # the comparison went on, and says it failed
-    by_arm = {name: [s for s in out.startups if s["allocator"] == name] for name in cfg.allocators}
+    by_arm = {name: [s for s in out.startups if s.allocator == name] for name in cfg.allocators}
     # jemalloc failed once, then was left out: its launcher does the same every time.
-    assert [s["status"] for s in by_arm["jemalloc"]] == ["failed"]
-    assert "beside" in by_arm["jemalloc"][0]["failure"] and "tcmalloc" in by_arm["jemalloc"][0]["failure"]
-    assert [s["status"] for s in by_arm["tcmalloc"]] == ["ok", "ok"]  # what it asked for is what it ran
-    failed_servers = {s["server"] for s in out.startups if s["status"] == "failed"}
-    assert not any(r["server"] in failed_servers for r in out.requests)  # stopped before any request
+    assert [s.status for s in by_arm["jemalloc"]] == ["failed"]
+    assert "beside" in by_arm["jemalloc"][0].failure and "tcmalloc" in by_arm["jemalloc"][0].failure
+    assert [s.status for s in by_arm["tcmalloc"]] == ["ok", "ok"]  # what it asked for is what it ran
+    failed_servers = {s.server for s in out.startups if s.status == "failed"}
+    assert not any(r.server in failed_servers for r in out.requests)  # stopped before any request
     assert any("failed server, not counted: not a jemalloc server" in m for m in logs)
     rows = comparison.rows(out.startups, out.requests, list(cfg.allocators), "tcmalloc")
     assert _row(rows, "warm_e2e_s", "jemalloc").summary.n == 0 and _row(rows, "warm_e2e_s", "tcmalloc").summary.n == 2
@@ -319,8 +319,8 @@ def test_a_server_under_another_allocator_is_failed_never_counted(tmp_path: Path
     cfg = _fake(tmp_path / "b", launcher, allocators=("glibc", "tcmalloc"), cold_starts=3)
     out = run_serve(cfg, log=lambda m: None)
     assert out.exit_code == EXIT_FAULT and "the baseline glibc is left out" in (out.error or "")
-    assert [(s["allocator"], s["status"]) for s in out.startups] == [("glibc", "failed"), ("tcmalloc", "ok")]
-    assert "not glibc malloc alone" in out.startups[0]["failure"]
+    assert [(s.allocator, s.status) for s in out.startups] == [("glibc", "failed"), ("tcmalloc", "ok")]
+    assert "not glibc malloc alone" in out.startups[0].failure
     report = (Path(cfg.out) / "serve/first_token_latency.md").read_text()
     assert "the baseline glibc is missing, so there are no ratios" in report
 
@@ -334,7 +334,7 @@ def test_open_ended_comparison_stops_on_harness_allocs_rule(tmp_path: Path) -> N
     events = _jsonl(Path(target.out) / comparison.STOP_FILE)
     checks, stop = [e for e in events if e["event"] == "check"], events[-1]
     assert checks[0]["round"] == 1 and stop["event"] == "stop"  # first check after round 2
-    assert stop["reason"] in ("target", "max-runs") and stop["rounds"] == len({s["round"] for s in out.startups})
+    assert stop["reason"] in ("target", "max-runs") and stop["rounds"] == len({s.round for s in out.startups})
     if stop["reason"] == "target":
         assert stop["widest"] <= 0.5 and checks[-1]["reached"]
     else:
@@ -348,7 +348,7 @@ def test_open_ended_comparison_stops_on_harness_allocs_rule(tmp_path: Path) -> N
     assert out.exit_code == EXIT_OK, out.error
     stop = _jsonl(Path(timed.out) / comparison.STOP_FILE)[-1]
     assert stop["reason"] == "time" and stop["elapsed_s"] < 4.0 + 30  # a server in flight is never cut
-    assert len(out.startups) >= 2 and all(s["status"] == "ok" for s in out.startups)
+    assert len(out.startups) >= 2 and all(s.status == "ok" for s in out.startups)
     assert "the time was up" in (Path(timed.out) / "serve/first_token_latency.md").read_text()
 
 

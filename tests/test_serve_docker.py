@@ -113,18 +113,18 @@ def test_full_docker_run(client, tmp_path: Path) -> None:
     serve = Path(cfg.out) / "serve"
     for name in ARTIFACTS:
         assert (serve / name).stat().st_size > 0, name
-    assert [r["kind"] for r in out.requests] == ["cold", "warm", "warm"]
-    assert all(r["status"] == "ok" and r["completion_tokens"] == 8 for r in out.requests)
+    assert [r.kind for r in out.requests] == ["cold", "warm", "warm"]
+    assert all(r.status == "ok" and r.completion_tokens == 8 for r in out.requests)
     st = out.startups[0]
-    assert st["runner"] == "docker" and st["status"] == "ok"
-    assert 0 < st["spawn_to_health_s"] < st["spawn_to_first_token_s"]
-    assert "--host" in st["argv"] and st["argv"][st["argv"].index("--host") + 1] == "127.0.0.1"
-    assert st["argv"][st["argv"].index("--model") + 1].startswith("/models/")
-    c = st["container"]
+    assert st.runner == "docker" and st.status == "ok"
+    assert 0 < st.spawn_to_health_s < st.spawn_to_first_token_s
+    assert "--host" in st.argv and st.argv[st.argv.index("--host") + 1] == "127.0.0.1"
+    assert st.argv[st.argv.index("--model") + 1].startswith("/models/")
+    c = st.container
     assert c["image"].startswith("sha256:") and c["stats_samples"] >= 3
     assert 200 < c["working_set_peak_mb"] <= c["peak_mb"] < 16384  # torch + vLLM, well under the host
-    assert st["allocators_mapped"]  # host PIDs of the container's processes, their maps read
-    keys = {p["key"] for p in st["phases"]}
+    assert st.allocators_mapped  # host PIDs of the container's processes, their maps read
+    keys = {p["key"] for p in st.phases}
     assert {"engine_start", "app_startup"} <= keys
     with open(serve / "memory_timeline.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -155,16 +155,16 @@ def test_allocator_images_interleaved_and_verified(client, tmp_path: Path) -> No
     preload = {name: (dict(e.partition("=")[::2] for e in i.attrs["Config"]["Env"]).get("LD_PRELOAD"))
                for name, i in images.items()}
     assert preload["glibc"] is None and preload["jemalloc"].endswith(".so.2") and "jemalloc" in preload["jemalloc"]
-    assert [s["allocator"] for s in out.startups] == ["glibc", "jemalloc"]
+    assert [s.allocator for s in out.startups] == ["glibc", "jemalloc"]
     for s in out.startups:
-        assert s["status"] == "ok" and s["container"]["image"] == images[s["allocator"]].id
-        check = s["allocator_check"]
+        assert s.status == "ok" and s.container["image"] == images[s.allocator].id
+        check = s.allocator_check
         assert check["verified"], check
         roles = {p["role"]: p["malloc"] for p in check["processes"]}
         assert {"init", "api_server", "engine_core"} <= set(roles), roles
-        want = [] if s["allocator"] == "glibc" else [preload["jemalloc"]]
+        want = [] if s.allocator == "glibc" else [preload["jemalloc"]]
         assert roles["api_server"] == want and roles["engine_core"] == want
-        assert s["memory_peaks"]["container_usage_mb"] > 200
+        assert s.memory_peaks["container_usage_mb"] > 200
     serve = Path(cfg.out) / "serve"
     report = (serve / "first_token_latency.md").read_text()
     for needle in ("## Allocators", "2 of 2 server(s) counted", "| warm TTFT (ms) | jemalloc |",

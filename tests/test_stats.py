@@ -2,11 +2,14 @@
 
 import math
 import re
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from harness.measure import stats
+from harness.measure.records import AllocRun
 
 
 def test_identical_samples_are_not_different():
@@ -83,24 +86,24 @@ def test_precision_line_plans_for_every_allocator_and_for_the_lead_alone():
     wide = stats.compare(list(1.0 + 0.30 * np.abs(rng.standard_normal(12))), base)
     for spread, mentioned in ((0.05, True), (0.001, False)):
         lead = stats.compare(list(1.0 + spread * rng.standard_normal(12)), base if mentioned else [1.0] * 12)
-        rows = [{"allocator": "glibc", "_comparison": stats.compare(base, base), "_itl": stats.compare(base, base)},
-                {"allocator": "jemalloc", "_comparison": lead, "_itl": lead},
-                {"allocator": "tcmalloc", "_comparison": wide, "_itl": wide}]
+        rows = [SimpleNamespace(allocator="glibc", comparison=stats.compare(base, base), itl=stats.compare(base, base)),
+                SimpleNamespace(allocator="jemalloc", comparison=lead, itl=lead),
+                SimpleNamespace(allocator="tcmalloc", comparison=wide, itl=wide)]
         line = precision_line(rows, "glibc", paired=False, lead="jemalloc")
         assert f"roughly {runs_needed(wide)} runs per allocator would narrow every one to ±3 %" in line
         assert (f", {runs_needed(lead)} for jemalloc alone" in line) is mentioned, line
         assert 12 < runs_needed(lead) < runs_needed(wide) if mentioned else runs_needed(lead) == 12
 
 
-def _runs(values: dict[str, list[float]], **extra) -> list[dict]:
+def _runs(values: dict[str, list[float]], **extra) -> list[AllocRun]:
     """Verified measured runs as runs.jsonl holds them, round by round (synthetic values)."""
     runs = []
     for i in range(max(len(v) for v in values.values())):
         for name, v in values.items():
             if i < len(v):
-                runs.append({"run_index": len(runs), "round": i, "allocator": name, "status": "ok", "warmup": False,
-                             "itl_p25_s": v[i], "gen_latency_s": 10 * v[i], "wall_real_s": 20.0,
-                             **{k: f(i, name) for k, f in extra.items()}})
+                runs.append(AllocRun(run_index=len(runs), round=i, position=0, allocator=name, status="ok",
+                                     itl_p25_s=v[i], gen_latency_s=10 * v[i], wall_real_s=20.0,
+                                     **{k: f(i, name) for k, f in extra.items()}))
     return runs
 
 
@@ -123,10 +126,10 @@ def test_signals_name_what_moved_with_the_slow_runs():
     assert "CPU frequency (mean) not readable on this host (no cpufreq scaling_cur_freq in sysfs)" in text
     assert "minor page faults median 505 (10–1000);" in text  # no ρ: within each allocator they never moved
     assert text.endswith("moved with the slow runs: hypervisor steal (the host, not the allocator, slowed those runs)")
-    calm = [{**r, "steal_pct": 0.0} for r in runs]
+    calm = [replace(r, steal_pct=0.0) for r in runs]
     assert signals_part(calm).endswith("none of them moved with the slow runs")
     # runs recorded before the probe read page faults and clocks: those signals are left out, not "unreadable"
-    old = [{k: v for k, v in r.items() if k != "noise"} for r in runs]
+    old = [AllocRun.load({k: v for k, v in r.to_dict().items() if k != "noise"}) for r in runs]
     assert "page faults" not in signals_part(old) and "GPU" not in signals_part(old)
     assert signals_part(runs[:2]) is None
 
@@ -202,13 +205,13 @@ class Clock:
 
 
 def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
-    from harness.measure.results import ResultsDir
     from harness.alloc.stopping import AllocStopper
+    from harness.measure.results import ResultsDir
     from harness.measure.stopping import StopRule
 
     clock = Clock()
-    stopper = AllocStopper(StopRule(target=None, metric="itl_p25", max_time_s=100.0), ResultsDir(tmp_path), ["glibc", "jemalloc"],
-                      clock=clock)
+    stopper = AllocStopper(StopRule(target=None, metric="itl_p25", max_time_s=100.0), ResultsDir(tmp_path),
+                           ["glibc", "jemalloc"], clock=clock)
     assert stopper.may_start(2, [])  # nothing measured yet: no estimate, the first run starts
     clock.now = 30.0
     stopper.unit_done(30.0)
@@ -223,8 +226,8 @@ def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
 
 def test_stopper_checks_the_width_once_a_round_from_the_minimum_on(tmp_path):
     """The check sees the rounds up to its own only, and stops on width whatever the ratio."""
-    from harness.measure.results import ResultsDir
     from harness.alloc.stopping import AllocStopper
+    from harness.measure.results import ResultsDir
     from harness.measure.stopping import StopRule
 
     rng = np.random.default_rng(11)
@@ -232,15 +235,15 @@ def test_stopper_checks_the_width_once_a_round_from_the_minimum_on(tmp_path):
                  "jemalloc": list(1.5 * np.exp(0.01 * rng.standard_normal(8)))}
     runs = _runs(far_apart)
     results = ResultsDir(tmp_path)
-    stopper = AllocStopper(StopRule(target=0.05, metric="itl_p25", min_rounds=3, max_rounds=6), results, ["glibc", "jemalloc"],
-                      warmup_rounds=1)
+    stopper = AllocStopper(StopRule(target=0.05, metric="itl_p25", min_rounds=3, max_rounds=6), results,
+                           ["glibc", "jemalloc"], warmup_rounds=1)
     assert list(stopper.rounds()) == [-1, 0, 1, 2, 3, 4, 5]
     assert not stopper.round_done(1, runs)  # before the third round: no check
     assert results.read_jsonl("alloc/stopping.jsonl") == []
     assert stopper.round_done(2, runs)  # far from 1, but narrow: the width alone decides
     check, stop = results.read_jsonl("alloc/stopping.jsonl")
-    upto = [r for r in runs if r["round"] <= 2]
-    comp = stats.compare([r["itl_p25_s"] for r in upto if r["allocator"] == "jemalloc"],
-                         [r["itl_p25_s"] for r in upto if r["allocator"] == "glibc"])
+    upto = [r for r in runs if r.round <= 2]
+    comp = stats.compare([r.itl_p25_s for r in upto if r.allocator == "jemalloc"],
+                         [r.itl_p25_s for r in upto if r.allocator == "glibc"])
     assert check["event"] == "check" and check["widest"] == pytest.approx(comp.half_width) and check["reached"]
     assert stop["event"] == "stop" and stop["reason"] == "target" and stop["round"] == 2

@@ -22,6 +22,7 @@ from harness.errors import HarnessError, Interrupted, RunnerError, UsageError
 from harness.measure import environment, options, stopping
 from harness.measure.allocators import KNOWN, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.measure.options import csv_list, default_out
+from harness.measure.records import AllocRun
 from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
 from harness.probe.models import ModelError, parse_model
@@ -236,7 +237,7 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
     finally:
         probes.close()
     rows = _report(results, config, names)
-    failed = [r for r in records if r["status"] != "ok"]
+    failed = [r for r in records if not r.ok]
     if rows:
         _print_rows(rows, results)
     elif records and len(failed) == len(records):
@@ -288,8 +289,8 @@ def _extent(config: alloc.AllocConfig, rule: stopping.StopRule | None) -> str:
     return "runs until " + " or ".join(until)
 
 
-def _failures(failed: list[dict[str, Any]]) -> str:
-    return "; ".join(sorted({r["failure"] or "unknown" for r in failed}))
+def _failures(failed: list[AllocRun]) -> str:
+    return "; ".join(sorted({r.failure or "unknown" for r in failed}))
 
 
 def _affinity(text: str) -> tuple[int, ...]:
@@ -306,8 +307,8 @@ def _affinity(text: str) -> tuple[int, ...]:
     return cpus
 
 
-def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[dict[str, Any]]:
-    records = results.read_jsonl(alloc.RUNS_FILE)
+def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[alloc_report.AllocRow]:
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
     if not any(not r.get("warmup") for r in records):
         return []
     return alloc_report.write(results, records, config.to_dict(), names)
@@ -321,7 +322,7 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("runs", total=total)
-        done_before = len(results.read_jsonl(alloc.RUNS_FILE)) if resume else 0
+        done_before = len(results.read_records(alloc.RUNS_FILE, AllocRun)) if resume else 0
         skipped = results.skipped_note(alloc.RUNS_FILE) if resume else None
         if skipped:
             progress.console.print(f"[yellow]warning[/]: {skipped}; runs it held are run again", soft_wrap=True)
@@ -339,10 +340,10 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
             who = f"{config.baseline.name} ‖ {run.pair}" if run.pair else run.allocator.name
             progress.update(task, description=f"{who:<9} {label}")
 
-        def on_run(run: alloc.PlannedRun, record: dict[str, Any]) -> None:
+        def on_run(run: alloc.PlannedRun, record: AllocRun) -> None:
             progress.advance(task)
-            if record["status"] != "ok":
-                progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record['failure']}")
+            if not record.ok:
+                progress.console.print(f"[red]run failed[/] ({run.allocator.name}): {record.failure}")
 
         records = alloc.execute(config, runner, results, resume=resume, environment=env, on_run=on_run,
                                 on_start=on_start, stopper=stopper)
@@ -368,11 +369,11 @@ def _cell(value: Any) -> Any:
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
+def _print_rows(rows: list[alloc_report.AllocRow], results: ResultsDir) -> None:
     from tabulate import tabulate
 
-    table = [[r["allocator"], *(_cell(r[k]) for k in ("gen_latency_s", "wall_real_s", "rss_mb",
-                                                       "ratio_vs_baseline", "p_value")), r["n"], r["n_failed"]]
+    table = [[r.allocator, *(_cell(getattr(r, k)) for k in ("gen_latency_s", "wall_real_s", "rss_mb",
+                                                             "ratio_vs_baseline", "p_value")), r.n, r.n_failed]
              for r in rows]
     click.echo(tabulate(table, headers=["allocator", "gen_latency_s", "wall_real_s", "rss_mb", "ratio", "p", "n",
                                         "failed"], disable_numparse=True))
@@ -381,14 +382,14 @@ def _print_rows(rows: list[dict[str, Any]], results: ResultsDir) -> None:
     click.echo("\nwrote " + "\n      ".join(str(p) for p in written if p.exists()))
 
 
-def no_measured_runs(results: ResultsDir, records: list[dict[str, Any]]) -> str:
-    failed = [r for r in records if r["status"] != "ok"]
+def no_measured_runs(results: ResultsDir, records: list[AllocRun]) -> str:
+    failed = [r for r in records if not r.ok]
     why = (f"{len(failed)} warm-up runs failed ({_failures(failed)})" if failed
            else f"{len(records)} warm-up runs only: continue it with --resume")
     return f"{results.root} holds no measured runs: {why}"
 
 
-def rebuild_report(results: ResultsDir, records: list[dict[str, Any]], saved: dict[str, Any]) -> None:
+def rebuild_report(results: ResultsDir, records: list[AllocRun], saved: dict[str, Any]) -> None:
     """`harness report` for an allocator experiment: CSV, summary and plots from its runs, and the table."""
     skipped = results.skipped_note(alloc.RUNS_FILE)
     if skipped:
@@ -401,7 +402,7 @@ def rebuild_report(results: ResultsDir, records: list[dict[str, Any]], saved: di
 
 def alloc_answer(results: ResultsDir) -> list[str]:
     """The allocator experiment's answer lines (alloc_report.answer_lines), from its files."""
-    records = results.read_jsonl(alloc.RUNS_FILE)
+    records = results.read_records(alloc.RUNS_FILE, AllocRun)
     config = (results.read_json(alloc.CONFIG_FILE) or {}).get("config")
     if not records or not config:
         return []

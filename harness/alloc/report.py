@@ -14,6 +14,7 @@ from tabulate import tabulate
 from harness.alloc.run import DEFAULT_METRIC, METRICS, measured_seconds
 from harness.alloc.runners.base import describe_cpus, describe_placement
 from harness.measure import stats
+from harness.measure.records import AllocRun, Environment
 from harness.measure.results import ResultsDir
 from harness.measure.stopping import STOP_REASONS, format_duration
 
@@ -45,120 +46,151 @@ def _median(values: Sequence[Any]) -> float:
     return stats.summarize(values).median
 
 
-def measured(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if not r.get("warmup")]
+def measured(records: list[AllocRun]) -> list[AllocRun]:
+    return [r for r in records if not r.warmup]
 
 
-def side_by_side(records: list[dict[str, Any]], candidate: str, baseline: str) -> list[tuple[dict, dict]]:
+def side_by_side(records: list[AllocRun], candidate: str, baseline: str) -> list[tuple[AllocRun, AllocRun]]:
     """Paired design: (candidate run, the baseline run that ran beside it), both verified."""
-    by_index = {r["run_index"]: r for r in records}
+    by_index = {r.run_index: r for r in records}
     pairs = []
     for r in records:
-        partner = by_index.get(r.get("concurrent_with"))
-        if (r["allocator"] == candidate and partner is not None and partner["allocator"] == baseline
-                and r["status"] == "ok" and partner["status"] == "ok"):
+        partner = by_index.get(r.concurrent_with)
+        if (r.allocator == candidate and partner is not None and partner.allocator == baseline
+                and r.ok and partner.ok):
             pairs.append((r, partner))
     return pairs
 
 
-def _compare(key: str, mine: list[dict], base_ok: list[dict], pairs: list[tuple[dict, dict]] | None):
+def _compare(key: str, mine: list[AllocRun], base_ok: list[AllocRun],
+             pairs: list[tuple[AllocRun, AllocRun]] | None) -> stats.Comparison:
     if pairs is not None:
-        return stats.compare_paired([(c.get(key), b.get(key)) for c, b in pairs])
-    return stats.compare([r.get(key) for r in mine], [r.get(key) for r in base_ok])
+        return stats.compare_paired([(c.value(key), b.value(key)) for c, b in pairs])
+    return stats.compare([r.value(key) for r in mine], [r.value(key) for r in base_ok])
 
 
 def baseline_of(order: list[str]) -> str:
     return "glibc" if "glibc" in order else order[0]
 
 
-def comparisons(records: list[dict[str, Any]], order: list[str], key: str,
+def comparisons(records: list[AllocRun], order: list[str], key: str,
                 paired: bool = False) -> dict[str, stats.Comparison]:
     """Every allocator but the baseline against it on one per-run value: the CIs of the CSV and summary."""
     runs = measured(records)
     baseline = baseline_of(order)
-    ok = {name: [r for r in runs if r["allocator"] == name and r["status"] == "ok"] for name in order}
+    ok = {name: [r for r in runs if r.allocator == name and r.ok] for name in order}
     return {name: _compare(key, ok[name], ok[baseline], side_by_side(runs, name, baseline) if paired else None)
             for name in order if name != baseline}
 
 
-def allocator_rows(records: list[dict[str, Any]], order: list[str], paired: bool = False) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class AllocRow:
+    """One allocator's line of the CSV and the summary: medians over its verified runs and its comparisons
+    against the baseline (None where a figure means nothing for the baseline itself)."""
+
+    allocator: str
+    gen_latency_s: float
+    wall_real_s: float
+    rss_mb: float
+    n: int
+    n_failed: int
+    gen_latency_ci_low: float
+    gen_latency_ci_high: float
+    ratio_vs_baseline: float
+    ratio_ci_low: float
+    ratio_ci_high: float
+    p_value: float | None
+    significant: bool | None
+    wall_ratio_vs_baseline: float
+    wall_p_value: float | None
+    rss_diff_mb: float | None
+    itl_p25_s: float
+    itl_p50_s: float
+    itl_ratio_vs_baseline: float
+    itl_ratio_ci_low: float
+    itl_ratio_ci_high: float
+    itl_p_value: float | None
+    itl_significant: bool | None
+    cold_latency_s: float
+    ttft_s: float
+    tpot_s: float
+    load_s: float
+    gpu_peak_allocated_mb: float
+    gpu_peak_reserved_mb: float
+    container_peak_mb: float
+    container_working_set_peak_mb: float
+    library: str | None
+    version: str | None
+    comparison: stats.Comparison  # generation latency against the baseline
+    itl: stats.Comparison  # ITL p25 against the baseline
+    wall: stats.Comparison  # the process's wall time against the baseline
+
+    def csv_row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in CSV_COLUMNS}
+
+
+def allocator_rows(records: list[AllocRun], order: list[str], paired: bool = False) -> list[AllocRow]:
     runs = measured(records)
-    baseline = "glibc" if "glibc" in order else order[0]
-    ok = {name: [r for r in runs if r["allocator"] == name and r["status"] == "ok"] for name in order}
-    base_ok = ok[baseline]
-    rows = []
-    for name in order:
-        mine = ok[name]
-        summary = stats.summarize([r["gen_latency_s"] for r in mine])
-        pairs = side_by_side(runs, name, baseline) if paired and name != baseline else None
-        comp = _compare("gen_latency_s", mine, base_ok, pairs)
-        itl = _compare("itl_p25_s", mine, base_ok, pairs)
-        wall = _compare("wall_real_s", mine, base_ok, pairs)
-        loaded = next((r["loaded_allocator"] for r in mine if r.get("loaded_allocator")), None) or {}
-        rss = _median([r["rss_mb"] for r in mine])
-        rows.append({
-            "allocator": name,
-            "gen_latency_s": summary.median,
-            "wall_real_s": _median([r["wall_real_s"] for r in mine]),
-            "rss_mb": rss,
-            "n": summary.n,
-            "n_failed": sum(1 for r in runs if r["allocator"] == name and r["status"] != "ok"),
-            "gen_latency_ci_low": summary.ci_low,
-            "gen_latency_ci_high": summary.ci_high,
-            "ratio_vs_baseline": comp.ratio,
-            "ratio_ci_low": comp.ratio_ci_low,
-            "ratio_ci_high": comp.ratio_ci_high,
-            "p_value": comp.p_value if name != baseline else None,
-            "significant": comp.significant if name != baseline else None,
-            "wall_ratio_vs_baseline": wall.ratio,
-            "wall_p_value": wall.p_value if name != baseline else None,
-            "rss_diff_mb": rss - _median([r["rss_mb"] for r in base_ok]) if base_ok else None,
-            "itl_p25_s": _median([r.get("itl_p25_s") for r in mine]),
-            "itl_p50_s": _median([r.get("itl_p50_s") for r in mine]),
-            "itl_ratio_vs_baseline": itl.ratio,
-            "itl_ratio_ci_low": itl.ratio_ci_low,
-            "itl_ratio_ci_high": itl.ratio_ci_high,
-            "itl_p_value": itl.p_value if name != baseline else None,
-            "itl_significant": itl.significant if name != baseline else None,
-            "cold_latency_s": _median([r["cold_latency_s"] for r in mine]),
-            "ttft_s": _median([r["ttft_s"] for r in mine]),
-            "tpot_s": _median([r["tpot_s"] for r in mine]),
-            "load_s": _median([r["load_s"] for r in mine]),
-            "gpu_peak_allocated_mb": _median([r["gpu_peak_allocated_mb"] for r in mine]),
-            "gpu_peak_reserved_mb": _median([r["gpu_peak_reserved_mb"] for r in mine]),
-            "container_peak_mb": _median([r.get("container_peak_mb") for r in mine]),
-            "container_working_set_peak_mb": _median([r.get("container_working_set_peak_mb") for r in mine]),
-            "library": loaded.get("malloc_library"),
-            "version": loaded.get("version"),
-            "_comparison": comp,
-            "_itl": itl,
-            "_wall": wall,
-        })
-    return rows
+    baseline = baseline_of(order)
+    ok = {name: [r for r in runs if r.allocator == name and r.ok] for name in order}
+    return [_allocator_row(name, ok[name], ok[baseline], runs, baseline,
+                           side_by_side(runs, name, baseline) if paired and name != baseline else None)
+            for name in order]
 
 
-def run_to_run_spread(runs: list[dict[str, Any]], key: str) -> float | None:
+def _allocator_row(name: str, mine: list[AllocRun], base_ok: list[AllocRun], runs: list[AllocRun], baseline: str,
+                   pairs: list[tuple[AllocRun, AllocRun]] | None) -> AllocRow:
+    summary = stats.summarize([r.gen_latency_s for r in mine])
+    comp = _compare("gen_latency_s", mine, base_ok, pairs)
+    itl = _compare("itl_p25_s", mine, base_ok, pairs)
+    wall = _compare("wall_real_s", mine, base_ok, pairs)
+    loaded = next((r.loaded_allocator for r in mine if r.loaded_allocator), None) or {}
+    rss = _median([r.rss_mb for r in mine])
+    is_base = name == baseline
+
+    def med(key: str) -> float:
+        return _median([r.value(key) for r in mine])
+
+    return AllocRow(
+        allocator=name, gen_latency_s=summary.median, wall_real_s=med("wall_real_s"), rss_mb=rss, n=summary.n,
+        n_failed=sum(1 for r in runs if r.allocator == name and not r.ok),
+        gen_latency_ci_low=summary.ci_low, gen_latency_ci_high=summary.ci_high,
+        ratio_vs_baseline=comp.ratio, ratio_ci_low=comp.ratio_ci_low, ratio_ci_high=comp.ratio_ci_high,
+        p_value=None if is_base else comp.p_value, significant=None if is_base else comp.significant,
+        wall_ratio_vs_baseline=wall.ratio, wall_p_value=None if is_base else wall.p_value,
+        rss_diff_mb=rss - _median([r.rss_mb for r in base_ok]) if base_ok else None,
+        itl_p25_s=med("itl_p25_s"), itl_p50_s=med("itl_p50_s"),
+        itl_ratio_vs_baseline=itl.ratio, itl_ratio_ci_low=itl.ratio_ci_low, itl_ratio_ci_high=itl.ratio_ci_high,
+        itl_p_value=None if is_base else itl.p_value, itl_significant=None if is_base else itl.significant,
+        cold_latency_s=med("cold_latency_s"), ttft_s=med("ttft_s"), tpot_s=med("tpot_s"), load_s=med("load_s"),
+        gpu_peak_allocated_mb=med("gpu_peak_allocated_mb"), gpu_peak_reserved_mb=med("gpu_peak_reserved_mb"),
+        container_peak_mb=med("container_peak_mb"), container_working_set_peak_mb=med("container_working_set_peak_mb"),
+        library=loaded.get("malloc_library"), version=loaded.get("version"),
+        comparison=comp, itl=itl, wall=wall)
+
+
+def run_to_run_spread(runs: list[AllocRun], key: str) -> float | None:
     """The standard deviation of log(run / its allocator's median) over verified runs (0.05: about 5 %), so
     allocator effects do not count as noise; an allocator with a single run tells nothing of it. None under
     3 runs that count."""
     import numpy as np
 
     medians = {}
-    for name in {r["allocator"] for r in runs}:
-        values = [r[key] for r in runs if r["allocator"] == name and r.get(key)]
+    for name in {r.allocator for r in runs}:
+        values = [r.value(key) for r in runs if r.allocator == name and r.value(key)]
         if len(values) >= 2:
             medians[name] = float(np.median(values))
-    logs = [math.log(r[key] / medians[r["allocator"]]) for r in runs if r.get(key) and r["allocator"] in medians]
+    logs = [math.log(r.value(key) / medians[r.allocator]) for r in runs if r.value(key) and r.allocator in medians]
     return float(np.std(logs, ddof=1)) if len(logs) >= 3 else None
 
 
-def noise_line(records: list[dict[str, Any]], paired: bool, metric: str = DEFAULT_METRIC) -> str | None:
+def noise_line(records: list[AllocRun], paired: bool, metric: str = DEFAULT_METRIC) -> str | None:
     """How noisy this host was: the run-to-run spread of each metric (each run divided by its allocator's
     median, so allocator effects do not count as noise), how many decode steps were slowed, and for the
     paired design how much the two sides of a pair moved together."""
     import numpy as np
 
-    runs = [r for r in measured(records) if r["status"] == "ok"]
+    runs = [r for r in measured(records) if r.ok]
     if len(runs) < 3:
         return None
     parts = []
@@ -168,9 +200,9 @@ def noise_line(records: list[dict[str, Any]], paired: bool, metric: str = DEFAUL
             parts.append(f"run-to-run spread of {label} {spread * 100:.1f} %")
     slowed = []
     for r in runs:
-        gaps = [g for gen in ((r.get("probe") or {}).get("warm") or []) for g in (gen.get("itl_s") or [])]
-        if gaps and r.get("itl_p25_s"):
-            slowed.append(sum(g > 1.5 * r["itl_p25_s"] for g in gaps) / len(gaps))
+        gaps = [g for gen in ((r.probe or {}).get("warm") or []) for g in (gen.get("itl_s") or [])]
+        if gaps and r.itl_p25_s:
+            slowed.append(sum(g > 1.5 * r.itl_p25_s for g in gaps) / len(gaps))
     if slowed:
         parts.append(f"decode steps slower than 1.5× their run's ITL p25: {np.median(slowed) * 100:.0f} % "
                      f"(median over runs, up to {max(slowed) * 100:.0f} %)")
@@ -178,19 +210,19 @@ def noise_line(records: list[dict[str, Any]], paired: bool, metric: str = DEFAUL
     if signals:
         parts.append(signals)
     if paired:
-        by_index = {r["run_index"]: r for r in runs}
-        sides = [(r, by_index[r["concurrent_with"]]) for r in runs
-                 if r.get("concurrent_with") in by_index and r["run_index"] < r["concurrent_with"]]
+        by_index = {r.run_index: r for r in runs}
+        sides = [(r, by_index[r.concurrent_with]) for r in runs
+                 if r.concurrent_with in by_index and r.run_index < r.concurrent_with]
         if len(sides) >= 3:
-            a = [math.log(x["itl_p25_s"]) for x, _ in sides]
-            b = [math.log(y["itl_p25_s"]) for _, y in sides]
+            a = [math.log(x.itl_p25_s) for x, _ in sides]
+            b = [math.log(y.itl_p25_s) for _, y in sides]
             parts.append(f"correlation of the two sides' ITL p25 within pairs r = {np.corrcoef(a, b)[0, 1]:.2f} "
                          "(near 1: pairing cancels the host's slow stretches; near 0: it cannot)")
     return ("Noise — " + "; ".join(parts) + ".") if parts else None
 
 
-def _noise(record: dict[str, Any], *path: str) -> Any:
-    value: Any = record.get("noise") or {}
+def _noise(record: AllocRun, *path: str) -> Any:
+    value: Any = record.noise or {}
     for key in path:
         value = (value or {}).get(key)
     return value
@@ -201,17 +233,17 @@ class Signal:
     """Something besides the allocator that can slow a run, as each run recorded it."""
 
     label: str
-    read: Callable[[dict[str, Any]], float | None]
+    read: Callable[[AllocRun], float | None]
     unit: str
     worse: int  # +1: more of it takes more from the run (steal); -1: less of it does (a clock)
-    unreadable: Callable[[dict[str, Any]], str | None] = lambda r: None  # why the probe could not read it
-    recorded: Callable[[dict[str, Any]], bool] = lambda r: bool(r.get("noise"))  # older probes did not record it
+    unreadable: Callable[[AllocRun], str | None] = lambda r: None  # why the probe could not read it
+    recorded: Callable[[AllocRun], bool] = lambda r: bool(r.noise)  # older probes did not record it
 
 
 SIGNALS = [
-    Signal("hypervisor steal", lambda r: r.get("steal_pct"), " %", +1, recorded=lambda r: "steal_pct" in r),
-    Signal("involuntary preemptions", lambda r: r.get("involuntary_switches"), "", +1,
-           recorded=lambda r: "involuntary_switches" in r),
+    Signal("hypervisor steal", lambda r: r.steal_pct, " %", +1, recorded=lambda r: r.recorded("steal_pct")),
+    Signal("involuntary preemptions", lambda r: r.involuntary_switches, "", +1,
+           recorded=lambda r: r.recorded("involuntary_switches")),
     Signal("minor page faults", lambda r: _noise(r, "minor_faults"), "", +1),
     Signal("major page faults", lambda r: _noise(r, "major_faults"), "", +1),
     Signal("GPU SM clock (lowest)", lambda r: _noise(r, "gpu", "sm_clock_min_mhz"), " MHz", -1,
@@ -227,16 +259,16 @@ MIN_RUNS_FOR_RHO = 8
 MIN_SPREAD_ROUNDS = 3  # rounds before a run-to-run spread means anything
 
 
-def _within_allocator(runs: list[dict[str, Any]], values: list[float]) -> list[float]:
+def _within_allocator(runs: list[AllocRun], values: list[float]) -> list[float]:
     """Each value minus its allocator's median: what varies from run to run, not between allocators."""
     import numpy as np
 
-    names = [r["allocator"] for r in runs]
+    names = [r.allocator for r in runs]
     medians = {a: float(np.median([v for n, v in zip(names, values, strict=True) if n == a])) for a in set(names)}
     return [v - medians[n] for n, v in zip(names, values, strict=True)]
 
 
-def _signal_text(signal: Signal, runs: list[dict[str, Any]], slowness: list[float]) -> tuple[str, bool] | None:
+def _signal_text(signal: Signal, runs: list[AllocRun], slowness: list[float]) -> tuple[str, bool] | None:
     """(what the signal did, whether it moved with the slow runs), or None where no run recorded it."""
     import numpy as np
     from scipy import stats as sps
@@ -266,18 +298,18 @@ def _num(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 100 or x == int(x) else f"{x:.1f}"
 
 
-def signals_part(runs: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> str | None:
+def signals_part(runs: list[AllocRun], metric: str = DEFAULT_METRIC) -> str | None:
     """What besides the allocator could have slowed each run while it measured (hypervisor steal, preemptions,
     page faults, GPU clocks and throttle reasons, CPU frequency), and which of them moved with the slow runs:
     the rank correlation ρ of each, within each allocator, with the run's `metric` (relative to its allocator's
     median). A signal that moved with the slow runs points at the host, not the allocator."""
     key = METRICS[metric]
-    runs = [r for r in runs if r.get(key)]
+    runs = [r for r in runs if r.value(key)]
     if len(runs) < 3:
         return None
-    names = {r["allocator"] for r in runs}
-    medians = {a: statistics.median(r[key] for r in runs if r["allocator"] == a) for a in names}
-    slowness = [math.log(r[key] / medians[r["allocator"]]) for r in runs]
+    names = {r.allocator for r in runs}
+    medians = {a: statistics.median(r.value(key) for r in runs if r.allocator == a) for a in names}
+    slowness = [math.log(r.value(key) / medians[r.allocator]) for r in runs]
     texts = [(sig, t) for sig, t in ((sig, _signal_text(sig, runs, slowness)) for sig in SIGNALS) if t is not None]
     if not texts:
         return None
@@ -290,40 +322,30 @@ def signals_part(runs: list[dict[str, Any]], metric: str = DEFAULT_METRIC) -> st
             + (f"; {verdict}" if verdict else ""))
 
 
-def host_key(environment: dict[str, Any]) -> str:
-    """What tells one host apart in an environment file: its GPUs' UUIDs, else its hostname."""
-    devices = (environment.get("gpu") or {}).get("devices") or []
-    if devices:
-        return ",".join(str(d.get("uuid", "?"))[:12] for d in devices)
-    host = environment.get("host") or {}
-    return str(host.get("hostname") or host.get("cpu_model") or "unknown host")
-
-
-def run_hosts(records: list[dict[str, Any]], environments: list[dict[str, Any]]) -> dict[int, str]:
-    """run_index → host key. Each invocation (first or --resume) writes an environment file before its
-    first run, so a run belongs to the last environment collected before it started."""
+def run_hosts(records: list[AllocRun], environments: dict[str, Environment]) -> dict[int, str]:
+    """run_index → host key. A run names the environment file of the invocation that ran it (alloc-run/2);
+    an older run belongs to the last environment collected before it started (each invocation, first or
+    --resume, writes one before its first run)."""
+    hosts = {r.run_index: environments[r.environment].host_key for r in records if r.environment in environments}
     when = dt.datetime.fromisoformat
-    sessions = sorted((when(e["collected_at"]), host_key(e)) for e in environments if e.get("collected_at"))
-    if not sessions:
-        return {}
-    hosts = {}
+    sessions = sorted((when(e.collected_at), e.host_key) for e in environments.values() if e.collected_at)
     for r in records:
-        if not r.get("started_at"):
+        if r.run_index in hosts or not r.started_at or not sessions:
             continue
-        started = when(r["started_at"])
+        started = when(r.started_at)
         earlier = [key for at, key in sessions if at <= started]
-        hosts[r["run_index"]] = earlier[-1] if earlier else sessions[0][1]
+        hosts[r.run_index] = earlier[-1] if earlier else sessions[0][1]
     return hosts
 
 
-def hosts_line(records: list[dict[str, Any]], environments: list[dict[str, Any]]) -> str | None:
+def hosts_line(records: list[AllocRun], environments: dict[str, Environment]) -> str | None:
     """Where runs came from more than one host: each host's level of the steady decode step, since a
     slower host widens every ratio CI."""
     hosts = run_hosts(records, environments)
     groups: dict[str, list[float]] = {}
     for r in measured(records):
-        if r["status"] == "ok" and r.get("itl_p25_s") and r["run_index"] in hosts:
-            groups.setdefault(hosts[r["run_index"]], []).append(r["itl_p25_s"])
+        if r.ok and r.itl_p25_s and r.run_index in hosts:
+            groups.setdefault(hosts[r.run_index], []).append(r.itl_p25_s)
     if len(groups) < 2:
         return None
     levels = ", ".join(f"{_median(v) * 1e3:.2f} ms on {key} ({len(v)} runs)" for key, v in groups.items())
@@ -341,13 +363,13 @@ def runs_needed(comp: stats.Comparison, target: float = PRECISION_TARGET) -> int
     return max(comp.n_candidate, math.ceil(comp.n_candidate * (comp.half_width / target) ** 2))
 
 
-def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead: str | None = None) -> str | None:
+def precision_line(rows: list[AllocRow], baseline: str, paired: bool, lead: str | None = None) -> str | None:
     """How far the widest ratio CI is from ±PRECISION_TARGET, and about how many runs would reach it, for
     every allocator and for the lead one (jemalloc) alone. ±X is the CI's half-width, as for --target-ci."""
     parts = []
-    for key, label in (("_comparison", "generation latency"), ("_itl", "decode step (ITL p25)")):
-        named = {r["allocator"]: r[key] for r in rows
-                 if r["allocator"] != baseline and not math.isnan(r[key].ratio_ci_low)}
+    for key, label in (("comparison", "generation latency"), ("itl", "decode step (ITL p25)")):
+        named = {r.allocator: getattr(r, key) for r in rows
+                 if r.allocator != baseline and not math.isnan(getattr(r, key).ratio_ci_low)}
         comps = list(named.values())
         if not comps:
             continue
@@ -364,10 +386,10 @@ def precision_line(rows: list[dict[str, Any]], baseline: str, paired: bool, lead
     return ("Precision — " + "; ".join(parts) + " (`--resume` with a larger `--runs` adds runs).") if parts else None
 
 
-def share_line(records: list[dict[str, Any]]) -> str | None:
+def share_line(records: list[AllocRun]) -> str | None:
     """How much of each run's wall time was measured generation, the rest being start-up and exit."""
-    runs = [r for r in measured(records) if r["status"] == "ok" and r.get("wall_real_s")]
-    shares = [(measured_seconds(r.get("probe")) or 0.0, r["wall_real_s"]) for r in runs]
+    runs = [r for r in measured(records) if r.ok and r.wall_real_s]
+    shares = [(measured_seconds(r.probe) or 0.0, r.wall_real_s) for r in runs]
     shares = [(m, w) for m, w in shares if m > 0]
     if not shares:
         return None
@@ -378,7 +400,7 @@ def share_line(records: list[dict[str, Any]]) -> str | None:
             "model, cold generate) and exit.")
 
 
-def stopping_line(stop: dict[str, Any] | None, records: list[dict[str, Any]], order: list[str],
+def stopping_line(stop: dict[str, Any] | None, records: list[AllocRun], order: list[str],
                   paired: bool) -> str | None:
     """What stopped an open-ended experiment (--target-ci / --max-time), and the CI its runs reached."""
     if not stop:
@@ -392,7 +414,7 @@ def stopping_line(stop: dict[str, Any] | None, records: list[dict[str, Any]], or
     target = rule.get("target")
     aim = f" against a target of ±{target * 100:g} %" if target else ""
     limit = f", --max-time {format_duration(rule['max_time_s'])}" if rule.get("max_time_s") else ""
-    rounds = len({r["round"] for r in measured(records)})
+    rounds = len({r.round for r in measured(records)})
     text = (f"Stopping — stopped because {STOP_REASONS.get(stop['reason'], stop['reason'])}, after {rounds} "
             f"measured round(s) in {format_duration(stop.get('elapsed_s') or 0)}{limit}: on the "
             f"{METRIC_LABELS[metric]}, {reached}{aim}.")
@@ -408,7 +430,7 @@ def runs_for(spread: float, target: float) -> int:
     return math.ceil(math.pi * (Z95 * spread / math.log1p(target)) ** 2)
 
 
-def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: list[str]) -> list[str]:
+def answer_lines(records: list[AllocRun], config: dict[str, Any], order: list[str]) -> list[str]:
     """The answer a user can act on, per allocator against the baseline, on the experiment's metric: a
     verdict (a significant change, or none beyond a bound within the target), or 'inconclusive on this
     host' with the spread and how many runs (and minutes) a target-wide answer would need: scaled from the
@@ -418,9 +440,9 @@ def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: l
     target = config.get("target_ci") or PRECISION_TARGET
     paired = bool(config.get("paired"))
     baseline = baseline_of(order)
-    runs = [r for r in measured(records) if r["status"] == "ok"]
+    runs = [r for r in measured(records) if r.ok]
     spread = run_to_run_spread(runs, key)
-    walls = [r["wall_real_s"] for r in runs if r.get("wall_real_s")]
+    walls = [r.wall_real_s for r in runs if r.wall_real_s]
     lines = []
     for name, comp in comparisons(records, order, key, paired).items():
         head = f"{name} vs {baseline}, {label}:"
@@ -443,9 +465,9 @@ def answer_lines(records: list[dict[str, Any]], config: dict[str, Any], order: l
     return lines
 
 
-def _first_estimate(records: list[dict[str, Any]], order: list[str], paired: bool) -> str:
+def _first_estimate(records: list[AllocRun], order: list[str], paired: bool) -> str:
     """How long the MIN_SPREAD_ROUNDS rounds that a first spread estimate needs would take, from any run's wall."""
-    walls = [r["wall_real_s"] for r in records if r["status"] == "ok" and r.get("wall_real_s")]
+    walls = [r.wall_real_s for r in records if r.ok and r.wall_real_s]
     if not walls:
         return "run it longer (--max-time, or more --runs)"
     per_round = (len(order) - 1 if paired else len(order)) * statistics.median(walls)
@@ -472,42 +494,75 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
-def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records: list[dict[str, Any]],
-                     environments: list[dict[str, Any]] | None = None, stop: dict[str, Any] | None = None) -> str:
-    baseline = "glibc" if any(r["allocator"] == "glibc" for r in rows) else rows[0]["allocator"]
+def lead_row(rows: list[AllocRow], baseline: str) -> AllocRow | None:
+    """The allocator the summary leads with: jemalloc, else the first one compared with the baseline."""
+    candidates = [r for r in rows if r.allocator != baseline]
+    return next((r for r in candidates if r.allocator == "jemalloc"), candidates[0] if candidates else None)
+
+
+TRUST_KINDS = ("answer", "paired", "noise", "hosts", "precision", "stopping", "run cost", "failed")
+
+
+def trust_lines(rows: list[AllocRow], config: dict[str, Any], records: list[AllocRun],
+                environments: dict[str, Environment] | None = None,
+                stop: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(kind, line) of the summary's "How far to trust these figures": the answer per allocator, the paired
+    design, noise, hosts, precision, stopping, run cost and failed runs (kinds: TRUST_KINDS), where each applies."""
+    order = [r.allocator for r in rows]
+    baseline = baseline_of(order)
     paired = bool(config.get("paired"))
-    base = next(r for r in rows if r["allocator"] == baseline)
-    runs = measured(records)
-    failed = [r for r in runs if r["status"] != "ok"]
-    candidates = [r for r in rows if r["allocator"] != baseline]
-    lead = next((r for r in candidates if r["allocator"] == "jemalloc"), candidates[0] if candidates else None)
+    lead = lead_row(rows, baseline)
+    out = [("answer", f"Answer — {line}") for line in answer_lines(records, config, order)]
+    if paired:
+        halves = "; ".join(f"side {i}: {describe_placement(p)}" for i, p in enumerate(config.get("placements") or []))
+        out.append(("paired", f"Paired design: every run of another allocator ran at the same time as a {baseline} "
+                    f"run, each on its own half of the host ({halves}), sides swapped every round; ratios are "
+                    "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank."))
+    out += [("noise", noise_line(records, paired, config.get("metric") or DEFAULT_METRIC)),
+            ("hosts", hosts_line(records, environments or {})),
+            ("precision", precision_line(rows, baseline, paired, lead.allocator if lead else None)),
+            ("stopping", stopping_line(stop, records, order, paired)), ("run cost", share_line(records))]
+    failed = [r for r in measured(records) if not r.ok]
+    if failed:
+        reasons = sorted({r.failure or "unknown" for r in failed})
+        out.append(("failed", f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3])))
+    return [(kind, text) for kind, text in out if text]
+
+
+def summary_markdown(rows: list[AllocRow], config: dict[str, Any], records: list[AllocRun],
+                     environments: dict[str, Environment] | None = None, stop: dict[str, Any] | None = None) -> str:
+    baseline = "glibc" if any(r.allocator == "glibc" for r in rows) else rows[0].allocator
+    paired = bool(config.get("paired"))
+    base = next(r for r in rows if r.allocator == baseline)
+    candidates = [r for r in rows if r.allocator != baseline]
+    lead = lead_row(rows, baseline)
     head: list[str] = []  # 3-5 bullets on the lead allocator (jemalloc), as the seed asks
     every: list[str] = []  # the full verdicts of the other allocators
     useful = max(config.get("target_ci") or 0.0, stats.USEFUL_BOUND)
     for row in candidates:
-        lines = [stats.verdict(row["allocator"], baseline, row["_comparison"], "generation latency", paired, useful)]
-        if row["_itl"].n_candidate:
-            lines.append(stats.verdict(row["allocator"], baseline, row["_itl"], "decode step time (ITL p25)",
+        lines = [stats.verdict(row.allocator, baseline, row.comparison, "generation latency", paired, useful)]
+        if row.itl.n_candidate:
+            lines.append(stats.verdict(row.allocator, baseline, row.itl, "decode step time (ITL p25)",
                                        paired, useful))
-        wall: stats.Comparison = row["_wall"]
-        rss_diff = row["rss_diff_mb"]
+        wall: stats.Comparison = row.wall
+        rss_diff = row.rss_diff_mb
         rss_text = ("–" if rss_diff is None or math.isnan(rss_diff)
-                    else f"{rss_diff:+.1f} MB ({rss_diff / base['rss_mb'] * 100:+.1f} %)")
-        lines.append(f"{row['allocator']}: process wall time ratio {_fmt(wall.ratio)} "
-                     f"(p = {_fmt(wall.p_value, 3)}); peak RSS {_fmt(row['rss_mb'])} MB vs "
-                     f"{_fmt(base['rss_mb'])} MB, a difference of {rss_text}.")
+                    else f"{rss_diff:+.1f} MB ({rss_diff / base.rss_mb * 100:+.1f} %)")
+        lines.append(f"{row.allocator}: process wall time ratio {_fmt(wall.ratio)} "
+                     f"(p = {_fmt(wall.p_value, 3)}); peak RSS {_fmt(row.rss_mb)} MB vs "
+                     f"{_fmt(base.rss_mb)} MB, a difference of {rss_text}.")
         (head if row is lead else every).extend(lines)
     others = [r for r in candidates if r is not lead]
     if others:
         head.append("Other allocators vs " + baseline + ": " + "; ".join(
-            f"{r['allocator']} latency ratio {_ratio(r['ratio_vs_baseline'])} "
-            f"({_range(r['ratio_ci_low'], r['ratio_ci_high'])}), ITL ratio {_ratio(r['itl_ratio_vs_baseline'])} "
-            f"({_range(r['itl_ratio_ci_low'], r['itl_ratio_ci_high'])})"
-            + (" — significant" if r["significant"] or r["itl_significant"] else "") for r in others)
+            f"{r.allocator} latency ratio {_ratio(r.ratio_vs_baseline)} "
+            f"({_range(r.ratio_ci_low, r.ratio_ci_high)}), ITL ratio {_ratio(r.itl_ratio_vs_baseline)} "
+            f"({_range(r.itl_ratio_ci_low, r.itl_ratio_ci_high)})"
+            + (" — significant" if r.significant or r.itl_significant else "") for r in others)
             + " (verdicts below).")
-    n_min = min((r["n"] for r in rows), default=0)
+    n_min = min((r.n for r in rows), default=0)
     head.append(
-        f"Setup: {config.get('model')} on {records[0].get('device') if records else config.get('device')}, "
+        f"Setup: {config.get('model')} on {records[0].device if records else config.get('device')}, "
         f"{n_min}+ verified runs per allocator (fresh process each, interleaved, "
         + (f"each pinned to {describe_cpus(config['affinity'])}, " if config.get("affinity") else "")
         + f"{config.get('warmup_runs', 0)} warm-up round(s) discarded), gen_latency_s = median of "
@@ -515,34 +570,14 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
            if config.get("measure_s") is not None else f"{config.get('warm_gens')} warm generate calls")
         + f" of {config.get('max_new_tokens')} tokens per run; "
         "itl_p25_s = lower quartile of every inter-token gap of those calls.")
-    sure: list[str] = [f"Answer — {line}" for line in answer_lines(records, config, [r["allocator"] for r in rows])]
-    if paired:
-        halves = "; ".join(f"side {i}: {describe_placement(p)}" for i, p in enumerate(config.get("placements") or []))
-        sure.append(f"Paired design: every run of another allocator ran at the same time as a {baseline} run, "
-                    f"each on its own half of the host ({halves}), sides swapped every round; ratios are "
-                    "medians of the per-pair ratios, CIs bootstrap over pairs, p-values Wilcoxon signed-rank.")
-    noise = noise_line(records, paired, config.get("metric") or DEFAULT_METRIC)
-    if noise:
-        sure.append(noise)
-    hosts = hosts_line(records, environments or [])
-    if hosts:
-        sure.append(hosts)
-    precision = precision_line(rows, baseline, paired, lead["allocator"] if lead else None)
-    if precision:
-        sure.append(precision)
-    for line in (stopping_line(stop, records, [r["allocator"] for r in rows], paired), share_line(records)):
-        if line:
-            sure.append(line)
-    if failed:
-        reasons = sorted({r["failure"] or "unknown" for r in failed})
-        sure.append(f"{len(failed)} run(s) failed and were not counted: " + "; ".join(reasons[:3]))
-    table = [[r["allocator"], _fmt(r["gen_latency_s"]),
-              _range(r["gen_latency_ci_low"], r["gen_latency_ci_high"]),
-              _fmt(r["ratio_vs_baseline"]), _range(r["ratio_ci_low"], r["ratio_ci_high"]),
-              _fmt(r["p_value"], 3), _fmt(_ms(r["itl_p25_s"])), _fmt(r["itl_ratio_vs_baseline"]),
-              _range(r["itl_ratio_ci_low"], r["itl_ratio_ci_high"]), _fmt(r["itl_p_value"], 3),
-              _fmt(r["wall_real_s"]), _fmt(r["rss_mb"]), r["n"], r["n_failed"],
-              f"{r['library'] or '(libc)'} {r['version'] or ''}".strip()]
+    sure = [text for _, text in trust_lines(rows, config, records, environments, stop)]
+    table = [[r.allocator, _fmt(r.gen_latency_s),
+              _range(r.gen_latency_ci_low, r.gen_latency_ci_high),
+              _fmt(r.ratio_vs_baseline), _range(r.ratio_ci_low, r.ratio_ci_high),
+              _fmt(r.p_value, 3), _fmt(_ms(r.itl_p25_s)), _fmt(r.itl_ratio_vs_baseline),
+              _range(r.itl_ratio_ci_low, r.itl_ratio_ci_high), _fmt(r.itl_p_value, 3),
+              _fmt(r.wall_real_s), _fmt(r.rss_mb), r.n, r.n_failed,
+              f"{r.library or '(libc)'} {r.version or ''}".strip()]
              for r in rows]
     headers = ["allocator", "gen_latency_s", "95% CI", f"ratio vs {baseline}", "ratio CI", "p",
                "itl_p25_ms", "ITL ratio", "ITL ratio CI", "ITL p", "wall_real_s", "rss_mb", "n", "failed",
@@ -564,20 +599,20 @@ def summary_markdown(rows: list[dict[str, Any]], config: dict[str, Any], records
             "Raw runs: `runs.jsonl`.\n")
 
 
-def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: ResultsDir) -> None:
+def plot(rows: list[AllocRow], records: list[AllocRun], results: ResultsDir) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in measured(records) if r["status"] == "ok"]
-    names = [r["allocator"] for r in rows]
+    runs = [r for r in measured(records) if r.ok]
+    names = [r.allocator for r in rows]
     panels = [("gen_latency_s", "gen_latency per run (ms)\nmedian of warm generates", "Generation latency")]
-    if any(r.get("itl_p25_s") is not None for r in runs):
+    if any(r.itl_p25_s is not None for r in runs):
         panels.append(("itl_p25_s", "ITL p25 per run (ms)\nlower quartile of inter-token gaps", "Decode step"))
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.8 + 1.4 * len(names)), 4), squeeze=False)
     for ax, (key, ylabel, title) in zip(axes[0], panels, strict=True):
-        data = [[r[key] * 1000 for r in runs if r["allocator"] == n and r.get(key) is not None] for n in names]
+        data = [[r.value(key) * 1000 for r in runs if r.allocator == n and r.value(key) is not None] for n in names]
         ax.boxplot(data, showfliers=False)
         ax.set_xticks(range(1, len(names) + 1), names)
         for i, values in enumerate(data, start=1):
@@ -590,22 +625,22 @@ def plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: Res
     plt.close(fig)
 
 
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ranked = sorted((r for r in runs if r.get("gen_latency_s") is not None), key=lambda r: r["gen_latency_s"])
+def _median_run(runs: list[AllocRun]) -> AllocRun | None:
+    ranked = sorted((r for r in runs if r.gen_latency_s is not None), key=lambda r: r.gen_latency_s)
     return ranked[(len(ranked) - 1) // 2] if ranked else None
 
 
-def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], results: ResultsDir) -> bool:
+def plot_itl_trace(rows: list[AllocRow], records: list[AllocRun], results: ResultsDir) -> bool:
     """Every inter-token gap of one run per allocator (its median run), in order: shows whether noise is
     bursts of slow steps on a shared host or a steady shift. False when the probes kept no gaps."""
-    runs = [r for r in measured(records) if r["status"] == "ok"]
+    runs = [r for r in measured(records) if r.ok]
     traces = []
     for row in rows:
-        run = _median_run([r for r in runs if r["allocator"] == row["allocator"]])
-        warm = ((run or {}).get("probe") or {}).get("warm") or []
+        run = _median_run([r for r in runs if r.allocator == row.allocator])
+        warm = ((run.probe if run else None) or {}).get("warm") or []
         gaps = [g * 1000 for gen in warm for g in (gen.get("itl_s") or [])]
         if gaps:
-            traces.append((row["allocator"], run, gaps))
+            traces.append((row.allocator, run, gaps))
     if not traces:
         return False
     import matplotlib
@@ -617,12 +652,12 @@ def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], re
                              squeeze=False)
     for ax, (name, run, gaps) in zip(axes[:, 0], traces, strict=True):
         ax.plot(range(len(gaps)), gaps, lw=0.8)
-        if run.get("itl_p25_s") is not None:
-            ax.axhline(run["itl_p25_s"] * 1000, color="k", lw=0.8, ls="--", label="ITL p25")
+        if run.itl_p25_s is not None:
+            ax.axhline(run.itl_p25_s * 1000, color="k", lw=0.8, ls="--", label="ITL p25")
             ax.legend(loc="upper right", fontsize=7)
         ax.set_ylabel(f"{name}\nITL (ms)")
         ax.grid(alpha=0.3)
-        ax.set_title(f"{name}: run {run['run_index']} (median gen_latency run), {run['started_at'][:19]}",
+        ax.set_title(f"{name}: run {run.run_index} (median gen_latency run), {run.started_at[:19]}",
                      fontsize=8, loc="left")
     axes[-1, 0].set_xlabel("decode step, all warm generates of the run in order")
     fig.tight_layout()
@@ -631,14 +666,19 @@ def plot_itl_trace(rows: list[dict[str, Any]], records: list[dict[str, Any]], re
     return True
 
 
-def write(results: ResultsDir, records: list[dict[str, Any]], config: dict[str, Any],
-          order: list[str]) -> list[dict[str, Any]]:
-    rows = allocator_rows(records, order, paired=bool(config.get("paired")))
-    results.write_csv(CSV_FILE, CSV_COLUMNS, rows)
+def last_stop(results: ResultsDir) -> dict[str, Any] | None:
+    """The stop record of an open-ended experiment (its last, after a --resume), or None."""
     stops = [e for e in results.read_jsonl(STOP_FILE) if e.get("event") == "stop"]
-    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records, results.environments(),
-                                                      stops[-1] if stops else None))
-    if any(r["n"] for r in rows):
+    return stops[-1] if stops else None
+
+
+def write(results: ResultsDir, records: list[AllocRun], config: dict[str, Any],
+          order: list[str]) -> list[AllocRow]:
+    rows = allocator_rows(records, order, paired=bool(config.get("paired")))
+    results.write_csv(CSV_FILE, CSV_COLUMNS, [row.csv_row() for row in rows])
+    results.write_text(SUMMARY_FILE, summary_markdown(rows, config, records, results.read_environments(),
+                                                      last_stop(results)))
+    if any(r.n for r in rows):
         plot(rows, records, results)
         plot_itl_trace(rows, records, results)
     return rows

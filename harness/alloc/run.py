@@ -7,11 +7,12 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, Runner, format_cpu_list
 from harness.measure.allocators import KNOWN, Allocator
+from harness.measure.records import AllocRun, Environment
 from harness.measure.results import ResultsDir, ResultsError
 
 RUNS_FILE = "alloc/runs.jsonl"
@@ -96,10 +97,6 @@ class PlannedRun:
         return (self.round, self.allocator.name, self.pair)
 
 
-def record_key(record: dict[str, Any]) -> tuple[int, str, str | None]:
-    return (record["round"], record["allocator"], record.get("pair"))
-
-
 def plan(config: AllocConfig) -> list[PlannedRun]:
     """Warm-up rounds first, then measured rounds; the order rotates every round so drift
     (thermal, page cache, background load) hits each allocator equally."""
@@ -166,7 +163,8 @@ def verify(allocator: Allocator, probe: dict[str, Any], placement: Placement | N
 
 
 def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_at: str,
-                 outcome: ProbeOutcome, runner_name: str) -> dict[str, Any]:
+                 outcome: ProbeOutcome, runner_name: str, environment: str | None = None) -> AllocRun:
+    """The run's record; `environment`: the environment file its invocation wrote (which host ran it)."""
     probe = outcome.probe
     failure = outcome.error
     placement = config.placement(run)
@@ -176,8 +174,7 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
     gpu = (probe or {}).get("gpu") or {}
     container = outcome.container or {}
     measured_s = measured_seconds(probe)
-    return {
-        "schema": "alloc-run/1",
+    return AllocRun(**{
         "run_index": run_index,
         "round": run.round,
         "position": run.position,
@@ -190,6 +187,7 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "requested_library": run.allocator.library,
         "allocator_env": run.allocator.env,
         "runner": runner_name,
+        "environment": environment,
         "model": config.model,
         "device": (probe or {}).get("device", config.device),
         "started_at": started_at,
@@ -221,13 +219,13 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
         "container": outcome.container,
         "log_tail": outcome.log_tail,
         "probe": probe,
-    }
+    })
 
 
-def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool) -> list[dict[str, Any]]:
+def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool) -> list[AllocRun]:
     """Checks the directory and returns the runs already recorded (resume) or none."""
     results.ensure_writable()
-    existing = results.read_jsonl(RUNS_FILE)
+    existing = results.read_records(RUNS_FILE, AllocRun)
     if existing and not resume:
         raise ResultsError(f"{results.root / RUNS_FILE} already holds {len(existing)} runs: "
                            "pass --resume to continue it or choose another --out")
@@ -264,10 +262,10 @@ def environment_file(results: ResultsDir, resume: bool) -> str:
 
 
 def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bool = False,
-            environment: dict[str, Any] | None = None,
-            on_run: Callable[[PlannedRun, dict[str, Any]], None] | None = None,
+            environment: Environment | None = None,
+            on_run: Callable[[PlannedRun, AllocRun], None] | None = None,
             on_start: Callable[[PlannedRun], None] | None = None,
-            stopper: Any = None) -> list[dict[str, Any]]:
+            stopper: Any = None) -> list[AllocRun]:
     """Runs what is left of the plan, appending each record as it finishes. Returns all records.
     `environment` is written only once the directory is accepted, so a refused invocation leaves the
     experiment's own environment files as they were.
@@ -276,15 +274,18 @@ def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bo
     until it stops them: it holds back a run that would likely end after the deadline and checks the
     precision after each measured round; every stop, Ctrl-C included, is recorded."""
     records = prepare_dir(results, config, resume)
+    env_file = None
     if environment is not None:
-        results.write_json(environment_file(results, resume), environment)
+        env_file = environment_file(results, resume)
+        results.write_record(env_file, environment)
+    hooks = _Hooks(on_run, on_start, env_file)
     if stopper is None:
         for r in range(-config.warmup_runs, config.runs):
-            if not _run_round(config, runner, results, records, r, on_run, on_start):
+            if not _run_round(config, runner, results, records, r, hooks):
                 break
         return records
     try:
-        reason = _run_open_ended(config, runner, results, records, stopper, on_run, on_start)
+        reason = _run_open_ended(config, runner, results, records, stopper, hooks)
     except BaseException as exc:
         stopper.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "error", records)
         raise
@@ -293,10 +294,19 @@ def execute(config: AllocConfig, runner: Runner, results: ResultsDir, resume: bo
     return records
 
 
-def _run_open_ended(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[dict[str, Any]],
-                    stopper: Any, on_run: Any, on_start: Any) -> str | None:
+@dataclass(frozen=True)
+class _Hooks:
+    """What a round calls as its runs start and end, and the environment file its records name."""
+
+    on_run: Callable[[PlannedRun, AllocRun], None] | None = None
+    on_start: Callable[[PlannedRun], None] | None = None
+    environment: str | None = None
+
+
+def _run_open_ended(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[AllocRun],
+                    stopper: Any, hooks: _Hooks) -> str | None:
     """Rounds until the stopper stops them; the stop reason, or None where the stopper recorded it itself."""
-    done = {record_key(r) for r in records}
+    done = {r.key for r in records}
     complete = None  # the last round that an earlier invocation finished: checked once before going on
     for r in stopper.rounds():
         if all(run.key in done for run in round_runs(config, r)):
@@ -305,7 +315,7 @@ def _run_open_ended(config: AllocConfig, runner: Runner, results: ResultsDir, re
         if complete is not None and complete >= 0 and stopper.round_done(complete, records):
             return None
         complete = None
-        if not _run_round(config, runner, results, records, r, on_run, on_start, stopper):
+        if not _run_round(config, runner, results, records, r, hooks, stopper):
             return "time" if stopper.held_back else "failed"
         if r >= 0 and stopper.round_done(r, records):
             return None
@@ -314,19 +324,19 @@ def _run_open_ended(config: AllocConfig, runner: Runner, results: ResultsDir, re
     return "max-runs"
 
 
-def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[dict[str, Any]], r: int,
-               on_run: Any, on_start: Any, stopper: Any = None) -> bool:
+def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records: list[AllocRun], r: int,
+               hooks: _Hooks, stopper: Any = None) -> bool:
     """Runs what is left of round `r`, appending each record as it finishes; False when the experiment
     must end here (the stopper held a run back, or every run of the first round failed alike)."""
-    done = {record_key(x) for x in records}
+    done = {x.key for x in records}
     left = [[run for run in unit if run.key not in done] for unit in round_units(config, r)]
     left = [todo for todo in left if todo]
     for i, todo in enumerate(left):
         if stopper is not None and not stopper.may_start(len(left) - i, records):
             return False
         for run in todo:
-            if on_start:
-                on_start(run)
+            if hooks.on_start:
+                hooks.on_start(run)
         requests = [ProbeRequest(allocator=run.allocator, model=config.model, device=config.device,
                                  warm_gens=config.warm_gens, max_new_tokens=config.max_new_tokens,
                                  dtype=config.dtype, seed=config.seed, threads=config.threads,
@@ -338,15 +348,15 @@ def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records
         outcomes = run_together(runner, requests)
         if stopper is not None:
             stopper.unit_done(time.monotonic() - t0)
-        new = [build_record(config, run, len(records) + i, started, outcome, runner.name)
+        new = [build_record(config, run, len(records) + i, started, outcome, runner.name, hooks.environment)
                for i, (run, outcome) in enumerate(zip(todo, outcomes, strict=True))]
         if len(new) == 2:
-            new[0]["concurrent_with"], new[1]["concurrent_with"] = new[1]["run_index"], new[0]["run_index"]
+            new = [replace(new[0], concurrent_with=new[1].run_index), replace(new[1], concurrent_with=new[0].run_index)]
         for run, record in zip(todo, new, strict=True):
-            results.append(RUNS_FILE, record)
+            results.append_record(RUNS_FILE, record)
             records.append(record)
-            if on_run:
-                on_run(run, record)
+            if hooks.on_run:
+                hooks.on_run(run, record)
         if _first_round_all_failed(records, config):
             return False  # the same failure every time: repeating it teaches nothing
     return True
@@ -375,8 +385,8 @@ def run_together(runner: Runner, requests: list[ProbeRequest]) -> list[ProbeOutc
         pool.shutdown(wait=True)
 
 
-def _first_round_all_failed(records: list[dict[str, Any]], config: AllocConfig) -> bool:
+def _first_round_all_failed(records: list[AllocRun], config: AllocConfig) -> bool:
     first = min(-config.warmup_runs, 0)
-    firsts = [r for r in records if r["round"] == first]
+    firsts = [r for r in records if r.round == first]
     planned = 2 * (len(config.allocators) - 1) if config.paired else len(config.allocators)
-    return len(firsts) == planned and all(r["status"] == "failed" for r in firsts)
+    return len(firsts) == planned and all(r.status == "failed" for r in firsts)

@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 
 from harness.measure.allocators import describe_host_libraries
+from harness.measure.records import Environment
 
 
 def _read(path: str) -> str | None:
@@ -73,7 +74,8 @@ def git_commit() -> str | None:
     return None
 
 
-def collect(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect(extra: dict[str, Any] | None = None) -> Environment:
+    """This host's environment; `extra`: what the experiment adds (its runner, its server's build)."""
     thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
     env = {
         "collected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -98,6 +100,4 @@ def collect(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         },
         "allocator_libraries": describe_host_libraries(),
     }
-    if extra:
-        env.update(extra)
-    return env
+    return Environment(**env, extra=dict(extra or {}))

@@ -1,4 +1,4 @@
-"""The one data model: a results directory and every artifact written into it.
+"""A results directory and every artifact written into it (the records' model: harness.measure.records).
 
 Samples are appended as JSON lines and flushed to disk as they arrive, so an interrupted command
 loses nothing. Tables (CSV), reports (Markdown) and metadata (JSON) are all written here.
@@ -13,7 +13,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from harness.measure.records import Environment, Record, RecordError
 
 from harness.errors import UsageError
 
@@ -26,6 +28,8 @@ class ResultsError(UsageError):
 
 # Results directories this process holds: resolved path -> [fd of DIR/.lock, how many holders].
 _held: dict[Path, list[int]] = {}
+
+R = TypeVar("R", bound=Record)
 
 
 def _clean(value: Any) -> Any:
@@ -109,6 +113,10 @@ class ResultsDir:
     def read_jsonl(self, relpath: str) -> list[dict[str, Any]]:
         """The records of a JSON-lines file; lines that are not a whole record (cut short by a kill) are
         skipped, and their numbers kept for skipped_note()."""
+        return [data for _, data in self._numbered_jsonl(relpath)]
+
+    def _numbered_jsonl(self, relpath: str) -> list[tuple[int, Any]]:
+        """(line number, parsed JSON) of every whole line; the numbers of the others kept for skipped_note()."""
         p = self.root / relpath
         self._skipped[relpath] = []
         if not p.exists():
@@ -120,10 +128,31 @@ class ResultsDir:
                 if not line:
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((number, json.loads(line)))
                 except json.JSONDecodeError:
                     self._skipped[relpath].append(number)
         return rows
+
+    def append_record(self, relpath: str, record: Record) -> None:
+        """One typed record, dumped through its model (`to_dict`), appended as `append` does."""
+        self.append(relpath, record.to_dict())
+
+    def read_records(self, relpath: str, cls: type[R]) -> list[R]:
+        """The records of a JSON-lines file, each loaded through `cls` (older shapes included). A line that
+        is not a whole JSON record, or not a record of `cls`'s family, is skipped and reported as
+        read_jsonl's are."""
+        records = []
+        for number, data in self._numbered_jsonl(relpath):
+            try:
+                records.append(cls.load(data))
+            except RecordError:
+                self._skipped[relpath].append(number)
+        self._skipped[relpath].sort()
+        return records
+
+    def rewrite_records(self, relpath: str, records: Iterable[Record]) -> Path:
+        """Replaces a JSON-lines file with `records` (an analysis redone from disk), all at once."""
+        return self.write_text(relpath, "".join(self.dumps(r.to_dict()) + "\n" for r in records))
 
     def skipped_lines(self, relpath: str) -> list[int]:
         """Numbers of the lines the last read_jsonl(relpath) skipped."""
@@ -146,13 +175,23 @@ class ResultsDir:
         tmp.replace(p)
         return p
 
+    def write_record(self, relpath: str, record: Record) -> Path:
+        """A whole-file record (an environment, a timeline's metadata), dumped through its model."""
+        return self.write_json(relpath, record.to_dict())
+
     def read_json(self, relpath: str) -> Any:
         p = self.root / relpath
         return json.loads(p.read_text()) if p.exists() else None
 
-    def environments(self) -> list[dict[str, Any]]:
-        """environment.json and every environment.resume-N.json: one per invocation that ran."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("environment*.json"))]
+    def read_environments(self) -> dict[str, Environment]:
+        """File name → Environment of environment.json and every environment.resume-N.json: one per
+        invocation that ran."""
+        return {p.name: Environment.load(json.loads(p.read_text()))
+                for p in sorted(self.root.glob("environment*.json"))}
+
+    def read_environment(self, relpath: str) -> Environment | None:
+        data = self.read_json(relpath)
+        return None if data is None else Environment.load(data)
 
     def write_text(self, relpath: str, text: str) -> Path:
         p = self.path(relpath)

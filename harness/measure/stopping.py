@@ -83,7 +83,9 @@ class StopRule:
 
 class Stopper:
     """Decides whether another run (or server) may start and whether a finished round is the last. Each
-    experiment subclasses it with its CIs (`widths`) and the file its checks go to (`stop_file`)."""
+    experiment subclasses it with its CIs (`widths`) and the file its checks go to (`stop_file`). The
+    records it is given are the experiment's typed records (harness.measure.records): each has a `round`;
+    `warmup` and `wall_real_s` are read where the record type has them."""
 
     stop_file: str
 
@@ -112,14 +114,14 @@ class Stopper:
     def unit_done(self, seconds: float) -> None:
         self.unit_seconds.append(seconds)
 
-    def unit_estimate(self, records: list[dict[str, Any]]) -> float | None:
+    def unit_estimate(self, records: list[Any]) -> float | None:
         """How long a run (or a pair) takes: the median of this invocation's, else of the recorded runs'."""
         if self.unit_seconds:
             return statistics.median(self.unit_seconds)
-        walls = [r["wall_real_s"] for r in records if r.get("wall_real_s")]
+        walls = [r.wall_real_s for r in records if getattr(r, "wall_real_s", None)]
         return statistics.median(walls) if walls else None
 
-    def may_start(self, units_left_in_round: int, records: list[dict[str, Any]]) -> bool:
+    def may_start(self, units_left_in_round: int, records: list[Any]) -> bool:
         """False when the rest of this round would likely end after the deadline (a run in flight is never
         stopped: only runs not yet started are held back)."""
         left = self.remaining()
@@ -129,7 +131,7 @@ class Stopper:
         self.held_back = left <= 0 or (estimate is not None and units_left_in_round * estimate > left)
         return not self.held_back
 
-    def widths(self, records: list[dict[str, Any]]) -> dict[str, float]:
+    def widths(self, records: list[Any]) -> dict[str, float]:
         """Each allocator's ratio-CI half-width against the baseline on the rule's metric, from `records`."""
         raise NotImplementedError
 
@@ -139,12 +141,12 @@ class Stopper:
         last = self.rule.max_rounds
         return iter(range(-self.warmup_rounds, last)) if last is not None else itertools.count(-self.warmup_rounds)
 
-    def round_done(self, round_: int, records: list[dict[str, Any]]) -> bool:
+    def round_done(self, round_: int, records: list[Any]) -> bool:
         """After measured round `round_`: True (and the stop recorded) when the target is reached. The check
         sees the rounds up to this one only, so it can be recomputed from runs.jsonl."""
         if self.rule.target is None or round_ + 1 < self.rule.min_rounds:
             return False
-        upto = [r for r in records if r["round"] <= round_]
+        upto = [r for r in records if r.round <= round_]
         widths = self.widths(upto)
         reached = widest(widths)
         check = {"event": "check", "round": round_, "metric": self.rule.metric, "target": self.rule.target,
@@ -158,11 +160,11 @@ class Stopper:
             return True
         return False
 
-    def stop(self, reason: str, records: list[dict[str, Any]], round_: int | None = None) -> dict[str, Any]:
+    def stop(self, reason: str, records: list[Any], round_: int | None = None) -> dict[str, Any]:
         """Records why the experiment stopped and the CIs its runs reached (the summary's CIs)."""
-        measured = [r for r in records if not r.get("warmup")]
+        measured = [r for r in records if not getattr(r, "warmup", False)]
         widths = self.widths(records) if measured else {}
-        done = [r["round"] for r in measured]
+        done = [r.round for r in measured]
         self.outcome = {"event": "stop", "reason": reason, "round": round_ if round_ is not None else
                         (max(done) if done else None), "rounds": len(set(done)), "half_widths": widths,
                         "widest": widest(widths) if widths else float("nan"), "rule": self.rule.to_dict(),

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import psutil
 
 from harness.measure.allocators import Allocator
+from harness.measure.records import StartupRecord
 from harness.serve.engines import ServerSpec
 from harness.serve.phases import process_roles
 from harness.serve.server import ServerError
@@ -60,17 +61,17 @@ class FixedRounds:
     def rounds(self) -> Iterator[int]:
         return iter(range(self.n))
 
-    def may_start(self, servers_left_in_round: int, startups: list[dict[str, Any]]) -> bool:
+    def may_start(self, servers_left_in_round: int, startups: list[StartupRecord]) -> bool:
         return True
 
     def unit_done(self, seconds: float) -> None:
         """How long a server took (the open-ended rule estimates from it whether the next one fits)."""
 
-    def round_done(self, round_: int, startups: list[dict[str, Any]]) -> bool:
+    def round_done(self, round_: int, startups: list[StartupRecord]) -> bool:
         """True when no other round is needed."""
         return False
 
-    def stop(self, reason: str, startups: list[dict[str, Any]], round_: int | None = None) -> None:
+    def stop(self, reason: str, startups: list[StartupRecord], round_: int | None = None) -> None:
         """The open-ended rule records why it stopped; a fixed plan has nothing to record."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.measure import stats, stopping
+from harness.measure.records import ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.stopping import STOP_REASONS, format_duration
 from harness.serve.config import STOP_METRICS
@@ -64,10 +65,10 @@ METRICS = [
 VERDICT_KEYS = ("warm_ttft_s", "warm_tpot_s", "cold_ttft_s", "spawn_to_health_s")
 
 
-def counted(startups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def counted(startups: list[StartupRecord]) -> list[StartupRecord]:
     """Servers that count: started, measured and verified under their allocator."""
-    return [s for s in startups if s.get("allocator") and s.get("status") == "ok"
-            and (s.get("allocator_check") or {}).get("verified")]
+    return [s for s in startups if s.allocator and s.status == "ok"
+            and (s.allocator_check or {}).get("verified")]
 
 
 def _median(values: list[Any]) -> float | None:
@@ -75,43 +76,43 @@ def _median(values: list[Any]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def server_values(startup: dict[str, Any], requests: list[dict[str, Any]]) -> dict[str, float | None]:
+def server_values(startup: StartupRecord, requests: list[ServeRequest]) -> dict[str, float | None]:
     """One server's figures: start-up, its cold request, the medians of its warm requests, memory peaks
     and the duration of each named start-up phase (`phase:<key>`)."""
-    mine = [r for r in requests if r.get("server") == startup["server"] and r.get("status") == "ok"]
-    cold = next((r for r in mine if r.get("kind") == "cold"), {})
-    warm = [r for r in mine if r.get("kind") == "warm"]
-    peaks = startup.get("memory_peaks") or {}
-    container = startup.get("container") or {}
+    mine = [r for r in requests if r.server == startup.server and r.status == "ok"]
+    cold = next((r for r in mine if r.kind == "cold"), ServeRequest(server=startup.server, index=0, kind="cold"))
+    warm = [r for r in mine if r.kind == "warm"]
+    peaks = startup.memory_peaks or {}
+    container = startup.container or {}
     values: dict[str, float | None] = {
-        "spawn_to_health_s": startup.get("spawn_to_health_s"),
-        "spawn_to_first_token_s": startup.get("spawn_to_first_token_s"),
-        "cold_ttft_s": cold.get("ttft_s"),
-        "warm_ttft_s": _median([r.get("ttft_s") for r in warm]),
-        "warm_tpot_s": _median([r.get("tpot_s") for r in warm]),
-        "warm_e2e_s": _median([r.get("e2e_s") for r in warm]),
-        "cold_e2e_s": cold.get("e2e_s"),
+        "spawn_to_health_s": startup.spawn_to_health_s,
+        "spawn_to_first_token_s": startup.spawn_to_first_token_s,
+        "cold_ttft_s": cold.ttft_s,
+        "warm_ttft_s": _median([r.ttft_s for r in warm]),
+        "warm_tpot_s": _median([r.tpot_s for r in warm]),
+        "warm_e2e_s": _median([r.e2e_s for r in warm]),
+        "cold_e2e_s": cold.e2e_s,
         "server_rss_peak_mb": peaks.get("server_rss_mb"),
         "container_peak_mb": container.get("peak_mb") or peaks.get("container_usage_mb"),
         "container_working_set_peak_mb": container.get("working_set_peak_mb") or peaks.get("container_working_set_mb"),
         "gpu_used_peak_mb": peaks.get("gpu_used_mb"),
     }
-    for phase in startup.get("phases") or []:
+    for phase in startup.phases or []:
         key = f"phase:{phase['key']}"
         values[key] = (values.get(key) or 0.0) + phase["duration_s"]
     return values
 
 
-def phase_metrics(startups: list[dict[str, Any]]) -> list[Metric]:
+def phase_metrics(startups: list[StartupRecord]) -> list[Metric]:
     """A metric per named start-up phase, in the order the servers logged them."""
     seen: dict[str, str] = {}
     for s in startups:
-        for phase in s.get("phases") or []:
+        for phase in s.phases or []:
             seen.setdefault(phase["key"], phase["label"])
     return [Metric(f"phase:{key}", f"phase: {label}", "s") for key, label in seen.items()]
 
 
-def metrics_for(startups: list[dict[str, Any]]) -> list[Metric]:
+def metrics_for(startups: list[StartupRecord]) -> list[Metric]:
     return METRICS + phase_metrics(startups)
 
 
@@ -136,18 +137,18 @@ class Row:
                 "significant": c.significant if c else None, "failed_servers": self.failed_servers}
 
 
-def comparisons(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
+def comparisons(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str], baseline: str,
                 key: str) -> dict[str, stats.Comparison]:
     """Each other allocator against the baseline on one per-server figure (`key`), counted servers only."""
     per = per_allocator(startups, requests, order, [key])[key]
     return {name: stats.compare(per[name], per[baseline]) for name in order if name != baseline}
 
 
-def per_allocator(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+def per_allocator(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str],
                   keys: list[str]) -> dict[str, dict[str, list[float | None]]]:
     """metric key -> allocator -> the value of each of its counted servers."""
     good = counted(startups)
-    values = [(s["allocator"], server_values(s, requests)) for s in good]
+    values = [(s.allocator, server_values(s, requests)) for s in good]
     return {key: {name: [v.get(key) for a, v in values if a == name] for name in order} for key in keys}
 
 
@@ -159,13 +160,13 @@ class ServeStopper(stopping.Stopper):
     stop_file = STOP_FILE
 
     def __init__(self, rule: stopping.StopRule, results: ResultsDir, order: list[str], baseline: str,
-                 requests: list[dict[str, Any]], clock: Callable[[], float] = time.monotonic,
+                 requests: list[ServeRequest], clock: Callable[[], float] = time.monotonic,
                  on_check: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(rule, results, order, paired=False, warmup_rounds=0, clock=clock, on_check=on_check)
         self.baseline = baseline
         self.requests = requests  # the session's live list: the checks see every request measured so far
 
-    def widths(self, records: list[dict[str, Any]]) -> dict[str, float]:
+    def widths(self, records: list[StartupRecord]) -> dict[str, float]:
         comps = comparisons(records, self.requests, self.order, self.baseline, STOP_METRICS[self.rule.metric])
         return {name: comp.half_width for name, comp in comps.items() if comp.n_candidate}
 
@@ -186,11 +187,11 @@ def stopping_line(stop: dict[str, Any] | None) -> str | None:
             f"checked once a round from round {rule.get('min_rounds', 1)} on.")
 
 
-def rows(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+def rows(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str],
          baseline: str) -> list[Row]:
     """Every metric that has a value, for every allocator in `order`."""
     good = counted(startups)
-    failed = {name: sum(1 for s in startups if s.get("allocator") == name and s not in good) for name in order}
+    failed = {name: sum(1 for s in startups if s.allocator == name and s not in good) for name in order}
     metrics = metrics_for(startups)
     values = per_allocator(startups, requests, order, [m.key for m in metrics])
     out: list[Row] = []
@@ -229,16 +230,16 @@ def table(rs: list[Row]) -> list[str]:
     return lines
 
 
-def failures(startups: list[dict[str, Any]]) -> list[str]:
+def failures(startups: list[StartupRecord]) -> list[str]:
     """One line per server that does not count, with the reason."""
     good = counted(startups)
-    return [f"- server {s['server']} ({s.get('allocator')}, round {(s.get('round') or 0) + 1}): "
-            f"{s.get('failure') or 'allocator not verified'}" for s in startups if s not in good]
+    return [f"- server {s.server} ({s.allocator}, round {(s.round or 0) + 1}): "
+            f"{s.failure or 'allocator not verified'}" for s in startups if s not in good]
 
 
-def verification_line(startups: list[dict[str, Any]]) -> str:
+def verification_line(startups: list[StartupRecord]) -> str:
     good = counted(startups)
-    roles = sorted({p["role"] for s in good for p in (s.get("allocator_check") or {}).get("processes") or []
+    roles = sorted({p["role"] for s in good for p in (s.allocator_check or {}).get("processes") or []
                     if p.get("verified")})
     return (f"{len(good)} of {len(startups)} server(s) counted: each one's allocator was verified from "
             f"`/proc/PID/maps` in every serving process ({', '.join(roles) or 'none'}): the arm's library "
@@ -246,21 +247,21 @@ def verification_line(startups: list[dict[str, Any]]) -> str:
             "recorded failed with the reason and left out.")
 
 
-def cache_line(startups: list[dict[str, Any]]) -> str | None:
+def cache_line(startups: list[StartupRecord]) -> str | None:
     """Where the counted servers did not all find vLLM's compile cache alike (a shared cache: the first
     start fills it), which servers missed it: their start-up differs for that reason, not the allocator's."""
     good = counted(startups)
-    uses = {s["server"]: (s.get("compile_cache") or {}).get("use") for s in good}
+    uses = {s.server: (s.compile_cache or {}).get("use") for s in good}
     if len({u for u in uses.values() if u}) < 2:
         return None
-    missed = [f"{k} ({next(s['allocator'] for s in good if s['server'] == k)})" for k, u in uses.items()
+    missed = [f"{k} ({next(s.allocator for s in good if s.server == k)})" for k, u in uses.items()
               if u == "miss"]
     return (f"The compile cache was not alike for every server: server(s) {', '.join(missed)} missed it (the "
             "first start with `--compile-cache shared` fills it) and the others loaded it, so their start-up "
             "differs for that reason; fill the cache with one start before comparing (the device script does).")
 
 
-def outlier_lines(startups: list[dict[str, Any]], factor: float = 3.0, floor_s: float = 5.0) -> list[str]:
+def outlier_lines(startups: list[StartupRecord], factor: float = 3.0, floor_s: float = 5.0) -> list[str]:
     """Counted servers that spent far longer in one start-up phase than the others did (more than `factor`
     times the others' median and `floor_s` beyond it): a one-off (a cache not yet filled, a JIT build) that
     weighs on one allocator's start-up for a reason of its own, not its allocator's."""
@@ -273,17 +274,17 @@ def outlier_lines(startups: list[dict[str, Any]], factor: float = 3.0, floor_s: 
             typical = _median(others)
             if mine is None or typical is None or mine <= max(factor * typical, typical + floor_s):
                 continue
-            out.append(f"- server {s['server']} ({s['allocator']}, round {(s.get('round') or 0) + 1}) spent "
+            out.append(f"- server {s.server} ({s.allocator}, round {(s.round or 0) + 1}) spent "
                        f"{mine:.1f} s in {metric.label.removeprefix('phase: ')}, against a median "
                        f"{typical:.1f} s on the other servers")
     return out
 
 
-def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str], baseline: str,
+def section(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str], baseline: str,
             stop: dict[str, Any] | None = None) -> list[str]:
     """The 'Allocators' section of first_token_latency.md (`stop`: the stop of an open-ended comparison)."""
     rs = rows(startups, requests, order, baseline)
-    rounds = len({s.get("round") for s in startups})
+    rounds = len({s.round for s in startups})
     out = ["## Allocators", "",
            f"{', '.join(order)}: {rounds} round(s), one fresh server per allocator each, the order rotated every "
            "round. Per server: its start-up, the cold request, the median of its warm requests and its memory "
@@ -323,14 +324,14 @@ def section(startups: list[dict[str, Any]], requests: list[dict[str, Any]], orde
     return out
 
 
-def plot(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dict[str, Any]],
+def plot(results: ResultsDir, startups: list[StartupRecord], requests: list[ServeRequest],
          order: list[str]) -> bool:
     """Warm TTFT and TPOT by allocator: every warm request (small), each server's median (large) and the
     allocator's median over servers (bar). False when there is nothing to draw."""
-    good = {s["server"]: s["allocator"] for s in counted(startups)}
-    warm = [r for r in requests if r.get("server") in good and r.get("kind") == "warm" and r.get("status") == "ok"]
+    good = {s.server: s.allocator for s in counted(startups)}
+    warm = [r for r in requests if r.server in good and r.kind == "warm" and r.status == "ok"]
     panels = [(key, title) for key, title in (("ttft_s", "warm TTFT (ms)"), ("tpot_s", "warm TPOT (ms)"))
-              if any(r.get(key) is not None for r in warm)]
+              if any(getattr(r, key) is not None for r in warm)]
     if not panels:
         return False
     import matplotlib
@@ -344,7 +345,7 @@ def plot(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dic
             servers = sorted(s for s, a in good.items() if a == name)
             medians = []
             for j, server in enumerate(servers):
-                vals = [r[key] * 1e3 for r in warm if r["server"] == server and r.get(key) is not None]
+                vals = [getattr(r, key) * 1e3 for r in warm if r.server == server and getattr(r, key) is not None]
                 if not vals:
                     continue
                 x = i + (j - (len(servers) - 1) / 2) * 0.08
@@ -367,7 +368,7 @@ def plot(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dic
     return True
 
 
-def write(results: ResultsDir, startups: list[dict[str, Any]], requests: list[dict[str, Any]], order: list[str],
+def write(results: ResultsDir, startups: list[StartupRecord], requests: list[ServeRequest], order: list[str],
           baseline: str) -> list[Row]:
     """The CSV and the plot; returns the rows."""
     rs = rows(startups, requests, order, baseline)

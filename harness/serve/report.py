@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
+from harness.measure.records import ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.stats import Summary, summarize
 from harness.serve import comparison, startup, timeline
@@ -33,61 +33,61 @@ def _mb(x: float | None) -> str:
     return "–" if x is None else f"{x:+.0f}" if x < 0 or x > 0 else "0"
 
 
-def _ok(requests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in requests if r.get("status") == "ok" and r.get("kind") == kind]
+def _ok(requests: list[ServeRequest], kind: str) -> list[ServeRequest]:
+    return [r for r in requests if r.status == "ok" and r.kind == kind]
 
 
 def _summary_row(label: str, s: Summary) -> str:
     return f"| {label} | {_ms(s.median)} | {_ms(s.p90)} | {_ms(s.minimum)} | {_ms(s.maximum)} | {s.n} |"
 
 
-def latency_table(requests: list[dict[str, Any]]) -> list[str]:
+def latency_table(requests: list[ServeRequest]) -> list[str]:
     lines = ["| metric (ms) | median | p90 | min | max | n |", "|---|---|---|---|---|---|"]
-    older = any(r.get("schema") == "serve-request/1" and r.get("mode") == "stream" for r in requests)
+    older = any(r.ends_at_stream_end for r in requests)
     e2e = "E2E (to the end of the stream: serve-request/1 records)" if older else "E2E (to the last token)"
     metrics = [("TTFT", "ttft_s"), ("server TTFT (/metrics)", "server_ttft_s"), ("TPOT", "tpot_s"),
                (e2e, "e2e_s"), ("wall (whole request)", "wall_s")]
     groups = [("cold", _ok(requests, "cold")), ("warm", _ok(requests, "warm"))]
-    for gap in sorted({r["idle_gap_s"] for r in _ok(requests, "idle")}):
-        groups.append((f"after {gap:g} s idle", [r for r in _ok(requests, "idle") if r["idle_gap_s"] == gap]))
+    for gap in sorted({r.idle_gap_s for r in _ok(requests, "idle")}):
+        groups.append((f"after {gap:g} s idle", [r for r in _ok(requests, "idle") if r.idle_gap_s == gap]))
     for kind, rows in groups:
         if not rows:
             continue
         for name, key in metrics:
-            vals = [r.get(key) for r in rows]
+            vals = [getattr(r, key) for r in rows]
             if any(v is not None for v in vals):
                 lines.append(_summary_row(f"{kind} {name}", summarize(vals)))
     return lines
 
 
-def drop_ratios(requests: list[dict[str, Any]], key: str) -> list[tuple[int, float, float, float]]:
+def drop_ratios(requests: list[ServeRequest], key: str) -> list[tuple[int, float, float, float]]:
     """Per server: (server, first, second, first/second) for the cold request and the one after it."""
     out = []
-    for s in sorted({r["server"] for r in requests}):
-        mine = sorted((r for r in requests if r["server"] == s and r.get("status") == "ok"),
-                      key=lambda r: r["index"])
-        if len(mine) >= 2 and mine[0]["kind"] == "cold" and mine[0].get(key) and mine[1].get(key):
-            a, b = mine[0][key], mine[1][key]
+    for s in sorted({r.server for r in requests}):
+        mine = sorted((r for r in requests if r.server == s and r.status == "ok"),
+                      key=lambda r: r.index)
+        if len(mine) >= 2 and mine[0].kind == "cold" and getattr(mine[0], key) and getattr(mine[1], key):
+            a, b = getattr(mine[0], key), getattr(mine[1], key)
             out.append((s, a, b, a / b))
     return out
 
 
-def phase_table(record: dict[str, Any]) -> list[str]:
-    total = record.get("spawn_to_health_s")
+def phase_table(record: StartupRecord) -> list[str]:
+    total = record.spawn_to_health_s
     lines = ["| phase (the work that ends at its log line) | from (s) | to (s) | duration (s) | share | "
              "server's own figure (s) |", "|---|---|---|---|---|---|"]
 
     def share(d: float) -> str:
         return f"{100 * d / total:.1f} %" if total else "–"
 
-    for p in record.get("phases") or []:
+    for p in record.phases or []:
         lines.append(f"| {p['label']} | {p['start_s']:.2f} | {p['end_s']:.2f} | {p['duration_s']:.2f} | "
                      f"{share(p['duration_s'])} | {_s(p.get('reported_s'))} |")
-    if record.get("unaccounted_s") is not None:
-        last = (record.get("phases") or [{}])[-1].get("end_s", 0.0)
+    if record.unaccounted_s is not None:
+        last = (record.phases or [{}])[-1].get("end_s", 0.0)
         lines.append(f"| unaccounted (after the last log milestone, until /health 200) | {last:.2f} | "
-                     f"{(total or last + record['unaccounted_s']):.2f} | "
-                     f"{record['unaccounted_s']:.2f} | {share(record['unaccounted_s'])} | – |")
+                     f"{(total or last + record.unaccounted_s):.2f} | "
+                     f"{record.unaccounted_s:.2f} | {share(record.unaccounted_s)} | – |")
     return lines
 
 
@@ -102,16 +102,16 @@ FIGURE_TEXT = [
 ]
 
 
-def figures_line(record: dict[str, Any]) -> str | None:
+def figures_line(record: StartupRecord) -> str | None:
     """The server's own start-up figures in one sentence."""
-    figures = record.get("server_figures") or {}
+    figures = record.server_figures or {}
     parts = [text.format(figures[key]) for key, text in FIGURE_TEXT if figures.get(key) is not None]
     return ("The server's own figures: " + "; ".join(parts) + ".") if parts else None
 
 
-def silence_table(record: dict[str, Any]) -> list[str]:
+def silence_table(record: StartupRecord) -> list[str]:
     """Silent stretches of the log and what the server's stacks show it doing in each."""
-    silent = record.get("silences") or []
+    silent = record.silences or []
     if not silent:
         return []
     lines = ["Silent stretches (no log line for 2 s or more) and what the server was doing, from its Python "
@@ -121,45 +121,45 @@ def silence_table(record: dict[str, Any]) -> list[str]:
     for s in silent:
         top = "<br>".join(f"{100 * share:.0f} % {what.replace('|', '/')}" for what, share in s.get("top") or [])
         if not top:
-            top = f"no stacks: {record.get('stacks_reason') or 'no sample fell in this stretch'}"
+            top = f"no stacks: {record.stacks_reason or 'no sample fell in this stretch'}"
         lines.append(f"| {s['start_s']:.2f} | {s['end_s']:.2f} | {s['end_s'] - s['start_s']:.2f} | {s['phase']} "
                      f"| {s.get('stack_samples', 0)} | {top} |")
     return lines + [""]
 
 
-def imports_line(record: dict[str, Any]) -> str | None:
+def imports_line(record: StartupRecord) -> str | None:
     """How much of each process's sampled start-up went to Python imports, and to compiling source."""
-    shares = record.get("import_shares") or {}
+    shares = record.import_shares or {}
     parts = [f"{role} {100 * v['importing']:.0f} % importing ({100 * v['compiling_bytecode']:.0f} % compiling "
              f"source to bytecode; {v['samples']} samples)" for role, v in shares.items() if v["samples"] >= 5]
     return ("Stack samples over the whole start-up: " + "; ".join(parts) + ". Compiling to bytecode means the "
             "interpreter found no usable `.pyc` cache and pays that again at every start.") if parts else None
 
 
-def coverage_line(record: dict[str, Any]) -> str | None:
-    cov = startup.coverage(record)
+def coverage_line(record: StartupRecord) -> str | None:
+    cov = record.coverage()
     if cov is None:
         return None
-    silent = sum(s["end_s"] - s["start_s"] for s in record.get("silences") or [])
-    unnamed = sum(s["end_s"] - s["start_s"] for s in record.get("silences") or [] if not s.get("top"))
+    silent = sum(s["end_s"] - s["start_s"] for s in record.silences or [])
+    unnamed = sum(s["end_s"] - s["start_s"] for s in record.silences or [] if not s.get("top"))
     return (f"Named phases cover {100 * cov:.1f} % of spawn → /health 200; "
-            f"{record.get('unaccounted_s') or 0:.2f} s lie after the last milestone. The log was silent for "
+            f"{record.unaccounted_s or 0:.2f} s lie after the last milestone. The log was silent for "
             f"{silent:.1f} s in stretches of 2 s or more, {unnamed:.1f} s of it with no stack sample.")
 
 
-def slo_paragraph(requests: list[dict[str, Any]], startups: list[dict[str, Any]], key: str) -> str:
-    cold = summarize([r.get(key) for r in _ok(requests, "cold")])
-    warm = summarize([r.get(key) for r in _ok(requests, "warm")])
-    ready = summarize([s.get("spawn_to_health_s") for s in startups if s.get("spawn_to_health_s")])
-    first = summarize([s.get("spawn_to_first_token_s") for s in startups if s.get("spawn_to_first_token_s")])
+def slo_paragraph(requests: list[ServeRequest], startups: list[StartupRecord], key: str) -> str:
+    cold = summarize([getattr(r, key) for r in _ok(requests, "cold")])
+    warm = summarize([getattr(r, key) for r in _ok(requests, "warm")])
+    ready = summarize([s.spawn_to_health_s for s in startups if s.spawn_to_health_s])
+    first = summarize([s.spawn_to_first_token_s for s in startups if s.spawn_to_first_token_s])
     what = "TTFT" if key == "ttft_s" else "request wall time"
     parts = []
     if cold.n and warm.n:
         ratio = cold.median / warm.median
         extra = cold.median - warm.median
         slo = cold.minimum
-        met = sum(1 for r in _ok(requests, "warm") if (r.get(key) or math.inf) <= slo)
-        missed = sum(1 for r in _ok(requests, "cold") if (r.get(key) or 0.0) > slo)
+        met = sum(1 for r in _ok(requests, "warm") if (getattr(r, key) or math.inf) <= slo)
+        missed = sum(1 for r in _ok(requests, "cold") if (getattr(r, key) or 0.0) > slo)
         parts.append(
             f"The first request on a fresh server had a median {what} of {_ms(cold.median)} ms against "
             f"{_ms(warm.median)} ms once warm: a first-request penalty of {ratio:.1f}× "
@@ -181,8 +181,8 @@ def slo_paragraph(requests: list[dict[str, Any]], startups: list[dict[str, Any]]
             "request before it joins the pool, so that no user pays the cold penalty.")
     idle = _ok(requests, "idle")
     if idle and warm.n:
-        worst_gap = max(r["idle_gap_s"] for r in idle)
-        after = summarize([r.get(key) for r in idle if r["idle_gap_s"] == worst_gap])
+        worst_gap = max(r.idle_gap_s for r in idle)
+        after = summarize([getattr(r, key) for r in idle if r.idle_gap_s == worst_gap])
         ratio = after.median / warm.median
         head = (f"After {worst_gap:g} s without traffic the median {what} was {_ms(after.median)} ms "
                 f"({ratio:.1f}× warm, n = {after.n})")
@@ -231,30 +231,30 @@ def memory_section(sampler: Timeline) -> list[str]:
     return lines
 
 
-def allocator_check_line(record: dict[str, Any]) -> str:
+def allocator_check_line(record: StartupRecord) -> str:
     """What each process of the server tree mapped as its malloc, and the verdict."""
-    check = record["allocator_check"]
+    check = record.allocator_check
     procs = "; ".join(f"{p['role']} (pid {p['pid']}): "
                       f"{', '.join(lib.rsplit('/', 1)[-1] for lib in p['malloc']) or 'glibc malloc'}"
                       for p in check.get("processes") or [])
     verdict = "verified" if check.get("verified") else f"NOT verified — {check.get('reason')}"
-    return f"Allocator {record.get('allocator')}: {verdict}. Malloc per process: {procs or 'none read'}."
+    return f"Allocator {record.allocator}: {verdict}. Malloc per process: {procs or 'none read'}."
 
 
 def _f0(x: float | None) -> str:
     return "–" if x is None else f"{x:.0f}"
 
 
-def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any]],
-          startups: list[dict[str, Any]], sampler: Timeline, error: str | None) -> Path:
-    key = "ttft_s" if any(r.get("ttft_s") is not None for r in requests) else "wall_s"
+def write(results: ResultsDir, config: ServeConfig, requests: list[ServeRequest],
+          startups: list[StartupRecord], sampler: Timeline, error: str | None) -> Path:
+    key = "ttft_s" if any(r.ttft_s is not None for r in requests) else "wall_s"
     out = [f"# First-token latency and warm start: {config.model} on {config.engine}", ""]
     if error:
         out += [f"**Run stopped early:** {error}", ""]
     where = (f"attached to {config.url}" if config.attach
              else f"{config.cold_starts} fresh server(s), runner {config.runner}")
     if config.allocators:
-        where = (f"{len({s.get('round') for s in startups})} round(s) of {len(config.allocators)} fresh servers "
+        where = (f"{len({s.round for s in startups})} round(s) of {len(config.allocators)} fresh servers "
                  f"(one per allocator), runner {config.runner}")
     gaps = f", idle gaps {list(config.idle_gaps)} s" if config.idle_gaps else ""
     out += [f"{where}; {config.warm_requests} warm request(s) per server, max_tokens {config.max_tokens}, "
@@ -280,31 +280,31 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
         out.append(f"First-to-second drop in {what}: median {summarize(ratios).median:.2f}× "
                    f"(per server: {', '.join(f'{r:.2f}×' for r in ratios)}).")
         out.append("")
-    failed = [r for r in requests if r.get("status") != "ok"]
+    failed = [r for r in requests if r.status != "ok"]
     if failed:
-        out += [f"Failed requests: {len(failed)} — " + "; ".join(sorted({r['failure'] for r in failed})), ""]
+        out += [f"Failed requests: {len(failed)} — " + "; ".join(sorted({r.failure for r in failed})), ""]
 
     out += ["## Start-up", ""]
     if config.attach:
         out += ["Attached to a running server: no start-up figures.", ""]
     for st in startups:
-        arm = f", {st['allocator']}, round {st.get('round', 0) + 1}" if st.get("allocator") else ""
-        out.append(f"### Server {st['server']} ({st.get('status')}{arm})")
+        arm = f", {st.allocator}, round {(st.round or 0) + 1}" if st.allocator else ""
+        out.append(f"### Server {st.server} ({st.status}{arm})")
         out.append("")
-        cache = st.get("compile_cache") or {}
+        cache = st.compile_cache or {}
         if cache.get("mode"):
             triton = f"; Triton kernel cache {cache['triton']}" if cache.get("triton") else ""
             out.append(f"torch.compile cache: {cache['mode']}{triton}"
                        + (f" (the log shows a cache {cache['use']})" if cache.get("use") else "") + ".")
             out.append("")
-        out.append(f"spawn → /health 200: {_s(st.get('spawn_to_health_s'))} s; → /v1/models: "
-                   f"{_s(st.get('spawn_to_models_s'))} s; → first token: "
-                   f"{_s(st.get('spawn_to_first_token_s'))} s.")
-        if st.get("failure"):
-            out += ["", f"Fault: {st['failure']}" + (f" — server {st['exit']}" if st.get("exit") else "")]
-            if st.get("log_tail"):
-                out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st["log_tail"]], "```"]
-            elif st.get("fault") != "AllocatorMismatchError":
+        out.append(f"spawn → /health 200: {_s(st.spawn_to_health_s)} s; → /v1/models: "
+                   f"{_s(st.spawn_to_models_s)} s; → first token: "
+                   f"{_s(st.spawn_to_first_token_s)} s.")
+        if st.failure:
+            out += ["", f"Fault: {st.failure}" + (f" — server {st.exit}" if st.exit else "")]
+            if st.log_tail:
+                out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st.log_tail], "```"]
+            elif st.fault != "AllocatorMismatchError":
                 out += ["", "The server had logged nothing."]
         out += ["", *phase_table(st), "",
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "
@@ -312,19 +312,19 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[dict[str, Any
                 "profiling, KV cache and warm-up).", ""]
         out += [line for line in (coverage_line(st), figures_line(st), imports_line(st)) if line]
         out += ["", *silence_table(st)]
-        maps = st.get("allocators_mapped") or {}
+        maps = st.allocators_mapped or {}
         libs = sorted({lib.rsplit("/", 1)[-1] for v in maps.values() for lib in v})
-        preloads = sorted({p["ld_preload"] for p in st.get("processes") or [] if p.get("ld_preload")})
+        preloads = sorted({p["ld_preload"] for p in st.processes or [] if p.get("ld_preload")})
         if maps:
             out.append(f"Allocator/OpenMP libraries mapped by the server tree: {', '.join(libs) or 'none'}; "
                        f"LD_PRELOAD seen: {', '.join(preloads) or 'none'}.")
-            if st.get("server_preload"):
-                ok = st.get("preload_verified")
-                out.append(f"--server-preload {st['server_preload']}: "
+            if st.server_preload:
+                ok = st.preload_verified
+                out.append(f"--server-preload {st.server_preload}: "
                            + ("mapped by every server process." if ok else "NOT mapped by every server process "
                               "(see startup.jsonl allocators_mapped)."))
             out.append("")
-        if st.get("allocator_check"):
+        if st.allocator_check:
             out += [allocator_check_line(st), ""]
 
     out += ["## Memory timeline", "", *memory_section(sampler), ""]
@@ -344,13 +344,13 @@ def rebuild(results: ResultsDir, error: str | None = None) -> Path:
     if saved is None:
         raise FileNotFoundError(f"{results.root / CONFIG_FILE} is missing: not a serve run")
     config = ServeConfig.from_dict(saved)
-    requests = results.read_jsonl(REQUESTS_FILE)
-    startups = [startup.reanalyse(results.root, r) for r in results.read_jsonl(STARTUP_FILE)]
+    requests = results.read_records(REQUESTS_FILE, ServeRequest)
+    startups = [startup.reanalyse(results.root, r) for r in results.read_records(STARTUP_FILE, StartupRecord)]
     if startups:
-        results.write_text(STARTUP_FILE, "".join(results.dumps(r) + "\n" for r in startups))
+        results.rewrite_records(STARTUP_FILE, startups)
     snapshot = timeline.load(results)
     timeline.plot(results.path(timeline.PNG_FILE), snapshot, startups)
-    failures = [s.get("failure") for s in startups if s.get("failure")]
+    failures = [s.failure for s in startups if s.failure]
     # A comparison goes on past a failed server (its section lists them); a plain run stops at the first.
     stopped = failures and (not config.allocators or len(failures) == len(startups))
     if error is None and stopped:

@@ -26,6 +26,7 @@ from harness.containers.runner_choice import RunnerChoice
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
 from harness.measure import environment
 from harness.measure.allocators import Allocator
+from harness.measure.records import ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.signals import Shielded
 from harness.measure.stopping import StopRule
@@ -61,8 +62,8 @@ class ServeOutcome:
     exit_code: int
     error: str | None = None
     report: Path | None = None
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    startups: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[ServeRequest] = field(default_factory=list)
+    startups: list[StartupRecord] = field(default_factory=list)
 
     def failure(self) -> HarnessError | None:
         """The error the command ends with (its line and exit code), or None when everything was measured."""
@@ -70,7 +71,7 @@ class ServeOutcome:
             return None
         if self.exit_code == EXIT_INTERRUPTED:
             return Interrupted(self.error or "interrupted (Ctrl-C / SIGTERM)")
-        failed = [s for s in self.startups if s.get("status") != "ok"]
+        failed = [s for s in self.startups if not s.ok]
         return HarnessError(self.error or f"{len(failed)} of {len(self.startups)} servers failed and were not "
                                           "counted (listed above)")
 
@@ -109,8 +110,8 @@ class _Session:
         self.log = log
         self.sampler = MemorySampler(hz=config.sample_hz, enabled=config.sampler)
         self.sampler.has_container = runner.has_container  # container memory, not a process tree's RSS
-        self.requests: list[dict[str, Any]] = []
-        self.startups: list[dict[str, Any]] = []
+        self.requests: list[ServeRequest] = []
+        self.startups: list[StartupRecord] = []
         self.body_extra = {"ignore_eos": True} if config.engine == "vllm" else None
         self.has_metrics = True  # switched off after the first scrape finds no TTFT histogram
         self.request_tags: dict[str, Any] = {"allocator": None}  # the arm of the server being measured
@@ -155,8 +156,9 @@ class _Session:
         return record
 
     def _append_request(self, record: dict[str, Any]) -> None:
-        self.results.append(REQUESTS_FILE, record)
-        self.requests.append(record)
+        typed = ServeRequest.load(record)  # the record as built, through the model (its keys, in their order)
+        self.results.append_record(REQUESTS_FILE, typed)
+        self.requests.append(typed)
 
     def request_sequence(self, base_url: str, model: str, server: int, ready_t: float | None,
                          alive: Callable[[], None] | None = None) -> float | None:
@@ -218,9 +220,9 @@ class _Session:
                 self._check_allocator(k, arm, server, pids, rec)
             first = self.request_sequence(server.base_url, model, k, t_ready,
                                           alive=lambda: server.check_serving("the measured requests"))
-            cold = next((r for r in self.requests if r["server"] == k and r["kind"] == "cold"), None)
+            cold = next((r for r in self.requests if r.server == k and r.kind == "cold"), None)
             if cold and first is not None:
-                rec["spawn_to_first_token_s"] = cold["t_start_s"] - t_spawn + first
+                rec["spawn_to_first_token_s"] = cold.t_start_s - t_spawn + first
             rec.update(status="ok", failure=None)
         except ServerError as exc:
             rec.update(status="failed", failure=str(exc), exit_code=exc.server_exit_code,
@@ -246,8 +248,9 @@ class _Session:
             rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
                                                 "triton": ("fresh" if new_caches else "shared") if vllm_cache
                                                 else None})
-            self.results.append(STARTUP_FILE, rec)
-            self.startups.append(rec)
+            typed = StartupRecord.load(rec)  # the record as built, through the model
+            self.results.append_record(STARTUP_FILE, typed)
+            self.startups.append(typed)
         if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
             raise KeyboardInterrupt
 
@@ -303,9 +306,9 @@ class _Session:
                     self.log(f"server {k} ({arm.name}) failed, not counted: {_fault_line(exc)}")
                 rule.unit_done(time.perf_counter() - t0)
                 k += 1
-            if r == 0 and not any(s["status"] == "ok" for s in self.startups):
+            if r == 0 and not any(s.ok for s in self.startups):
                 return "failed", "every server of the first round failed: " + "; ".join(
-                    sorted({s.get("failure") or "?" for s in self.startups}))
+                    sorted({s.failure or "?" for s in self.startups}))
             if rule.round_done(r, self.startups):
                 return None, None
         return "max-runs", None
@@ -452,7 +455,7 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
     extra: dict[str, Any] = {"serve_engine": config.engine, "serve_runner": config.runner,
                              **{k: v for k, v in runner_info.items() if k != "allocator_arms"}}
     extra.update(runner.environment(log))
-    results.write_json("serve/environment.json", environment.collect(extra))
+    results.write_record("serve/environment.json", environment.collect(extra))
     session = _Session(config, results, log, runner)
     error = None
     code = EXIT_OK
@@ -477,11 +480,11 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
         path = session.finish(error)
     if shield.signalled and code == EXIT_OK:
         error, code = "interrupted (Ctrl-C / SIGTERM) while the report was written", EXIT_INTERRUPTED
-    failed = [s for s in session.startups if s.get("status") != "ok"]
+    failed = [s for s in session.startups if not s.ok]
     if error:
         code = code or EXIT_FAULT
     elif failed and arms:  # a comparison goes on past a failed server; the command still says so
-        for reason in sorted({s.get("failure") or "unknown" for s in failed}):
+        for reason in sorted({s.failure or "unknown" for s in failed}):
             log(f"failed server, not counted: {reason}")
         code = EXIT_FAULT
     log(f"wrote {path}")

@@ -5,9 +5,11 @@ re-reads old runs."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+from harness.measure.records import StartupRecord
 from harness.serve import phases, stacks
 
 
@@ -37,24 +39,16 @@ def analyse(lines: list[tuple[float, str]], ready_s: float | None, stack_samples
     }
 
 
-def reanalyse(results_root: Path, record: dict[str, Any]) -> dict[str, Any]:
+def reanalyse(results_root: Path, record: StartupRecord) -> StartupRecord:
     """The record with its analysis redone from its log and stacks files on disk (unchanged when the
     log is gone)."""
-    log = results_root / record.get("log", f"serve/server-{record['server']}.log")
+    log = results_root / record.log_path
     if not log.exists():
         return record
     lines = phases.lines_from_stamped_log(log.read_text(errors="replace"))
-    ready = record.get("spawn_to_health_s") or (lines[-1][0] if lines else None)
-    samples = stacks.load(results_root / stacks_file(record["server"]))
-    fields = analyse(lines, ready, samples, record.get("stacks_reason"))
-    cache = dict(record.get("compile_cache") or {})
+    ready = record.spawn_to_health_s or (lines[-1][0] if lines else None)
+    samples = stacks.load(results_root / stacks_file(record.server))
+    fields = analyse(lines, ready, samples, record.stacks_reason)
+    cache = dict(record.compile_cache or {})
     cache["use"] = fields.pop("compile_cache_use")
-    return {**record, **fields, "compile_cache": cache}
-
-
-def coverage(record: dict[str, Any]) -> float | None:
-    """Share of spawn -> /health 200 that lies in a named phase."""
-    total = record.get("spawn_to_health_s")
-    if not total or record.get("unaccounted_s") is None:
-        return None
-    return max(0.0, 1.0 - record["unaccounted_s"] / total)
+    return dataclasses.replace(record, **fields, compile_cache=cache)

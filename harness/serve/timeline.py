@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.measure.records import StartupRecord, TimelineMeta, TimelineSample
 from harness.measure.results import ResultsDir
 from harness.serve.phases import SHORT
 from harness.serve.sampler import Marker, MemorySampler
@@ -38,12 +39,13 @@ class Timeline:
 
     def csv_rows(self) -> list[dict[str, Any]]:
         """Samples and markers merged in time order; a marker row carries only t_s and its label."""
-        merged = [dict(r) for r in self.rows]
-        merged += [{"t_s": m.t_s, "marker": f"{m.kind}:{m.label}"} for m in self.markers]
-        return sorted(merged, key=lambda r: r["t_s"])
+        merged = [TimelineSample(t_s=r["t_s"], values={k: v for k, v in r.items() if k != "t_s"}) for r in self.rows]
+        merged += [TimelineSample(t_s=m.t_s, marker=f"{m.kind}:{m.label}") for m in self.markers]
+        return [s.to_dict() for s in sorted(merged, key=lambda s: s.t_s)]
 
-    def meta(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("rows", "markers")}
+    def meta(self) -> TimelineMeta:
+        return TimelineMeta(hz=self.hz, enabled=self.enabled, gpu_reason=self.gpu_reason,
+                            has_container=self.has_container)
 
 
 def from_sampler(sampler: MemorySampler) -> Timeline:
@@ -53,11 +55,10 @@ def from_sampler(sampler: MemorySampler) -> Timeline:
 
 def load(results: ResultsDir) -> Timeline:
     """The timeline of a finished run, from memory_timeline.csv and timeline.json."""
-    meta = results.read_json(META_FILE) or {}
+    meta = TimelineMeta.load(results.read_json(META_FILE) or {})
     csv_path = results.root / CSV_FILE
     rows, markers = load_csv(csv_path) if csv_path.exists() else ([], [])
-    return Timeline(rows, markers, **{k: meta[k] for k in ("hz", "enabled", "gpu_reason", "has_container")
-                                      if k in meta})
+    return Timeline(rows, markers, meta.hz, meta.enabled, meta.gpu_reason, meta.has_container)
 
 
 def series_names(rows: list[dict[str, Any]]) -> list[str]:
@@ -172,20 +173,19 @@ def load_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[Marker]]:
 
     rows: list[dict[str, Any]] = []
     markers: list[Marker] = []
-    for r in read_csv(path):
-        t = float(r["t_s"])
-        if r.get("marker"):
-            kind, _, label = r["marker"].partition(":")
-            markers.append(Marker(t, label, kind))
+    for sample in (TimelineSample.load(r) for r in read_csv(path)):
+        if sample.marker:
+            kind, _, label = sample.marker.partition(":")
+            markers.append(Marker(sample.t_s, label, kind))
         else:
-            rows.append({"t_s": t, **{k: float(v) for k, v in r.items() if k.endswith("_mb") and v != ""}})
+            rows.append({"t_s": sample.t_s, **sample.values})
     return rows, markers
 
 
 def save(results: ResultsDir, timeline: Timeline) -> Path:
     """The samples (CSV) and their markers and series (JSON): what `load` reads back."""
     csv_path = results.write_csv(CSV_FILE, timeline.columns(), timeline.csv_rows())
-    results.write_json(META_FILE, timeline.meta())
+    results.write_record(META_FILE, timeline.meta())
     return csv_path
 
 
@@ -230,15 +230,15 @@ def _draw(ax: Any, rows: list[dict[str, Any]], markers: list[Marker], every_labe
     ax.grid(alpha=0.3)
 
 
-def phase_bands(markers: list[Marker], startups: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+def phase_bands(markers: list[Marker], startups: list[StartupRecord]) -> list[tuple[str, float, float]]:
     """(short label, start, end) on the sampler's clock for every start-up phase of every server: the
     phases are timed from spawn, and each server's spawn marker places them."""
     out = []
     for st in startups:
-        spawn = next((m.t_s for m in markers if m.kind == "spawn" and m.label == f"s{st['server']} spawn"), None)
+        spawn = next((m.t_s for m in markers if m.kind == "spawn" and m.label == f"s{st.server} spawn"), None)
         if spawn is None:
             continue
-        for p in st.get("phases") or []:
+        for p in st.phases or []:
             out.append((SHORT.get(p["key"], p["key"]), spawn + p["start_s"], spawn + p["end_s"]))
     return out
 
@@ -260,7 +260,7 @@ def _draw_bands(ax: Any, bands: list[tuple[str, float, float]]) -> None:
                     color="0.35", zorder=1)
 
 
-def plot(path: Path, timeline: Timeline, startups: list[dict[str, Any]] | None = None) -> Path | None:
+def plot(path: Path, timeline: Timeline, startups: list[StartupRecord] | None = None) -> Path | None:
     """Top: the whole run (start-up phases as bands, spawn/ready/stop lines, request spans). Below: each
     server's requests zoomed."""
     rows, markers, gpu_reason = timeline.rows, timeline.markers, timeline.gpu_reason
