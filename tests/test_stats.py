@@ -202,13 +202,13 @@ class Clock:
 
 
 def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
-    from harness.measure.results import ResultsDir
     from harness.alloc.stopping import AllocStopper
+    from harness.measure.results import ResultsDir
     from harness.measure.stopping import StopRule
 
     clock = Clock()
-    stopper = AllocStopper(StopRule(target=None, metric="itl_p25", max_time_s=100.0), ResultsDir(tmp_path), ["glibc", "jemalloc"],
-                      clock=clock)
+    stopper = AllocStopper(StopRule(target=None, metric="itl_p25", max_time_s=100.0), ResultsDir(tmp_path),
+                           ["glibc", "jemalloc"], clock=clock)
     assert stopper.may_start(2, [])  # nothing measured yet: no estimate, the first run starts
     clock.now = 30.0
     stopper.unit_done(30.0)
@@ -223,8 +223,8 @@ def test_stopper_holds_back_a_round_that_would_end_after_the_deadline(tmp_path):
 
 def test_stopper_checks_the_width_once_a_round_from_the_minimum_on(tmp_path):
     """The check sees the rounds up to its own only, and stops on width whatever the ratio."""
-    from harness.measure.results import ResultsDir
     from harness.alloc.stopping import AllocStopper
+    from harness.measure.results import ResultsDir
     from harness.measure.stopping import StopRule
 
     rng = np.random.default_rng(11)
@@ -232,8 +232,8 @@ def test_stopper_checks_the_width_once_a_round_from_the_minimum_on(tmp_path):
                  "jemalloc": list(1.5 * np.exp(0.01 * rng.standard_normal(8)))}
     runs = _runs(far_apart)
     results = ResultsDir(tmp_path)
-    stopper = AllocStopper(StopRule(target=0.05, metric="itl_p25", min_rounds=3, max_rounds=6), results, ["glibc", "jemalloc"],
-                      warmup_rounds=1)
+    stopper = AllocStopper(StopRule(target=0.05, metric="itl_p25", min_rounds=3, max_rounds=6), results,
+                           ["glibc", "jemalloc"], warmup_rounds=1)
     assert list(stopper.rounds()) == [-1, 0, 1, 2, 3, 4, 5]
     assert not stopper.round_done(1, runs)  # before the third round: no check
     assert results.read_jsonl("alloc/stopping.jsonl") == []
