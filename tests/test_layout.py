@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.fast  # read from the source: the fast tier
 
 PACKAGE = REPO / "harness"
 

@@ -101,8 +101,8 @@ def test_the_report_says_what_ran_and_harness_report_rebuilds_it(served, model_d
             "idle gaps [0.0, 0.3] s.") in report
     cold, warm = outcome.requests[0], outcome.requests[1]
     assert f"| 0 | {cold['wall_s']:.4f} | {warm['wall_s']:.4f} | {cold['wall_s'] / warm['wall_s']:.2f}× |" in report
-    for needle in ("First-to-second drop in TTFT", "### Server 0 (ok)", "## Memory timeline", "GPU memory: not sampled",
-                   "## What this means for SLOs"):
+    for needle in ("First-to-second drop in TTFT", "| after 0.3 s idle TTFT |", "### Server 0 (ok)",
+                   "## Memory timeline", "GPU memory: not sampled", "## What this means for SLOs"):
         assert needle in report, needle
     assert "Run stopped early" not in report and "Failed requests" not in report
     assert _rebuilt(out, tmp_path) == report
