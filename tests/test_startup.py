@@ -165,7 +165,6 @@ def test_after_last_warm_reading_is_taken_before_the_stop() -> None:
     assert jump.after_warm == 700.0  # the 200 MiB sample came after the stop request
 
 
-@pytest.mark.fast
 def test_serve_report_rebuilds_from_disk_unchanged(tmp_path) -> None:
     """`harness report` on a copy of the committed vLLM reference gives the committed report back."""
     for run in ("fresh", "shared"):
