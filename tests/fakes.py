@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.alloc.runners.base import ProbeOutcome, ProbeRequest, RunnerError
-from harness.measure.allocators import Allocator
+from harness.measure.allocators import Allocator, AllocatorError
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 
@@ -86,7 +86,7 @@ class ReplayRunner:
         """Each allocator with the library its recorded runs asked for, so that their maps verify."""
         missing = [n for n in names if n not in self.runs]
         if missing:
-            raise ValueError(f"{self.reference} recorded no run of {', '.join(missing)}")
+            raise AllocatorError(f"{self.reference} recorded no run of {', '.join(missing)}")
         return [Allocator(n, libs.get(n) or self.runs[n][0]["requested_library"], envs.get(n, {})) for n in names]
 
     def run_probe(self, request: ProbeRequest) -> ProbeOutcome:
