@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make bench` and `make test`.
+# Two entry points for a fresh machine: `make bench` and `make test` (`make test-fast`: the fast tier alone).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= results/bench-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: bench test env system docker images vllm lint clean
+.PHONY: bench test test-fast env system docker images vllm lint clean
 
 env: $(VENV)/.stamp
 
@@ -39,6 +39,11 @@ bench: env system vllm
 test: env system images vllm
 	$(VENV)/bin/ruff check harness tests scripts
 	$(VENV)/bin/pytest
+
+# The fast tier: orchestration, reports, resume and faults on fakes that replay committed runs and a fake
+# streaming server (no probe process, no vLLM, no Docker), in under a minute. `make test` runs it too.
+test-fast: env
+	$(VENV)/bin/pytest -m fast
 
 lint: env
 	$(VENV)/bin/ruff check harness tests scripts

@@ -11,6 +11,8 @@ stream=true), for the "server does not stream" fault. Options:
 --replay FILE        stream the events of a captured stream instead (`fake_token_delay_s` apart)
 --crash-after N      the "engine" dies after N completions, as vLLM's engine core does: it logs the error,
                      the next stream carries only an error event, /health answers 503 from then on
+--die-mid-request N  the whole server dies during completion N + 1: it logs an error line, streams half of
+                     the tokens (or nothing, in plain mode), then kills itself (SIGKILL), as an OOM kill does
 --models-not-json    /v1/models answers 200 with an HTML page
 --startup-delay S    listen only after S seconds (a server still starting)
 --ignore-sigterm     SIGTERM is logged and ignored (a server slow to stop); SIGKILL still works
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -31,10 +34,11 @@ from pathlib import Path
 
 MODEL = "fake-model"
 ENGINE_ERROR = "RuntimeError: fake engine core died: CUDA error: an illegal memory access was encountered"
+DEATH_ERROR = "MemoryError: fake server out of memory in the middle of a request"
 
 
 class State:
-    options = argparse.Namespace(stream=False, crash_after=None, models_not_json=False)
+    options = argparse.Namespace(stream=False, crash_after=None, die_mid_request=None, models_not_json=False)
     replay: list[str] = []
     completions = 0
     connections = 0
@@ -97,14 +101,19 @@ class Handler(BaseHTTPRequestHandler):
                 State.dead = True
                 print("ERROR 11-28 07:00:00 [core.py:700] EngineCore encountered a fatal error.", flush=True)
                 print(f"ERROR 11-28 07:00:00 [core.py:700] {ENGINE_ERROR}", flush=True)
+            die = State.options.die_mid_request is not None and State.completions > State.options.die_mid_request
+        if die:
+            print(f"ERROR 11-28 07:00:00 [server.py:99] {DEATH_ERROR}", flush=True)
         if body.get("stream") and State.options.stream:
-            self._stream(body, n, crash)
+            self._stream(body, n, crash, die)
             return
+        if die:
+            _die()
         self._json(200, {"object": "text_completion", "model": MODEL,
                          "choices": [{"index": 0, "text": " x" * n, "finish_reason": "length"}],
                          "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
 
-    def _stream(self, body: dict, n: int, crash: bool) -> None:
+    def _stream(self, body: dict, n: int, crash: bool, die: bool = False) -> None:
         token_delay = float(body.get("fake_token_delay_s", 0.0))
         if crash:  # what vLLM's server streams when the engine core is dead
             error = {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the "
@@ -119,7 +128,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            for delay, payload in events:
+            for i, (delay, payload) in enumerate(events):
+                if die and i == n // 2:
+                    _die()
                 time.sleep(delay)
                 self._chunk(f"data: {payload}\n\n".encode())
             time.sleep(0.02)  # the body's end in a later read than [DONE], as vLLM's often is
@@ -135,12 +146,18 @@ class Handler(BaseHTTPRequestHandler):
         print(fmt % args, flush=True)
 
 
+def _die() -> None:
+    """The whole process, at once: no response is finished, no socket closed cleanly."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("port", type=int)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--replay", type=Path)
     p.add_argument("--crash-after", type=int, default=None)
+    p.add_argument("--die-mid-request", type=int, default=None)
     p.add_argument("--models-not-json", action="store_true")
     p.add_argument("--startup-delay", type=float, default=0.0)
     p.add_argument("--ignore-sigterm", action="store_true")

