@@ -309,6 +309,43 @@ def harness_batch(args: argparse.Namespace, target: Target, prompts: list[str], 
     return got
 
 
+@contextlib.contextmanager
+def busy_loop(cpus: list[int]) -> Iterator[None]:
+    """A spinning process at the lowest priority (nice 19) on `cpus`: it yields to the client at once, so it
+    takes no time from it, only from whatever shares a core with those CPUs."""
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def cpu_interference(args: argparse.Namespace, target: Target, prompts: list[str]) -> None:
+    """4c: does CPU work on the clients' CPUs slow the server? The harness's batches alternate between those
+    CPUs idle and busy (a nice-19 spinner). Where the server's CPUs are really apart, its TPOT stays; where they
+    share cores with the clients' (SMT siblings, a VM's vCPUs on one core), a heavier client slows the server it
+    measures, and two clients of different weight then measure two different servers."""
+    if not args.server_cpus:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    idle, busy = Latencies(), Latencies()
+    for b in range(6):
+        for mode in (("idle", "busy") if b % 2 == 0 else ("busy", "idle")):
+            batch = prompts[b * 5:(b + 1) * 5] or prompts[:5]
+            if mode == "busy":
+                with busy_loop(cpus):
+                    harness_batch(args, target, batch, busy)
+            else:
+                harness_batch(args, target, batch, idle)
+    print(f"\n4c. CPU work on the clients' CPUs ({','.join(map(str, cpus))}) against the server on {args.server_cpus}: "
+          "the harness's batches with those CPUs idle, then busy with a nice-19 spinner (interleaved)")
+    for name in ("tpot", "e2e"):
+        print(f"   {ratio_line(name.upper(), getattr(busy, name), getattr(idle, name), labels=('busy', 'idle'))[1]}")
+
+
 def client_fidelity(args: argparse.Namespace, target: Target, vllm_client: VllmClient, title: str,
                     judged: bool = True) -> bool:
     """Batches of each client alternate (order swapped every batch); every batch starts with a warm-up."""
@@ -328,7 +365,10 @@ def client_fidelity(args: argparse.Namespace, target: Target, vllm_client: VllmC
                 print(f"   batch {b + 1:2} {side:7}: median TTFT {statistics.median(got.ttft) * 1e3:7.2f} ms, "
                       f"TPOT {statistics.median(got.tpot) * 1e3:6.2f} ms, E2E {statistics.median(got.e2e) * 1e3:7.2f} "
                       f"ms; token events per request {min(got.events)}-{max(got.events)}", flush=True)
-    return fidelity_verdict(harness, vllm, per_batch, judged)
+    ok = fidelity_verdict(harness, vllm, per_batch, judged)
+    if judged:
+        cpu_interference(args, target, prompts)
+    return ok
 
 
 def bursts(lat: Latencies) -> list[bool]:
@@ -337,12 +377,14 @@ def bursts(lat: Latencies) -> list[bool]:
     return [t > 0.9 * e for t, e in zip(lat.ttft, lat.e2e, strict=True)]
 
 
-def ratio_line(name: str, a: list[float], b: list[float], per_batch: int | None = None) -> tuple[float, str]:
+def ratio_line(name: str, a: list[float], b: list[float], per_batch: int | None = None,
+               labels: tuple[str, str] = ("harness", "vLLM")) -> tuple[float, str]:
     """Ratio of medians (95 % bootstrap CI); with `per_batch`, also the median ratio of neighbouring batches'
     medians, which cancels drift in the host's load."""
     c = compare(a, b)
-    line = (f"{name:4}: harness {summarize(a).median * 1e3:7.2f} ms, vLLM {summarize(b).median * 1e3:7.2f} ms "
-            f"(n = {c.n_candidate}/{c.n_baseline}): harness/vLLM {c.ratio:.3f} (95 % CI {c.ratio_ci_low:.3f} "
+    la, lb = labels
+    line = (f"{name:4}: {la} {summarize(a).median * 1e3:7.2f} ms, {lb} {summarize(b).median * 1e3:7.2f} ms "
+            f"(n = {c.n_candidate}/{c.n_baseline}): {la}/{lb} {c.ratio:.3f} (95 % CI {c.ratio_ci_low:.3f} "
             f"to {c.ratio_ci_high:.3f})")
     if per_batch:
         cp = compare_paired([(statistics.median(a[i:i + per_batch]), statistics.median(b[i:i + per_batch]))
