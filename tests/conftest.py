@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +36,18 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """A command run in this process (CliRunner) ignores SIGINT and SIGTERM once it is over, until the exit
+    that follows it in a real process (harness.measure.signals.exit_code_of). Here no exit follows: without
+    this, Ctrl-C would no longer reach a later test, and every process a later test starts would inherit the
+    ignored SIGTERM (a server that cannot be stopped but by SIGKILL)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from harness.alloc.runners.base import Placement, RunnerError
 from harness.alloc.stopping import AllocStopper
 from harness.cli import main
 from harness.measure import stats
+from harness.measure.records import Environment
 from harness.measure.results import ResultsDir, ResultsError
 from harness.measure.stopping import StopRule
 
@@ -47,8 +48,8 @@ def _config(runner: ReplayRunner, names: list[str], runs: int, warmup_runs: int 
         names, {}, {}), runs=runs, warm_gens=8, max_new_tokens=32, warmup_runs=warmup_runs, runner=runner.name, **kw)
 
 
-def _environment(hostname: str) -> dict[str, Any]:
-    return {"collected_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "host": {"hostname": hostname}}
+def _environment(hostname: str) -> Environment:
+    return Environment(collected_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), host={"hostname": hostname})
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:
@@ -151,7 +152,7 @@ def test_a_failed_or_unverified_run_is_recorded_and_never_counted(tmp_path: Path
 def test_every_run_of_the_first_round_failing_ends_the_experiment(tmp_path: Path) -> None:
     runner = ReplayRunner(SINGLE, faults={("glibc", 0): FAIL, ("jemalloc", 0): FAIL})
     records = alloc.execute(_config(runner, TWO, runs=3), runner, ResultsDir(tmp_path))
-    assert len(runner.requests) == 2 and [r["status"] for r in records] == ["failed", "failed"]
+    assert len(runner.requests) == 2 and [r.status for r in records] == ["failed", "failed"]
     result = _report(tmp_path)
     assert result.exit_code == 1 and not (tmp_path / SUMMARY_FILE).exists()
     assert result.stderr.strip() == (f"error: {tmp_path} holds no measured runs: 2 warm-up runs failed "
