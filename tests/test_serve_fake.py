@@ -19,6 +19,7 @@ from fakes import ReplayRunner
 
 from harness.alloc import run as alloc
 from harness.cli import main, write_index
+from harness.errors import HarnessError, UsageError
 from harness.measure.results import ResultsDir
 from harness.serve.config import ServeConfig
 from harness.serve.run import EXIT_FAULT, EXIT_OK, run_serve
@@ -73,20 +74,21 @@ def test_a_cold_start_then_cold_warm_and_idle_requests(served) -> None:
     outcome, logs, out = served
     assert outcome.exit_code == EXIT_OK and outcome.error is None, logs
     requests = outcome.requests
-    assert [(r["kind"], r["index"], r["idle_gap_s"]) for r in requests] == [
+    assert [(r.kind, r.index, r.idle_gap_s) for r in requests] == [
         ("cold", 0, None), ("warm", 1, None), ("warm", 2, None), ("warm", 3, None), ("idle", 4, 0.0), ("idle", 5, 0.3)]
-    assert all(r["status"] == "ok" and r["completion_tokens"] == 8 and r["model"] == MODEL for r in requests)
-    assert all(0 < r["ttft_s"] <= r["e2e_s"] <= r["wall_s"] for r in requests)
-    starts = [r["since_ready_s"] for r in requests]
+    assert all(r.ok and r.completion_tokens == 8 and r.model == MODEL for r in requests)
+    assert all(0 < r.ttft_s <= r.e2e_s <= r.wall_s for r in requests)
+    starts = [r.since_ready_s for r in requests]
     assert starts == sorted(starts) and starts[0] >= 0
-    assert requests[5]["t_start_s"] - requests[4]["t_end_s"] >= 0.3, "the idle gap was kept before the request"
-    assert [json.loads(line) for line in (out / "serve/requests.jsonl").read_text().splitlines()] == requests
+    assert requests[5].t_start_s - requests[4].t_end_s >= 0.3, "the idle gap was kept before the request"
+    assert [json.loads(line) for line in (out / "serve/requests.jsonl").read_text().splitlines()] == [
+        r.to_dict() for r in requests]
 
     (startup,) = outcome.startups
-    assert startup["status"] == "ok" and startup["models"] == [MODEL]
-    assert 0 < startup["spawn_to_health_s"] <= startup["spawn_to_models_s"] < startup["spawn_to_first_token_s"]
-    assert startup["stopped_exit"] == "killed by SIGTERM (exit code -15)" and group_members(startup["pid"]) == []
-    assert startup["memory_peaks"]["server_rss_mb"] > 5  # the sampler followed the server's own process
+    assert startup.ok and startup.models == [MODEL]
+    assert 0 < startup.spawn_to_health_s <= startup.spawn_to_models_s < startup.spawn_to_first_token_s
+    assert startup.stopped_exit == "killed by SIGTERM (exit code -15)" and group_members(startup.pid) == []
+    assert startup.memory_peaks["server_rss_mb"] > 5  # the sampler followed the server's own process
     assert any(line.startswith("server 0: /health 200 after") for line in logs)
     assert logs[-1] == f"wrote {out / REPORT}"
     for name in ARTIFACTS:
@@ -100,7 +102,7 @@ def test_the_report_says_what_ran_and_harness_report_rebuilds_it(served, model_d
     assert ("1 fresh server(s), runner local; 3 warm request(s) per server, max_tokens 8, mode stream, "
             "idle gaps [0.0, 0.3] s.") in report
     cold, warm = outcome.requests[0], outcome.requests[1]
-    assert f"| 0 | {cold['wall_s']:.4f} | {warm['wall_s']:.4f} | {cold['wall_s'] / warm['wall_s']:.2f}× |" in report
+    assert f"| 0 | {cold.wall_s:.4f} | {warm.wall_s:.4f} | {cold.wall_s / warm.wall_s:.2f}× |" in report
     for needle in ("First-to-second drop in TTFT", "| after 0.3 s idle TTFT |", "### Server 0 (ok)",
                    "## Memory timeline", "## What this means for SLOs"):
         assert needle in report, needle
@@ -120,18 +122,18 @@ def died(tmp_path_factory: pytest.TempPathFactory, model_dir: str):
 def test_a_server_that_dies_mid_request_ends_the_run_with_its_own_error(died, tmp_path: Path) -> None:
     outcome, out = died
     assert outcome.exit_code == EXIT_FAULT
-    assert [(r["kind"], r["status"]) for r in outcome.requests] == [("cold", "ok"), ("warm", "ok"), ("warm", "failed")]
+    assert [(r.kind, r.status) for r in outcome.requests] == [("cold", "ok"), ("warm", "ok"), ("warm", "failed")]
     error = outcome.error or ""
     assert "killed by SIGKILL (exit code -9) during the measured requests" in error and DEATH_ERROR in error, error
     (startup,) = outcome.startups
-    assert startup["status"] == "failed" and startup["exit_code"] == -9 and startup["fault"] == "ServerDiedError"
-    assert any(DEATH_ERROR in line for line in startup["log_tail"])
-    assert group_members(startup["pid"]) == []
+    assert startup.status == "failed" and startup.exit_code == -9 and startup.fault == "ServerDiedError"
+    assert any(DEATH_ERROR in line for line in startup.log_tail)
+    assert group_members(startup.pid) == []
     report = (out / REPORT).read_text()
     assert f"**Run stopped early:** {error}" in report and "Server log tail" in report
     assert "### Server 0 (failed)" in report and "Failed requests: 1" in report
     # rebuilt from disk: the same report, its fault line taken from the server's start-up record
-    stopped = f"**Run stopped early:** {startup['failure']}"
+    stopped = f"**Run stopped early:** {startup.failure}"
     assert _rebuilt(out, tmp_path).splitlines() == [stopped if line.startswith("**Run stopped early:** ") else line
                                                     for line in report.splitlines()]
 
@@ -153,14 +155,14 @@ def test_an_allocator_arm_that_cannot_be_verified_is_recorded_and_never_counted(
     logs: list[str] = []
     outcome = run_serve(cfg, log=logs.append)
     assert outcome.exit_code == EXIT_FAULT and outcome.error is None  # the comparison went on, and says so
-    assert [(s["allocator"], s["round"], s["status"]) for s in outcome.startups] == [
+    assert [(s.allocator, s.round, s.status) for s in outcome.startups] == [
         ("glibc", 0, "ok"), ("jemalloc", 0, "failed"), ("glibc", 1, "ok")]
     failed = outcome.startups[1]
-    assert failed["failure"].startswith("not a jemalloc server: api_server (pid ")
-    assert f"does not map {jemalloc_path}" in failed["failure"]
-    assert not failed["allocator_check"]["verified"]
-    assert [r["server"] for r in outcome.requests] == [0, 0, 2, 2], "no request to the unverified server"
-    assert f"failed server, not counted: {failed['failure']}" in logs
+    assert failed.failure.startswith("not a jemalloc server: api_server (pid ")
+    assert f"does not map {jemalloc_path}" in failed.failure
+    assert not failed.allocator_check["verified"]
+    assert [r.server for r in outcome.requests] == [0, 0, 2, 2], "no request to the unverified server"
+    assert f"failed server, not counted: {failed.failure}" in logs
     report = (out / REPORT).read_text()
     assert "2 of 3 server(s) counted" in report and "No counted server for jemalloc." in report
     assert "Allocator jemalloc: NOT verified" in report
@@ -176,7 +178,7 @@ def test_index_links_both_reports_and_only_files_that_exist(served, tmp_path: Pa
                                allocators=runner.resolve_allocators(["glibc", "jemalloc"], {}, {}), runner="replay")
     alloc.execute(config, runner, ResultsDir(bench))
     assert CliRunner().invoke(main, ["report", str(bench)]).exit_code == 0
-    index = write_index(ResultsDir(bench), "synthetic:phi3-mini", 0, 1, "server died").read_text()
+    index = write_index(ResultsDir(bench), "synthetic:phi3-mini", None, HarnessError("server died")).read_text()
     lines = index.splitlines()
     assert lines[:5] == [
         "# Benchmark: synthetic:phi3-mini", "",
@@ -196,6 +198,6 @@ def test_index_links_both_reports_and_only_files_that_exist(served, tmp_path: Pa
 
     alone = tmp_path / "alone"
     shutil.copytree(bench / "alloc", alone / "alloc")
-    index = write_index(ResultsDir(alone), "synthetic:phi3-mini", 0, 2, "unknown engine").read_text()
+    index = write_index(ResultsDir(alone), "synthetic:phi3-mini", None, UsageError("unknown engine")).read_text()
     assert "- B. First-token path (ended with exit code 2: unknown engine): no files" in index.splitlines()
     assert "First-token latency and warm start" not in index
