@@ -49,7 +49,8 @@ def _config(runner: ReplayRunner, names: list[str], runs: int, warmup_runs: int 
 
 
 def _environment(hostname: str) -> Environment:
-    return Environment(collected_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), host={"hostname": hostname})
+    collected_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    return Environment(collected_at=collected_at, host={"hostname": hostname})
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:

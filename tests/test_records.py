@@ -14,6 +14,7 @@ from harness.measure.records import (
     AllocRun,
     Environment,
     RecordError,
+    ServeEnd,
     ServeRequest,
     StartupRecord,
     TimelineMeta,
@@ -49,6 +50,7 @@ BUILT = [
     StartupRecord(server=2, allocator="glibc", round=0, status="failed", failure="boom", log_tail=["x"],
                   phases=[{"key": "args", "label": "imports", "start_s": 0.0, "end_s": 1.0, "duration_s": 1.0}]),
     TimelineMeta(hz=10.0, gpu_reason="no GPU", has_container=True),
+    ServeEnd(stopped_early="server 0 died — see the log tail in the report"),
     Environment(collected_at="2026-01-01T00:00:00+00:00", host={"hostname": "h"}, extra={"runner": {"kind": "local"}}),
 ]
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.fast
 FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
 STREAMING = f"{sys.executable} {FAKE} {{port}} --stream"
 ARTIFACTS = ("first_token_latency.md", "requests.jsonl", "startup.jsonl", "memory_timeline.csv",
-             "memory_timeline.png", "config.json", "environment.json", "server-0.log")
+             "memory_timeline.png", "config.json", "environment.json", "server-0.log", "end.json")
 REPORT = "serve/first_token_latency.md"
 
 
@@ -48,11 +48,12 @@ def _config(out: Path, model: str, server_cmd: str = STREAMING, **kw: Any) -> Se
     return ServeConfig(**{**base, **kw})
 
 
-def _rebuilt(out: Path, tmp_path: Path) -> str:
-    """The report `harness report DIR` rebuilds from a copy of what the run left on disk."""
+def _rebuilt(out: Path, tmp_path: Path, older: bool = False) -> str:
+    """The report `harness report DIR` rebuilds from a copy of what the run left on disk (`older`: as a run
+    from before serve/end.json left it)."""
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    for name in ("first_token_latency.md", "memory_timeline.png"):
+    for name in ("first_token_latency.md", "memory_timeline.png", *(["end.json"] if older else [])):
         (copy / "serve" / name).unlink()
     result = CliRunner().invoke(main, ["report", str(copy)])
     assert result.exit_code == 0, result.output
@@ -107,6 +108,7 @@ def test_the_report_says_what_ran_and_harness_report_rebuilds_it(served, model_d
                    "## Memory timeline", "## What this means for SLOs"):
         assert needle in report, needle
     assert "Run stopped early" not in report and "Failed requests" not in report
+    assert json.loads((out / "serve/end.json").read_text()) == {"schema": "serve-end/1", "stopped_early": None}
     assert _rebuilt(out, tmp_path) == report
 
 
@@ -132,16 +134,17 @@ def test_a_server_that_dies_mid_request_ends_the_run_with_its_own_error(died, tm
     report = (out / REPORT).read_text()
     assert f"**Run stopped early:** {error}" in report and "Server log tail" in report
     assert "### Server 0 (failed)" in report and "Failed requests: 1" in report
-    # rebuilt from disk: the same report, its fault line taken from the server's start-up record
+    # a run from before serve/end.json, rebuilt: the same report, its fault line taken from the server's
+    # start-up record
     stopped = f"**Run stopped early:** {startup.failure}"
-    assert _rebuilt(out, tmp_path).splitlines() == [stopped if line.startswith("**Run stopped early:** ") else line
-                                                    for line in report.splitlines()]
+    assert _rebuilt(out, tmp_path, older=True).splitlines() == [
+        stopped if line.startswith("**Run stopped early:** ") else line for line in report.splitlines()]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12, item 1: the live run's fault line (its console hint added) is "
-                                       "not on disk, so `harness report` rebuilds it without the hint")
 def test_a_failed_run_is_rebuilt_byte_for_byte(died, tmp_path: Path) -> None:
-    _, out = died
+    outcome, out = died
+    assert json.loads((out / "serve/end.json").read_text()) == {"schema": "serve-end/1",
+                                                                "stopped_early": outcome.error}
     assert _rebuilt(out, tmp_path) == (out / REPORT).read_text()
 
 

@@ -314,6 +314,20 @@ class StartupRecord(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeEnd(Record):
+    """serve/end.json: how a serve run ended, as its report said it. `stopped_early`: why it stopped early,
+    the line the live report and the command's error gave (a server's fault with the console's hint, an
+    interrupt, a comparison that could not go on), None when it ran to its end. A run older than this file
+    is told from its failed start-ups."""
+
+    FAMILY: ClassVar[str] = "serve-end"
+    VERSION: ClassVar[int] = 1
+
+    schema: str = "serve-end/1"
+    stopped_early: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class TimelineSample:
     """One row of serve/memory_timeline.csv: a memory sample (`values`, MiB per series) or a marker
     (`marker`: kind:label). The CSV has one column per series, so a row's schema is its header; the

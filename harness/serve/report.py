@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.measure.records import ServeRequest, StartupRecord
+from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.stats import Summary, summarize
 from harness.serve import comparison, startup, timeline
@@ -16,6 +16,7 @@ REPORT_FILE = "serve/first_token_latency.md"
 REQUESTS_FILE = "serve/requests.jsonl"
 STARTUP_FILE = "serve/startup.jsonl"
 CONFIG_FILE = "serve/config.json"
+END_FILE = "serve/end.json"  # how the run ended (ServeEnd): why it stopped early, or that it did not
 # serve-request/2: streamed e2e_s and tpot_s end at the last token event (vLLM's benchmark client);
 # serve-request/1 records ended them after the usage chunk and [DONE].
 REQUEST_SCHEMA = "serve-request/2"
@@ -335,11 +336,11 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[ServeRequest]
     return results.write_text(REPORT_FILE, "\n".join(out))
 
 
-def rebuild(results: ResultsDir, error: str | None = None) -> Path:
+def rebuild(results: ResultsDir) -> Path:
     """The report, timeline plot and start-up analysis from what the run left on disk: config.json,
-    requests.jsonl, startup.jsonl (re-analysed from each server's log and stacks) and the timeline CSV.
-    A live run ends here too, so that its report is exactly what `harness report` rebuilds later.
-    `error`: why the run stopped early (else read from the failed start-ups)."""
+    requests.jsonl, startup.jsonl (re-analysed from each server's log and stacks), end.json and the
+    timeline CSV. A live run ends here too (once it wrote end.json), so that its report is exactly what
+    `harness report` rebuilds later."""
     saved = results.read_json(CONFIG_FILE)
     if saved is None:
         raise FileNotFoundError(f"{results.root / CONFIG_FILE} is missing: not a serve run")
@@ -350,9 +351,16 @@ def rebuild(results: ResultsDir, error: str | None = None) -> Path:
         results.rewrite_records(STARTUP_FILE, startups)
     snapshot = timeline.load(results)
     timeline.plot(results.path(timeline.PNG_FILE), snapshot, startups)
+    return write(results, config, requests, startups, snapshot, _stop_line(results, config, startups))
+
+
+def _stop_line(results: ResultsDir, config: ServeConfig, startups: list[StartupRecord]) -> str | None:
+    """Why the run stopped early, or None when it ran to its end. A run older than end.json: its first
+    failed start-up's failure, where that stopped it."""
+    saved = results.read_json(END_FILE)
+    if saved is not None:
+        return ServeEnd.load(saved).stopped_early
     failures = [s.failure for s in startups if s.failure]
     # A comparison goes on past a failed server (its section lists them); a plain run stops at the first.
     stopped = failures and (not config.allocators or len(failures) == len(startups))
-    if error is None and stopped:
-        error = failures[0]
-    return write(results, config, requests, startups, snapshot, error)
+    return failures[0] if stopped else None

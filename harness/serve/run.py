@@ -26,7 +26,7 @@ from harness.containers.runner_choice import RunnerChoice
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
 from harness.measure import environment
 from harness.measure.allocators import Allocator
-from harness.measure.records import ServeRequest, StartupRecord
+from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.signals import Shielded
 from harness.measure.stopping import StopRule
@@ -357,9 +357,11 @@ class _Session:
         self.request_sequence(base_url, expected, 0, self.sampler.now())
 
     def finish(self, error: str | None) -> Path:
+        """Saves the timeline and how the run ended, then writes the report from disk, as `harness report`."""
         snapshot = timeline.from_sampler(self.sampler)
         timeline.save(self.results, snapshot)
-        return report.rebuild(self.results, error)
+        self.results.write_record(report.END_FILE, ServeEnd(stopped_early=error))
+        return report.rebuild(self.results)
 
 
 def preload_verified(lib: str | None, maps: dict[str, list[str]]) -> bool | None:
