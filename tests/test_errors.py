@@ -38,12 +38,13 @@ def test_every_exception_of_the_driver_is_a_harness_error() -> None:
         assert issubclass(cls, HarnessError), f"{module}.{name}"
         assert cls.exit_code in (EXIT_FAULT, EXIT_USAGE), f"{module}.{name}"
     from harness.measure.allocators import AllocatorError
+    from harness.measure.records import RecordError
     from harness.measure.results import ResultsError
     from harness.serve.client import RequestError
     from harness.serve.config import ConfigError
     from harness.serve.server import ServerDiedError
 
-    assert {c.exit_code for c in (AllocatorError, ResultsError, ConfigError)} == {EXIT_USAGE}
+    assert {c.exit_code for c in (AllocatorError, ResultsError, ConfigError, RecordError)} == {EXIT_USAGE}
     assert {c.exit_code for c in (RequestError, ServerDiedError)} == {EXIT_FAULT}
 
 

@@ -18,14 +18,17 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from harness.errors import UsageError
+
 SCHEMA_KEY = "schema"
 _BOOKKEEPING = ("extra", "read_keys")  # fields of every record that are not keys of the written dict
 
 R = TypeVar("R", bound="Record")
 
 
-class RecordError(ValueError):
-    """A dict that is not a record of the expected family (or of a version newer than this harness)."""
+class RecordError(UsageError, ValueError):
+    """A dict that is not a record of the expected family (or of a version newer than this harness): the
+    directory given cannot be read by this harness (exit code 2)."""
 
 
 @dataclass(frozen=True, kw_only=True)
