@@ -22,7 +22,7 @@ from harness.errors import HarnessError, Interrupted, RunnerError, UsageError
 from harness.measure import environment, options, stopping
 from harness.measure.allocators import KNOWN, parse_allocator_envs, parse_allocator_libs, resolve
 from harness.measure.options import csv_list, default_out
-from harness.measure.records import AllocRun
+from harness.measure.records import AllocRun, Environment
 from harness.measure.results import ResultsDir
 from harness.measure.signals import exit_code_of
 from harness.probe.models import ModelError, parse_model
@@ -309,13 +309,13 @@ def _affinity(text: str) -> tuple[int, ...]:
 
 def _report(results: ResultsDir, config: alloc.AllocConfig, names: list[str]) -> list[alloc_report.AllocRow]:
     records = results.read_records(alloc.RUNS_FILE, AllocRun)
-    if not any(not r.get("warmup") for r in records):
+    if not any(not r.warmup for r in records):
         return []
     return alloc_report.write(results, records, config.to_dict(), names)
 
 
 def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsDir, resume: bool,
-                       env: dict[str, Any], rule: stopping.StopRule | None = None):
+                       env: Environment, rule: stopping.StopRule | None = None):
     per_round = len(alloc.round_runs(config, 0))
     rounds = config.runs if rule is None else rule.max_rounds
     total = (config.warmup_runs + rounds) * per_round if rounds is not None else None  # open-ended: n/?
