@@ -492,7 +492,7 @@ def save_to(directory: Path, args: argparse.Namespace) -> None:
     as it keeps experiment runs: real output beside its environment)."""
     directory.mkdir(parents=True, exist_ok=True)
     env = environment.collect(extra={"benchmark": "scripts/bench_ttft_accuracy.py", "arguments": vars(args)})
-    (directory / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    (directory / "environment.json").write_text(json.dumps(env.to_dict(), indent=2) + "\n")
     sys.stdout = _Tee(sys.stdout, directory / "output.txt")
 
 
