@@ -11,7 +11,6 @@ import click
 from harness.measure import environment
 from harness.measure.allocators import KNOWN, find_library
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, bool, str, str]  # check, ok, detail, fix
 
 APT_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4", "mimalloc": "libmimalloc2.0"}

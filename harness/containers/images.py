@@ -20,11 +20,11 @@ from typing import Any
 import docker
 from docker.errors import BuildError, ImageNotFound
 
+from harness import REPO_ROOT
 from harness.containers import wheelhouse
 from harness.errors import HarnessError
 from harness.measure.allocators import KNOWN
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
 BUILD_DIR = REPO_ROOT / "build" / "probe-context"
 REPOSITORY = "harness-probe"

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import REPO_ROOT
 from harness.errors import HarnessError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = REPO_ROOT / "wheelhouse"
 REQUIREMENTS = REPO_ROOT / "docker" / "probe-requirements.txt"
 TORCH_CPU = "torch==2.13.0+cpu"

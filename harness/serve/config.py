@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from harness import REPO_ROOT
 from harness.containers.runner_choice import DEFAULT_RUNNER, RUNNERS
 from harness.errors import UsageError
 from harness.measure.allocators import Allocator, AllocatorError, parse_allocator_envs, parse_allocator_libs, resolve
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "transformers", "custom")
 REQUEST_MODES = ("stream", "plain")
 COMPILE_CACHES = ("fresh", "shared")

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import REPO_ROOT
 from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
 from harness.errors import UsageError
 from harness.measure.allocators import Allocator, resolve
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def probe_environment(request: ProbeRequest, base: dict[str, str] | None = None) -> dict[str, str]:
