@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from harness.alloc import duet_report
 from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import describe_cpus, describe_placement, format_cpu_list, parse_cpu_list
@@ -119,6 +120,13 @@ measure_s_option = options.option(
          f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
 
 
+design_option = options.option(
+    "--design", default=alloc.DEFAULT_DESIGN, show_default=True, type=click.Choice(alloc.DESIGNS),
+    help="duet: sets of persistent probes, one per allocator, measured in alternating windows (adjacent windows "
+         "see the same host state; the CI is over sets of fresh processes); sequential: one fresh process per "
+         "run, rounds rotated.")
+
+
 @click.command("alloc")
 @options.runner(help="Where each probe runs: local (a fresh process), docker (a fresh container of its "
                      "allocator's probe image), auto (docker when the engine answers and the images are there or "
@@ -159,6 +167,18 @@ measure_s_option = options.option(
 @options.max_rounds
 @click.option("--metric", default=None, type=click.Choice(sorted(alloc.METRICS)),
               help=f"The value --target-ci applies to [default: {alloc.DEFAULT_METRIC}].")
+@design_option()
+@click.option("--sets", default=None, type=click.IntRange(1),
+              help=f"duet: sets of fresh probes; with --target-ci or --max-time, the sets before the first check "
+                   f"[default: {alloc.DEFAULT_SETS}].")
+@click.option("--windows-per-set", default=alloc.DEFAULT_WINDOWS_PER_SET, show_default=True, type=click.IntRange(1),
+              help="duet: measured steps per set, one window per allocator each (after one warm-up step). The "
+                   "window is --warm-gens generates, or --measure-s seconds of generation "
+                   f"[default: {alloc.DEFAULT_WINDOW_GENS} generate].")
+@click.option("--calibrate", is_flag=True,
+              help="Run an A/A instead: the baseline against itself in two arms, with the same design and budget, "
+                   "into DIR/calibration; it prints the bias found, how many sets alone called a difference and "
+                   "the smallest effect the budget resolves. DIR's summary then quotes it.")
 @options.out()
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
@@ -170,7 +190,9 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
               allocator_env: tuple[str, ...], runs: int, warmup_runs: int, warm_gens: int | None,
               max_new_tokens: int, dtype: str, threads: int, timeout_s: float, out: str | None, resume: bool,
               paired: bool, affinity: str | None, measure_s: float | None, target_ci: float | None,
-              max_time: str | None, max_rounds: int | None, metric: str | None) -> int:
+              max_time: str | None, max_rounds: int | None, metric: str | None, design: str = "sequential",
+              sets: int | None = None, windows_per_set: int = alloc.DEFAULT_WINDOWS_PER_SET,
+              calibrate: bool = False) -> int:
     """Runs experiment A (every option of `harness alloc`, by name; `defaults_of(alloc_command)` has them
     all): returns 0 once every run was verified; raises the error it ended with otherwise. `target_ci` is in
     percent, `max_time` a duration such as 2m."""
@@ -183,12 +205,26 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
         raise UsageError("--paired runs with the local runner only (--runner local)")
     if paired and len(names) < 2:
         raise UsageError("--paired needs a baseline and at least one other allocator")
+    if design == "duet" and paired:
+        raise UsageError("--paired is a way of the sequential design: give --design sequential with it")
+    if design == "duet" and runner == "docker":
+        raise UsageError("--design duet runs with the local runner (--runner local); the docker runner runs "
+                         "--design sequential")
+    if design == "duet" and len(names) < 2 and not calibrate:
+        raise UsageError("the duet design compares a baseline with at least one other allocator "
+                         "(or --calibrate: the baseline against itself)")
+    if calibrate and design != "duet":
+        raise UsageError("--calibrate runs an A/A of the duet design: give --design duet")
     libs = parse_allocator_libs(allocator_lib)
     envs = parse_allocator_envs(allocator_env)
     resolve(names, libs, envs, check_files=False)  # names and syntax: fail before anything starts
     dev = resolve_device(device)
     model_name = validate_model(model or default_model(dev))
-    results = ResultsDir(out or default_out())
+    out = out or default_out()
+    if calibrate:
+        names = names[:1] if "glibc" not in names else ["glibc"]  # the baseline, against itself
+        out = os.path.join(out, duet_report.CALIBRATION_DIR)
+    results = ResultsDir(out)
     results.lock()  # held until this process ends
     saved = (results.read_json(alloc.CONFIG_FILE) or {}).get("config") if resume else None
     if saved and target_ci is None and saved.get("target_ci"):  # --resume continues towards the same target
@@ -197,13 +233,21 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
     open_ended = target_ci is not None or max_time_s is not None
     if max_rounds is not None and not open_ended:
         raise UsageError("--max-rounds caps an open-ended experiment: give --target-ci or --max-time with it")
-    warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
+    if design == "duet":
+        window_gens, window_s = _duet_window(warm_gens, measure_s, saved)
+        warm_gens, measure_s = window_gens or alloc.DEFAULT_WARM_GENS, None
+    else:
+        window_gens = window_s = None
+        warm_gens, measure_s = _window(warm_gens, measure_s, open_ended, saved)
 
     placements = []
     if paired:
         from harness.alloc.runners.local import split_host
 
         placements = split_host(dev)
+        runner = "local"
+    if design == "duet" and runner == "auto":
+        console.print("runner auto: local (the duet design runs its persistent probes as local processes)")
         runner = "local"
     probes = make_runner(runner, dev, names, libs)
     try:
@@ -215,9 +259,14 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
                                warm_gens=warm_gens, max_new_tokens=max_new_tokens, warmup_runs=warmup_runs,
                                dtype=dtype, threads=threads, timeout_s=timeout_s, runner=probes.name,
                                paired=paired, placements=placements, affinity=cpus, measure_s=measure_s,
-                               target_ci=target_ci / 100 if target_ci is not None else None, metric=metric)
-    stop_rule = (stopping.StopRule(target=config.target_ci, metric=metric, max_time_s=max_time_s, min_rounds=runs,
-                                   max_rounds=max_rounds) if open_ended else None)
+                               target_ci=target_ci / 100 if target_ci is not None else None, metric=metric,
+                               design=design, sets=sets or alloc.DEFAULT_SETS, windows_per_set=windows_per_set,
+                               window_gens=window_gens, window_s=window_s, calibration=calibrate)
+    first_check = (sets or alloc.DEFAULT_SETS) if design == "duet" else runs
+    stop_rule = (stopping.StopRule(target=config.target_ci, metric=metric, max_time_s=max_time_s,
+                                   min_rounds=first_check, max_rounds=max_rounds) if open_ended else None)
+    if design == "duet":
+        return _start_duet(config, probes, results, resume, stop_rule)
     design = (f", paired with {config.baseline.name} on two host halves "
               f"({'; '.join(describe_placement(p.to_dict()) for p in placements)})" if paired else "")
     if cpus:
@@ -251,6 +300,36 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
     if failed:
         raise HarnessError(f"{len(failed)} of {len(records)} runs failed: {_failures(failed)}")
     return 0
+
+
+def _start_duet(config: alloc.AllocConfig, probes: Any, results: ResultsDir, resume: bool,
+                rule: stopping.StopRule | None) -> int:
+    from harness.alloc import duet_command
+
+    arms = ", ".join(a.label for a in config.arms)
+    window = (f"{config.window_s:g} s windows" if config.window_s is not None
+              else f"windows of {config.window_gens} generates")
+    extent = (f"{config.sets} sets" if rule is None
+              else _extent(config, rule).replace("runs until", "sets until").replace("round", "set"))
+    console.print(f"alloc: {config.model} on {config.device}, duet design, arms {arms}, {extent} of "
+                  f"{config.windows_per_set} steps, {window}, runner {probes.name} → {results.root}", soft_wrap=True)
+    try:
+        return duet_command.run_duet(config, probes, results, resume,
+                                     environment.collect({"runner": probes.describe()}), rule)
+    finally:
+        probes.close()
+
+
+def _duet_window(warm_gens: int | None, measure_s: float | None,
+                 saved: dict[str, Any] | None) -> tuple[int | None, float | None]:
+    """(generates, seconds) of a duet window: one of them; a resumed experiment keeps its own."""
+    if warm_gens is not None and measure_s is not None:
+        raise UsageError("--warm-gens counts a window's generates and --measure-s times it: give one of them")
+    if saved and warm_gens is None and measure_s is None:
+        return saved.get("window_gens"), saved.get("window_s")
+    if measure_s is not None:
+        return None, measure_s
+    return warm_gens or alloc.DEFAULT_WINDOW_GENS, None
 
 
 def _duration(text: str) -> float:

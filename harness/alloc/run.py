@@ -23,6 +23,20 @@ DEFAULT_MEASURE_S = 25.0  # the measured window in seconds of generation, when a
 WARMUP_MEASURE_S = 1.0  # a warm-up run's window, at most: it is not counted, only warms caches
 METRICS = {"itl_p25": "itl_p25_s", "gen_latency": "gen_latency_s"}  # --metric → the per-run value compared
 DEFAULT_METRIC = "itl_p25"
+DESIGNS = ("duet", "sequential")
+DEFAULT_DESIGN = "duet"
+DEFAULT_SETS = 3  # duet: sets of fresh processes (with a target or a time limit: the sets before the first check)
+DEFAULT_WINDOWS_PER_SET = 40  # duet: measured steps per set, one window per arm each
+DEFAULT_WINDOW_GENS = 1  # duet: a window's generates, unless its window is given in seconds (--measure-s)
+CALIBRATION_SUFFIX = "#2"  # the second arm of an A/A calibration: the baseline again, labelled apart
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: a label (unique in the experiment) and the allocator it runs."""
+
+    label: str
+    allocator: Allocator
 
 
 @dataclass(frozen=True)
@@ -45,12 +59,27 @@ class AllocConfig:
     measure_s: float | None = None  # the measured window in seconds of generation (replaces warm_gens)
     target_ci: float | None = None  # open-ended: stop once every ratio CI's half-width is this fraction or less
     metric: str = DEFAULT_METRIC  # the per-run value target_ci applies to (a key of METRICS)
+    design: str = "sequential"  # sequential: one fresh process per run; duet: persistent probes, windows
+    sets: int = DEFAULT_SETS  # duet
+    windows_per_set: int = DEFAULT_WINDOWS_PER_SET  # duet: measured steps per set
+    window_gens: int | None = None  # duet: a window of this many generates, or
+    window_s: float | None = None  # duet: a window of this many seconds of generation
+    calibration: bool = False  # A/A: the baseline against itself, in two arms labelled apart
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arms(self) -> list[Arm]:
+        """The arms compared: one per allocator, or the baseline twice for an A/A calibration."""
+        if self.calibration:
+            base = self.baseline
+            return [Arm(base.name, base), Arm(base.name + CALIBRATION_SUFFIX, base)]
+        return [Arm(a.name, a) for a in self.allocators]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["allocators"] = [a.to_dict() for a in self.allocators]
         d["baseline"] = self.baseline.name
+        d["arms"] = [a.label for a in self.arms]
         return d
 
     def identity(self) -> dict[str, Any]:
@@ -64,6 +93,11 @@ class AllocConfig:
         if self.measure_s is not None:  # a window in seconds: the count of generates varies, the window not
             del ident["warm_gens"]
             ident["measure_s"] = self.measure_s
+        if self.design == "duet":
+            for key in ("warm_gens", "measure_s"):
+                ident.pop(key, None)
+            ident.update(design="duet", window_gens=self.window_gens, window_s=self.window_s,
+                         windows_per_set=self.windows_per_set, arms=[a.label for a in self.arms])
         return ident
 
     def placement(self, run: PlannedRun) -> Placement | None:
@@ -222,12 +256,13 @@ def build_record(config: AllocConfig, run: PlannedRun, run_index: int, started_a
     })
 
 
-def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool) -> list[AllocRun]:
-    """Checks the directory and returns the runs already recorded (resume) or none."""
+def prepare_dir(results: ResultsDir, config: AllocConfig, resume: bool, held: str = RUNS_FILE,
+                cls: type = AllocRun) -> list[Any]:
+    """Checks the directory and returns the records of `held` already there (resume) or none."""
     results.ensure_writable()
-    existing = results.read_records(RUNS_FILE, AllocRun)
+    existing = results.read_records(held, cls)
     if existing and not resume:
-        raise ResultsError(f"{results.root / RUNS_FILE} already holds {len(existing)} runs: "
+        raise ResultsError(f"{results.root / held} already holds {len(existing)} records: "
                            "pass --resume to continue it or choose another --out")
     if resume:
         saved = results.read_json(CONFIG_FILE)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from harness.alloc import report
+from harness.alloc.duet_report import step_log_ratios
 from harness.alloc.run import METRICS
-from harness.measure.records import AllocRun
+from harness.measure.records import AllocRun, AllocWindow
+from harness.measure.stats import compare_sets
 from harness.measure.stopping import Stopper
 
 
@@ -19,3 +21,21 @@ class AllocStopper(Stopper):
 
     def widths(self, records: list[AllocRun]) -> dict[str, float]:
         return half_widths(records, self.order, self.rule.metric, self.paired)
+
+
+class DuetStopper(Stopper):
+    """The same rule on the duet design: a round is a set, and its CIs are the CIs over sets."""
+
+    stop_file = report.STOP_FILE
+
+    def __init__(self, *args, arms: list[str], baseline: str, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.arms, self.baseline = arms, baseline
+
+    def round_of(self, record: AllocWindow) -> int:
+        return record.set_index
+
+    def widths(self, records: list[AllocWindow]) -> dict[str, float]:
+        key = METRICS[self.rule.metric]
+        return {label: compare_sets(list(step_log_ratios(records, label, self.baseline, key).values())).half_width
+                for label in self.arms if label != self.baseline}

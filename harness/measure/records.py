@@ -198,6 +198,76 @@ class AllocRun(Record):
         return getattr(self, name)
 
 
+@dataclass(frozen=True, kw_only=True)
+class AllocSet(Record):
+    """One set of the duet design (alloc/sets.jsonl): one fresh persistent probe per arm, started together,
+    each verified in its own process, written when the set ends. `arms`: per arm its label, allocator,
+    start position, placement, PID, verification, what it loaded and how its process ended. `status`: ok
+    (its windows are counted), failed (a probe died, timed out or was not verified: never counted) or
+    interrupted; `ended_by` says what ended it (windows done, time, a death, an interrupt)."""
+
+    FAMILY: ClassVar[str] = "alloc-set"
+    VERSION: ClassVar[int] = 1
+
+    schema: str = "alloc-set/1"
+    set_index: int
+    status: str
+    ended_by: str
+    failure: str | None = None
+    steps: int = 0  # measured steps (one window per arm each) completed
+    started_at: str | None = None
+    wall_s: float | None = None
+    runner: str | None = None
+    environment: str | None = None
+    model: str | None = None
+    device: str | None = None
+    arms: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def counted(self) -> bool:
+        return self.status in ("ok", "interrupted") and self.steps > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllocWindow(Record):
+    """One measured window of one arm in a duet set (alloc/windows.jsonl), appended as soon as it is
+    measured. `step`: the step of the set (one window per arm, in `position` order); negative steps are
+    warm-up, never counted. `t_s`: when the window started, seconds since its set's probes were all ready."""
+
+    FAMILY: ClassVar[str] = "alloc-window"
+    VERSION: ClassVar[int] = 1
+
+    schema: str = "alloc-window/1"
+    set_index: int
+    step: int
+    position: int
+    arm: str
+    allocator: str
+    warmup: bool = False
+    t_s: float | None = None
+    gens: int
+    latencies_s: list[float] = field(default_factory=list)
+    gen_latency_s: float | None = None
+    measured_s: float | None = None
+    window_s: float | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    itl_p25_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p90_s: float | None = None
+    rss_mb: float | None = None
+    peak_rss_mb: float | None = None
+    steal_pct: float | None = None
+    involuntary_switches: int | None = None
+    minor_faults: int | None = None
+    major_faults: int | None = None
+    gpu_peak_allocated_mb: float | None = None
+    noise: dict[str, Any] | None = None
+
+    def value(self, name: str) -> Any:
+        return getattr(self, name)
+
+
 # --- experiment B ------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ServeRequest(Record):

@@ -124,19 +124,81 @@ def compare_paired(pairs: Sequence[tuple[float | None, float | None]], seed: int
     return Comparison(len(good), len(good), ratio, low, high, p)
 
 
+MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)  # SE of a median ≈ 1.2533 σ/√n for roughly normal values
+
+
+@dataclass(frozen=True)
+class SetComparison(Comparison):
+    """Windows of two arms measured in alternation inside fresh process sets (the duet design).
+
+    Each set's estimate is the median of its adjacent-window log ratios; the CI is a t interval over the
+    sets' estimates, so what differs between fresh processes (placement, start order, address-space layout)
+    is inside it. With one set, a bootstrap CI over its steps, which cannot see that variance.
+    `within_sd`: the typical standard error of one set's estimate from its own steps (log units);
+    `between_sd`: what the sets' estimates vary by beyond that (log units, 0 when within explains all)."""
+
+    n_sets: int
+    set_ratios: tuple[float, ...]
+    within_sd: float
+    between_sd: float
+
+    @property
+    def limiting(self) -> str | None:
+        """'between sets' or 'within sets': which variance component the CI's width mostly comes from."""
+        if self.n_sets < 2 or math.isnan(self.within_sd) or math.isnan(self.between_sd):
+            return None
+        return "between sets" if self.between_sd > self.within_sd else "within sets"
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {**super().to_dict(), "limiting": self.limiting}
+
+
+def _median_se2(values: np.ndarray) -> float:
+    return MEDIAN_EFFICIENCY ** 2 * float(np.var(values, ddof=1)) / values.size if values.size >= 2 else float("nan")
+
+
+def compare_sets(log_ratios_by_set: Sequence[Sequence[float]], seed: int = 0) -> SetComparison:
+    """The duet comparison from each set's adjacent-window log ratios (candidate over baseline)."""
+    sets = [x for x in (_finite(s) for s in log_ratios_by_set) if x.size]
+    nan = float("nan")
+    steps = sum(int(x.size) for x in sets)
+    if not sets:
+        return SetComparison(0, 0, nan, nan, nan, nan, 0, (), nan, nan)
+    estimates = np.asarray([float(np.median(x)) for x in sets])
+    within2 = [_median_se2(x) for x in sets]
+    within_sd = math.sqrt(float(np.nanmean(within2))) if not all(math.isnan(w) for w in within2) else nan
+    ratios = tuple(float(math.exp(e)) for e in estimates)
+    if len(sets) == 1:
+        only = sets[0]
+        comp = compare_paired([(math.exp(v), 1.0) for v in only], seed=seed)
+        return SetComparison(steps, steps, comp.ratio, comp.ratio_ci_low, comp.ratio_ci_high, comp.p_value, 1,
+                             ratios, within_sd, nan)
+    mean = float(np.mean(estimates))
+    sd = float(np.std(estimates, ddof=1))
+    se = sd / math.sqrt(len(sets))
+    tcrit = float(sps.t.ppf(0.5 + CONFIDENCE / 2, len(sets) - 1))
+    p = float(sps.ttest_1samp(estimates, 0.0).pvalue) if se > 0 else 1.0 if mean == 0 else 0.0
+    between = max(0.0, sd ** 2 - (within_sd ** 2 if not math.isnan(within_sd) else 0.0))
+    return SetComparison(steps, steps, math.exp(mean), math.exp(mean - tcrit * se), math.exp(mean + tcrit * se), p,
+                         len(sets), ratios, within_sd, math.sqrt(between))
+
+
 def verdict(name: str, baseline: str, comp: Comparison, quantity: str = "latency", paired: bool = False,
             useful: float = USEFUL_BOUND, more: str = "the Precision line says how many runs would narrow it") -> str:
     """One sentence a reader can act on, computed from the comparison only. Without a significant change,
     the bound it rules out is stated only up to ±`useful`; a wider CI is called inconclusive (`more`: what
     would narrow it)."""
     test = "Wilcoxon signed-rank" if paired else "Mann–Whitney"
+    if isinstance(comp, SetComparison):
+        test = f"t over {comp.n_sets} sets" if comp.n_sets > 1 else "Wilcoxon signed-rank, one set"
     if math.isnan(comp.ratio):
         return f"{name}: no successful runs to compare with {baseline}"
     change = (comp.ratio - 1.0) * 100.0
     ci = ("" if math.isnan(comp.ratio_ci_low)
           else f" (95 % CI {(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %)")
     detail = (f"ratio {comp.ratio:.3f}{ci}, {test} p = {comp.p_value:.3g}, "
-              + (f"{comp.n_candidate} pairs" if paired else f"n = {comp.n_candidate}/{comp.n_baseline}"))
+              + (f"{comp.n_candidate} window pairs" if isinstance(comp, SetComparison)
+                 else f"{comp.n_candidate} pairs" if paired else f"n = {comp.n_candidate}/{comp.n_baseline}"))
     if not comp.significant:
         if math.isnan(comp.ratio_ci_low):
             return f"{name} vs {baseline}: no significant difference in {quantity} ({detail})"

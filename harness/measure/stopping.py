@@ -131,6 +131,10 @@ class Stopper:
         self.held_back = left <= 0 or (estimate is not None and units_left_in_round * estimate > left)
         return not self.held_back
 
+    def round_of(self, record: Any) -> int:
+        """The round a record belongs to (the duet design's records: their set)."""
+        return record.round
+
     def widths(self, records: list[Any]) -> dict[str, float]:
         """Each allocator's ratio-CI half-width against the baseline on the rule's metric, from `records`."""
         raise NotImplementedError
@@ -146,7 +150,7 @@ class Stopper:
         sees the rounds up to this one only, so it can be recomputed from runs.jsonl."""
         if self.rule.target is None or round_ + 1 < self.rule.min_rounds:
             return False
-        upto = [r for r in records if r.round <= round_]
+        upto = [r for r in records if self.round_of(r) <= round_]
         widths = self.widths(upto)
         reached = widest(widths)
         check = {"event": "check", "round": round_, "metric": self.rule.metric, "target": self.rule.target,
@@ -164,7 +168,7 @@ class Stopper:
         """Records why the experiment stopped and the CIs its runs reached (the summary's CIs)."""
         measured = [r for r in records if not getattr(r, "warmup", False)]
         widths = self.widths(records) if measured else {}
-        done = [r.round for r in measured]
+        done = [self.round_of(r) for r in measured]
         self.outcome = {"event": "stop", "reason": reason, "round": round_ if round_ is not None else
                         (max(done) if done else None), "rounds": len(set(done)), "half_widths": widths,
                         "widest": widest(widths) if widths else float("nan"), "rule": self.rule.to_dict(),

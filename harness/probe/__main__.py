@@ -2,8 +2,11 @@
 `generate` calls, or as many as fill S seconds of generation (`--measure-s`).
 
 Run as `python -m harness.probe --model synthetic:tiny ...`. Prints exactly one line starting with
-RESULT_MARKER followed by a JSON object (or ERROR_MARKER on failure). Imports nothing of the driver:
-only this sub-package, the standard library, torch and transformers.
+RESULT_MARKER followed by a JSON object (or ERROR_MARKER on failure).
+
+With `--session` the process stays up after its cold generate and measures one window per request read on
+stdin (harness.probe.protocol): the duet design alternates windows of two such processes. Imports nothing of
+the driver: only this sub-package, the standard library, torch and transformers.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
+
+from harness.probe import protocol
 
 T_PROCESS_START = time.perf_counter()
 
 RESULT_MARKER = "HARNESS_PROBE_RESULT "
-ERROR_MARKER = "HARNESS_PROBE_ERROR "
+ERROR_MARKER = protocol.ERROR_MARKER
 DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
 
 
@@ -266,7 +272,27 @@ def _window_open(warm: list[dict[str, Any]], args: argparse.Namespace) -> bool:
 UNUSED_AT_STARTUP = ("sklearn",)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Loaded:
+    """A probe process with its model loaded: what every measured window needs."""
+
+    torch: Any
+    model: Any
+    tokenizer: Any
+    inputs: Any
+    spec: Any
+    device: str
+    dtype: Any
+    allocator: dict[str, Any]
+    max_new_tokens: int
+    import_s: float
+    device_init_s: float
+    load_s: float
+    versions: dict[str, Any]
+
+
+def load(args: argparse.Namespace) -> Loaded:
+    """Reads which malloc this process uses (before torch), imports torch and transformers, loads the model."""
     from harness.probe.loaded_allocator import loaded_allocator
 
     allocator = loaded_allocator()  # before torch: what malloc resolves to does not change later
@@ -295,80 +321,154 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(spec, device, dtype, seed=args.seed)
     _sync(device)
     t_loaded = time.perf_counter()
-
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
-    cold_measured = args.measure_s is None and args.warm_gens == 0
-    with torch.inference_mode():
-        if not cold_measured:
-            cold = timed_generate(model, dict(inputs), args.max_new_tokens, device)
-        # The measured window: the warm generations (K of them, or as many as fill --measure-s seconds);
-        # with --warm-gens 0, the cold one.
-        with NoiseSampler(device) as sampler:
-            before = _contention()
-            t_window = time.perf_counter()
-            if cold_measured:
-                cold = timed_generate(model, dict(inputs), args.max_new_tokens, device)
-            warm = []
-            while _window_open(warm, args):
-                warm.append(timed_generate(model, dict(inputs), args.max_new_tokens, device))
-            window_s = time.perf_counter() - t_window
-            contention = _contention_during(before, _contention())
-    gens = [cold, *warm]
-    text = tokenizer.decode(cold["output_ids"][inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
-    for g in gens:
-        g.pop("output_ids")
-    measured = warm or [cold]
+    return Loaded(torch=torch, model=model, tokenizer=tokenizer, inputs=inputs, spec=spec, device=device,
+                  dtype=dtype, allocator=allocator, max_new_tokens=args.max_new_tokens,
+                  import_s=t_imported - T_PROCESS_START, device_init_s=t_context - t_imported,
+                  load_s=t_loaded - t_context,
+                  versions={"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "cuda": torch.version.cuda})
 
+
+def generate(loaded: Loaded) -> dict[str, Any]:
+    with loaded.torch.inference_mode():
+        return timed_generate(loaded.model, dict(loaded.inputs), loaded.max_new_tokens, loaded.device)
+
+
+def measure_window(loaded: Loaded, warm_gens: int, measure_s: float | None) -> dict[str, Any]:
+    """The measured window: `warm_gens` generates, or as many as fill `measure_s` seconds (at least one),
+    with what else could have slowed them read around it (contention, page faults, clocks)."""
+    window = argparse.Namespace(warm_gens=warm_gens, measure_s=measure_s)
+    with loaded.torch.inference_mode(), NoiseSampler(loaded.device) as sampler:
+        before = _contention()
+        t_window = time.perf_counter()
+        warm: list[dict[str, Any]] = []
+        while _window_open(warm, window):
+            warm.append(timed_generate(loaded.model, dict(loaded.inputs), loaded.max_new_tokens, loaded.device))
+        window_s = time.perf_counter() - t_window
+        contention = _contention_during(before, _contention())
+    for g in warm:
+        g.pop("output_ids")
+    return {"warm": warm, "window_s": window_s, "contention": contention, "noise": sampler.result()}
+
+
+def window_figures(measured: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
+    """The figures of a set of measured generates: medians, and quartiles of every inter-token gap."""
     itl = sorted(gap for g in measured for gap in g["itl_s"])
-    gpu: dict[str, Any] | None = None
-    if device.startswith("cuda"):
-        index = torch.cuda.current_device()
-        gpu = {
-            "name": torch.cuda.get_device_name(index),
-            "peak_allocated_mb": torch.cuda.max_memory_allocated(index) / 2**20,
-            "peak_reserved_mb": torch.cuda.max_memory_reserved(index) / 2**20,
-        }
     return {
-        "schema": "probe/1",
-        "model": spec.to_dict(),
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "prompt_tokens": int(inputs["input_ids"].shape[-1]),
-        "max_new_tokens": args.max_new_tokens,
-        "warm_gens": len(warm),
-        "measure_s": args.measure_s,
-        "allocator": allocator,
-        "import_s": t_imported - T_PROCESS_START,
-        "device_init_s": t_context - t_imported,
-        "load_s": t_loaded - t_context,
-        "cold": cold,
-        "warm": warm,
         "gen_latency_s": statistics.median(g["latency_s"] for g in measured),
         "measured_s": sum(g["latency_s"] for g in measured),  # seconds of measured generation
-        "window_s": window_s,
         "ttft_s": statistics.median(g["ttft_s"] for g in measured if g["ttft_s"] is not None),
         "tpot_s": (statistics.median(g["tpot_s"] for g in measured if g["tpot_s"] is not None)
-                   if args.max_new_tokens > 1 else None),
+                   if max_new_tokens > 1 else None),
         # Decode step time from every inter-token gap of the measured generations. Its lower quartile stays
         # on the uncontended steps when a shared host slows some stretches of a run (alloc/summary.md explains).
         "itl_p25_s": _quantile(itl, 0.25),
         "itl_p50_s": _quantile(itl, 0.50),
         "itl_p90_s": _quantile(itl, 0.90),
+    }
+
+
+def _gpu_peaks(loaded: Loaded) -> dict[str, Any] | None:
+    if not loaded.device.startswith("cuda"):
+        return None
+    torch = loaded.torch
+    index = torch.cuda.current_device()
+    return {"name": torch.cuda.get_device_name(index),
+            "peak_allocated_mb": torch.cuda.max_memory_allocated(index) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(index) / 2**20}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One run: load, a cold generate, the measured window (with --warm-gens 0, the cold generate itself)."""
+    loaded = load(args)
+    cold_measured = args.measure_s is None and args.warm_gens == 0
+    if cold_measured:
+        with loaded.torch.inference_mode(), NoiseSampler(loaded.device) as sampler:
+            before = _contention()
+            t_window = time.perf_counter()
+            cold = generate(loaded)
+            window = {"warm": [], "window_s": time.perf_counter() - t_window,
+                      "contention": _contention_during(before, _contention())}
+        window["noise"] = sampler.result()
+    else:
+        cold = generate(loaded)
+        window = measure_window(loaded, args.warm_gens, args.measure_s)
+    text = loaded.tokenizer.decode(cold["output_ids"][loaded.inputs["input_ids"].shape[-1]:],
+                                   skip_special_tokens=True)
+    cold.pop("output_ids")
+    warm = window["warm"]
+    return {
+        "schema": "probe/1",
+        "model": loaded.spec.to_dict(),
+        "device": loaded.device,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "prompt_tokens": int(loaded.inputs["input_ids"].shape[-1]),
+        "max_new_tokens": args.max_new_tokens,
+        "warm_gens": len(warm),
+        "measure_s": args.measure_s,
+        "allocator": loaded.allocator,
+        "import_s": loaded.import_s,
+        "device_init_s": loaded.device_init_s,
+        "load_s": loaded.load_s,
+        "cold": cold,
+        "warm": warm,
+        **window_figures(warm or [cold], args.max_new_tokens),
+        "window_s": window["window_s"],
         "peak_rss_mb": _peak_rss_mb(),
         "final_rss_mb": _rss_mb(),
-        "gpu": gpu,
+        "gpu": _gpu_peaks(loaded),
         "sample_text": text[:200],
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": loaded.torch.get_num_threads(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)),  # where the measuring process was allowed to run
         # While the measured generations ran: CPU time the hypervisor gave to other guests, and preemptions;
         # page faults, GPU clocks and throttle reasons, CPU frequency (each None with the reason where unreadable).
-        "contention": contention,
-        "noise": sampler.result(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
+        "contention": window["contention"],
+        "noise": window["noise"],
+        "versions": loaded.versions,
         "pid": os.getpid(),
         "probe_s": time.perf_counter() - T_PROCESS_START,
     }
+
+
+def serve_session(args: argparse.Namespace, requests: Any = None, out: Any = None) -> int:
+    """--session: load and run the cold generate, say Ready, then answer one WindowRequest per stdin line
+    until stdin ends or a request says stop. A malformed request ends the process with an error line."""
+    requests = requests if requests is not None else sys.stdin
+    out = out if out is not None else sys.stdout
+    loaded = load(args)
+    cold = generate(loaded)
+    cold.pop("output_ids")
+    ready = protocol.Ready(
+        schema=protocol.SCHEMA, pid=os.getpid(), allocator=loaded.allocator,
+        cpu_affinity=sorted(os.sched_getaffinity(0)), device=loaded.device,
+        dtype=str(loaded.dtype).replace("torch.", ""), model=loaded.spec.to_dict(),
+        prompt_tokens=int(loaded.inputs["input_ids"].shape[-1]), max_new_tokens=args.max_new_tokens,
+        import_s=loaded.import_s, device_init_s=loaded.device_init_s, load_s=loaded.load_s, cold=cold,
+        torch_threads=loaded.torch.get_num_threads(), versions=loaded.versions,
+        ready_s=time.perf_counter() - T_PROCESS_START)
+    print(ready.line(), file=out, flush=True)
+    for line in requests:
+        if not line.strip():
+            continue
+        request = protocol.WindowRequest.parse(line)
+        if request.stop:
+            break
+        print(window_result(loaded, request).line(), file=out, flush=True)
+    return 0
+
+
+def window_result(loaded: Loaded, request: protocol.WindowRequest) -> protocol.WindowResult:
+    window = measure_window(loaded, request.gens or 0, request.seconds)
+    warm, noise = window["warm"], window["noise"]
+    gpu = _gpu_peaks(loaded)
+    return protocol.WindowResult(
+        window=request.window, gens=len(warm), latencies_s=[g["latency_s"] for g in warm],
+        **window_figures(warm, loaded.max_new_tokens), window_s=window["window_s"], rss_mb=_rss_mb(),
+        peak_rss_mb=_peak_rss_mb(), steal_pct=window["contention"]["steal_pct"],
+        involuntary_switches=window["contention"]["involuntary_switches"], minor_faults=noise["minor_faults"],
+        major_faults=noise["major_faults"], gpu_peak_allocated_mb=gpu["peak_allocated_mb"] if gpu else None,
+        extra={"noise": noise})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -383,11 +483,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--session", action="store_true",
+                   help="stay up after the cold generate and answer measured windows asked for on stdin "
+                        "(harness.probe.protocol)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.session:
+        try:
+            return serve_session(args)
+        except Exception as exc:  # the driver ends this set and records why
+            traceback.print_exc(file=sys.stderr)
+            print(ERROR_MARKER + json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            return 2
     try:
         result = run(args)
     except Exception as exc:  # reported to the driver as a failed run, with the reason

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from harness.errors import RunnerError  # noqa: F401  (the runners raise it; imported from here)
 from harness.measure.allocators import Allocator
+from harness.probe import protocol
 
 RESULT_MARKER = "HARNESS_PROBE_RESULT "  # kept equal to harness.probe.__main__.RESULT_MARKER
 ERROR_MARKER = "HARNESS_PROBE_ERROR "
@@ -103,6 +108,88 @@ class ProbeOutcome:
         return asdict(self)
 
 
+class SessionDied(Exception):
+    """A persistent probe (process or container) that ended, failed, timed out or broke the protocol: its
+    set ends and is recorded, never counted. Not a HarnessError: the experiment goes on with a new set."""
+
+
+@dataclass
+class SessionEnd:
+    """How a persistent probe ended: exit code, wall time from spawn to exit, peak RSS as its parent saw it."""
+
+    exit_code: int | None
+    wall_real_s: float
+    parent_maxrss_mb: float | None = None
+    log_tail: list[str] = field(default_factory=list)
+    container: dict[str, Any] | None = None
+
+
+class ProbeSession(Protocol):
+    """One persistent probe started by `Runner.start_session`: it loads, says Ready, then measures windows."""
+
+    def ready(self, timeout_s: float) -> protocol.Ready: ...
+
+    def window(self, request: protocol.WindowRequest, timeout_s: float) -> protocol.WindowResult: ...
+
+    def close(self) -> SessionEnd:
+        """Asks the probe to stop, waits for it (kills it when it does not end), returns how it ended."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class MarkedLines:
+    """The protocol lines of a probe's output stream, read by a daemon thread so that a wait can time out."""
+
+    def __init__(self, lines: Iterable[str], describe: str) -> None:
+        self.describe = describe
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(lines,), daemon=True, name="probe-lines")
+        self._thread.start()
+
+    def _pump(self, lines: Iterable[str]) -> None:
+        try:
+            for line in lines:
+                self._queue.put(line.rstrip("\r\n"))
+        except (OSError, ValueError):  # the stream was closed under the reader
+            pass
+        finally:
+            self._queue.put(None)
+
+    def next(self, timeout_s: float) -> tuple[str, Any]:
+        """The next marked message; SessionDied on end of stream, an error line, a malformed line or a timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(0.0, left))
+            except queue.Empty:
+                raise SessionDied(f"{self.describe}: no answer within {timeout_s:.0f} s") from None
+            if line is None:
+                raise SessionDied(f"{self.describe}: the probe ended its output (it exited or was killed)")
+            try:
+                message = protocol.parse_marked(line)
+            except protocol.ProtocolError as exc:
+                raise SessionDied(f"{self.describe}: malformed protocol line ({exc})") from None
+            if message is None:
+                continue
+            if message[0] == "error":
+                raise SessionDied(f"{self.describe}: {message[1]}")
+            return message
+
+    def expect_ready(self, timeout_s: float) -> protocol.Ready:
+        kind, message = self.next(timeout_s)
+        if kind != "ready":
+            raise SessionDied(f"{self.describe}: expected its ready line, got a {kind} line")
+        return message
+
+    def expect_window(self, window: int, timeout_s: float) -> protocol.WindowResult:
+        kind, message = self.next(timeout_s)
+        if kind != "window" or message.window != window:
+            raise SessionDied(f"{self.describe}: expected window {window}, got a {kind} line")
+        return message
+
+
 class Runner(Protocol):
     name: str
 
@@ -116,6 +203,10 @@ class Runner(Protocol):
         ...
 
     def run_probe(self, request: ProbeRequest) -> ProbeOutcome: ...
+
+    def start_session(self, request: ProbeRequest) -> ProbeSession:
+        """A persistent probe for the duet design (`python -m harness.probe --session`), started now."""
+        ...
 
     def abort(self) -> None:
         """Kills every probe this runner has running (another thread may be waiting on it)."""

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from harness import REPO_ROOT
-from harness.alloc.runners.base import Placement, ProbeOutcome, ProbeRequest, parse_probe_output
+from harness.alloc.runners.base import (
+    MarkedLines,
+    Placement,
+    ProbeOutcome,
+    ProbeRequest,
+    SessionDied,
+    SessionEnd,
+    parse_probe_output,
+)
 from harness.errors import UsageError
 from harness.measure.allocators import Allocator, resolve
 
@@ -112,6 +120,17 @@ class LocalRunner:
                 parent_maxrss_mb=usage.ru_maxrss / 1024.0,
             )
 
+    def start_session(self, request: ProbeRequest) -> LocalSession:
+        session = LocalSession(self.python, request)
+        with self._lock:
+            self._live.add(session.pid)
+        session.on_end = lambda: self._forget(session.pid)
+        return session
+
+    def _forget(self, pid: int) -> None:
+        with self._lock:
+            self._live.discard(pid)
+
     def abort(self) -> None:
         with self._lock:
             for pid in list(self._live):
@@ -155,3 +174,66 @@ def split_host(device: str, parts: int = 2) -> list[Placement]:
     size = len(cpus) // parts
     return [Placement(cuda_visible_devices=gpus[i], cpus=tuple(cpus[i * size:(i + 1) * size]))
             for i in range(parts)]
+
+
+STOP_GRACE_S = 15.0  # a persistent probe asked to stop that is still up after this is killed
+
+
+class LocalSession:
+    """A persistent probe process (`python -m harness.probe --session`): requests on its stdin, protocol
+    lines on its stdout, its stderr in a temporary file (the log tail of a probe that died)."""
+
+    def __init__(self, python: str, request: ProbeRequest) -> None:
+        self.request = request
+        self.on_end: Any = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="harness-session-")
+        self._err_path = Path(self._tmp.name, "stderr")
+        cmd = [python, "-m", "harness.probe", "--session", *request.probe_args()]
+        with open(self._err_path, "w") as err:
+            self.t0 = time.perf_counter()
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         bufsize=1, env=probe_environment(request), cwd=str(REPO_ROOT),
+                                         start_new_session=True)
+        self.pid = self.proc.pid
+        if request.placement and request.placement.cpus:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(self.pid, request.placement.cpus)
+        self.lines = MarkedLines(self.proc.stdout, f"{request.allocator.name} probe (PID {self.pid})")
+        self._end: SessionEnd | None = None
+
+    def ready(self, timeout_s: float):
+        return self.lines.expect_ready(timeout_s)
+
+    def window(self, request, timeout_s: float):
+        try:
+            self.proc.stdin.write(request.line() + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise SessionDied(f"{self.lines.describe}: cannot send it a request ({exc})") from None
+        return self.lines.expect_window(request.window, timeout_s)
+
+    def kill(self) -> None:
+        _kill_group(self.pid)
+
+    def close(self) -> SessionEnd:
+        if self._end is not None:
+            return self._end
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            self.proc.stdin.close()  # end of stdin: the probe leaves its request loop and exits
+        timer = threading.Timer(STOP_GRACE_S, self.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(self.pid, 0)
+        except ChildProcessError:  # reaped elsewhere
+            status, usage = None, None
+        finally:
+            timer.cancel()
+        _kill_group(self.pid)  # anything the probe itself forked
+        self.proc.returncode = os.waitstatus_to_exitcode(status) if status is not None else None
+        self._end = SessionEnd(exit_code=self.proc.returncode, wall_real_s=time.perf_counter() - self.t0,
+                               parent_maxrss_mb=usage.ru_maxrss / 1024.0 if usage else None,
+                               log_tail=_tail(self._err_path) if self.proc.returncode else [])
+        if self.on_end:
+            self.on_end()
+        self._tmp.cleanup()
+        return self._end
