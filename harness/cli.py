@@ -29,6 +29,7 @@ console = Console(stderr=True)
 BENCH_ALLOC_TIME = "2m"
 BENCH_MEASURE_S = 3.0
 BENCH_MIN_ROUNDS = 3
+BENCH_DESIGN = "duet"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,13 +52,15 @@ def rebuild_reports(results: ResultsDir) -> None:
     """`harness report`: every report of the experiments in `results`, from its files."""
     if results.root.is_dir():
         results.lock()  # runs.jsonl is not read while another command appends to it
+    has_serve = (results.root / "serve" / "config.json").exists()
+    if rebuild_duet(results) and not has_serve:
+        return
     records = results.read_records(alloc.RUNS_FILE, AllocRun)
     saved = results.read_json(alloc.CONFIG_FILE)
-    has_serve = (results.root / "serve" / "config.json").exists()
     if not (records and saved is not None) and not has_serve:
         raise UsageError(f"{results.root} holds no experiment ({alloc.RUNS_FILE} and {alloc.CONFIG_FILE}, "
                          "or serve/config.json)")
-    if records and saved is not None:
+    if records and saved is not None and (saved.get("config") or {}).get("design") != "duet":
         if alloc_report.measured(records):
             alloc_command.rebuild_report(results, records, saved)
         elif has_serve:
@@ -68,6 +71,22 @@ def rebuild_reports(results: ResultsDir) -> None:
         from harness.serve import report as serve_report
 
         click.echo(f"wrote {serve_report.rebuild(results)}")
+
+
+def rebuild_duet(results: ResultsDir) -> bool:
+    """`harness report` for a duet experiment (and its calibration beside it); False when `results` holds none."""
+    from harness.alloc import duet_command, duet_report
+
+    found = False
+    for directory in (ResultsDir(results.root / duet_report.CALIBRATION_DIR), results):
+        loaded = duet_report.Duet.load(directory)
+        if loaded is None:
+            continue
+        if not loaded.counted:
+            raise HarnessError(f"{directory.root} holds no counted set of its duet experiment")
+        duet_command.print_rows(duet_report.write(directory, loaded), directory)
+        found = True
+    return found
 
 
 @main.command("bench")
@@ -81,8 +100,9 @@ def rebuild_reports(results: ResultsDir) -> None:
                         "is up.")
 @options.max_time("--alloc-time", "max_time", default=BENCH_ALLOC_TIME, show_default=True,
                   help="The allocator part's time budget (as alloc --max-time).")
-@alloc_command.measure_s_option(default=BENCH_MEASURE_S, show_default=True,
-                                help="Seconds of measured generation per allocator run.")
+@alloc_command.design_option(default=BENCH_DESIGN, help="The allocator part's design (as alloc --design).")
+@alloc_command.measure_s_option(help="Seconds of measured generation per allocator run (sequential) or window "
+                                     f"(duet) [default: sequential {BENCH_MEASURE_S:g}; duet: one generate a window].")
 @serve_command.engine_option(type=click.Choice(["vllm", "transformers"]))
 @serve_command.cold_starts_option()
 @serve_command.warm_requests_option()
@@ -96,8 +116,8 @@ def bench_command(**kw: Any) -> None:
 
 
 def run_bench(model: str | None, device: str, runner: str, allocators: str, runs: int, target_ci: float,
-              max_time: str, measure_s: float, engine: str, cold_starts: int, warm_requests: int, port: int,
-              out: str | None) -> None:
+              max_time: str, design: str, measure_s: float | None, engine: str, cold_starts: int, warm_requests: int,
+              port: int, out: str | None) -> None:
     """`harness bench`: each experiment's configuration is its command's defaults with bench's values."""
     from harness.serve.run import run_serve
 
@@ -107,7 +127,8 @@ def run_bench(model: str | None, device: str, runner: str, allocators: str, runs
     alloc_error = _error_of(lambda: alloc_command.run_alloc(**{
         **options.defaults_of(alloc_command.alloc_command), "runner": runner, "model": model_name, "device": dev,
         "allocators": allocators, "runs": runs, "out": out, "target_ci": target_ci, "max_time": max_time,
-        "measure_s": measure_s}))
+        "design": design, "measure_s": BENCH_MEASURE_S if measure_s is None and design == "sequential" else measure_s,
+        "sets": runs if design == "duet" else None}))
     if isinstance(alloc_error, Interrupted):
         raise alloc_error
     serve_error = _error_of(lambda: run_serve(serve_command.config_from_options(**{
@@ -149,7 +170,9 @@ def write_index(results: ResultsDir, model: str, alloc_error: HarnessError | Non
 
     lines = [f"# Benchmark: {model}", "",
              f"- A. Allocator impact ({status(alloc_error)}): " + links(
-                 ("summary", SUMMARY_FILE), ("CSV", CSV_FILE), ("plot", PLOT_FILE), ("runs", "alloc/runs.jsonl")),
+                 ("summary", SUMMARY_FILE), ("CSV", CSV_FILE), ("plot", PLOT_FILE), ("runs", "alloc/runs.jsonl"),
+                 ("window ratios", "alloc/window_ratios.png"), ("windows", "alloc/windows.jsonl"),
+                 ("sets", "alloc/sets.jsonl")),
              f"- B. First-token path ({status(serve_error)}): "
              + links(("report", "serve/first_token_latency.md"), ("requests", "serve/requests.jsonl"),
                      ("start-up", "serve/startup.jsonl"), ("memory timeline", "serve/memory_timeline.png")),

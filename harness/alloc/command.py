@@ -175,6 +175,9 @@ design_option = options.option(
               help="duet: measured steps per set, one window per allocator each (after one warm-up step). The "
                    "window is --warm-gens generates, or --measure-s seconds of generation "
                    f"[default: {alloc.DEFAULT_WINDOW_GENS} generate].")
+@click.option("--cpu-placement", default="split", show_default=True, type=click.Choice(alloc.CPU_PLACEMENTS),
+              help="duet: split gives each probe of a set its own CPUs (from --affinity or the host), rotated "
+                   "across sets; shared puts every probe on all of them (one generates at a time).")
 @click.option("--calibrate", is_flag=True,
               help="Run an A/A instead: the baseline against itself in two arms, with the same design and budget, "
                    "into DIR/calibration; it prints the bias found, how many sets alone called a difference and "
@@ -192,7 +195,7 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
               paired: bool, affinity: str | None, measure_s: float | None, target_ci: float | None,
               max_time: str | None, max_rounds: int | None, metric: str | None, design: str = "sequential",
               sets: int | None = None, windows_per_set: int = alloc.DEFAULT_WINDOWS_PER_SET,
-              calibrate: bool = False) -> int:
+              calibrate: bool = False, cpu_placement: str = "split") -> int:
     """Runs experiment A (every option of `harness alloc`, by name; `defaults_of(alloc_command)` has them
     all): returns 0 once every run was verified; raises the error it ended with otherwise. `target_ci` is in
     percent, `max_time` a duration such as 2m."""
@@ -261,7 +264,8 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
                                paired=paired, placements=placements, affinity=cpus, measure_s=measure_s,
                                target_ci=target_ci / 100 if target_ci is not None else None, metric=metric,
                                design=design, sets=sets or alloc.DEFAULT_SETS, windows_per_set=windows_per_set,
-                               window_gens=window_gens, window_s=window_s, calibration=calibrate)
+                               window_gens=window_gens, window_s=window_s, calibration=calibrate,
+                               cpu_placement=cpu_placement)
     first_check = (sets or alloc.DEFAULT_SETS) if design == "duet" else runs
     stop_rule = (stopping.StopRule(target=config.target_ci, metric=metric, max_time_s=max_time_s,
                                    min_rounds=first_check, max_rounds=max_rounds) if open_ended else None)
@@ -481,6 +485,9 @@ def rebuild_report(results: ResultsDir, records: list[AllocRun], saved: dict[str
 
 def alloc_answer(results: ResultsDir) -> list[str]:
     """The allocator experiment's answer lines (alloc_report.answer_lines), from its files."""
+    loaded = duet_report.Duet.load(results)
+    if loaded is not None:
+        return duet_report.answer_lines(loaded) if loaded.counted else []
     records = results.read_records(alloc.RUNS_FILE, AllocRun)
     config = (results.read_json(alloc.CONFIG_FILE) or {}).get("config")
     if not records or not config:

@@ -215,7 +215,7 @@ def calibration_result(duet: Duet) -> dict[str, Any] | None:
                   if stats.compare_paired([(math.exp(v), 1.0) for v in logs]).significant)
     return {"comparison": comp, "sets": len(per_set), "flagged": flagged,
             "resolves": comp.half_width * POWER_FACTOR if not math.isnan(comp.half_width) else float("nan"),
-            "passes": not comp.significant}
+            "passes": math.isnan(comp.ratio_ci_low) or comp.ratio_ci_low <= 1.0 <= comp.ratio_ci_high}
 
 
 def calibration_line(duet: Duet, label: str = "Calibration") -> str | None:
@@ -226,8 +226,8 @@ def calibration_line(duet: Duet, label: str = "Calibration") -> str | None:
     labels = duet.labels
     ci = ("no CI (one set)" if math.isnan(comp.ratio_ci_low)
           else f"95 % CI {(comp.ratio_ci_low - 1) * 100:+.1f} % to {(comp.ratio_ci_high - 1) * 100:+.1f} %")
-    verdict = ("no bias beyond its CI" if cal["passes"] else "a bias the CI excludes 0 from: placement or order "
-               "favours one arm; read the A/B's effects against it")
+    verdict = ("its CI includes no bias" if cal["passes"] else "a bias: its CI excludes 0, so placement or order "
+               "favoured one arm; read the A/B's effects against it")
     resolves = "" if math.isnan(cal["resolves"]) else (f"; smallest effect this budget resolves (80 % power): "
                                                        f"±{cal['resolves'] * 100:.1f} %")
     return (f"{label} — A/A ({labels[0]} against itself as {labels[1]}, {cal['sets']} sets, "
@@ -263,8 +263,12 @@ def design_line(duet: Duet) -> str:
     window = f"{c['window_s']:g} s of generation" if c.get("window_s") else f"{c.get('window_gens')} generates"
     counted = [s for s in duet.sets if s.counted]
     placements = sorted({str((a.get("placement") or {}).get("cpus")) for s in counted for a in s.arms})
-    pinned = ("each process on its own CPUs, rotated across sets" if placements and "None" not in placements
-              else "processes sharing the CPUs (fewer CPUs than arms)")
+    if c.get("cpu_placement") == "shared":
+        pinned = "every process on the same CPUs (--cpu-placement shared)"
+    elif placements and "None" not in placements:
+        pinned = "each process on its own CPUs, rotated across sets"
+    else:
+        pinned = "processes sharing the CPUs (fewer CPUs than arms)"
     return (f"Design — duet: {len(counted)} sets of fresh persistent probes ({', '.join(duet.labels)}), "
             f"{c.get('windows_per_set')} steps per set after {1} warm-up step, a window of {window}; one process "
             f"generates at a time, the first in each step alternating; {pinned}; start order rotated.")

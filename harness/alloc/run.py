@@ -24,7 +24,8 @@ WARMUP_MEASURE_S = 1.0  # a warm-up run's window, at most: it is not counted, on
 METRICS = {"itl_p25": "itl_p25_s", "gen_latency": "gen_latency_s"}  # --metric → the per-run value compared
 DEFAULT_METRIC = "itl_p25"
 DESIGNS = ("duet", "sequential")
-DEFAULT_DESIGN = "duet"
+CPU_PLACEMENTS = ("split", "shared")
+DEFAULT_DESIGN = "sequential"  # duet becomes the default once its A/A passes on CPU and GPU hosts
 DEFAULT_SETS = 3  # duet: sets of fresh processes (with a target or a time limit: the sets before the first check)
 DEFAULT_WINDOWS_PER_SET = 40  # duet: measured steps per set, one window per arm each
 DEFAULT_WINDOW_GENS = 1  # duet: a window's generates, unless its window is given in seconds (--measure-s)
@@ -65,6 +66,7 @@ class AllocConfig:
     window_gens: int | None = None  # duet: a window of this many generates, or
     window_s: float | None = None  # duet: a window of this many seconds of generation
     calibration: bool = False  # A/A: the baseline against itself, in two arms labelled apart
+    cpu_placement: str = "split"  # duet: split (each arm its own CPUs, rotated) or shared (every arm all of them)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,7 +99,8 @@ class AllocConfig:
             for key in ("warm_gens", "measure_s"):
                 ident.pop(key, None)
             ident.update(design="duet", window_gens=self.window_gens, window_s=self.window_s,
-                         windows_per_set=self.windows_per_set, arms=[a.label for a in self.arms])
+                         windows_per_set=self.windows_per_set, arms=[a.label for a in self.arms],
+                         cpu_placement=self.cpu_placement)
         return ident
 
     def placement(self, run: PlannedRun) -> Placement | None:

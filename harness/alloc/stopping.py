@@ -37,5 +37,9 @@ class DuetStopper(Stopper):
 
     def widths(self, records: list[AllocWindow]) -> dict[str, float]:
         key = METRICS[self.rule.metric]
-        return {label: compare_sets(list(step_log_ratios(records, label, self.baseline, key).values())).half_width
-                for label in self.arms if label != self.baseline}
+        widths = {}
+        for label in self.arms:
+            if label != self.baseline:
+                comp = compare_sets(list(step_log_ratios(records, label, self.baseline, key).values()))
+                widths[label] = comp.half_width if comp.n_sets >= 2 else float("nan")  # one set: no CI over sets
+        return widths
