@@ -113,12 +113,17 @@ class DuetSet:
     def run(self) -> AllocSet:
         """Runs the set to its end; a Ctrl-C records it as interrupted and goes on up."""
         try:
-            self._start()
+            try:
+                self._start()
+            except SessionDied as exc:
+                self.status, self.ended_by, self.failure = "failed", "start", str(exc)
+                raise
             self._verify()
             if self.status == "ok":
                 self._measure()
         except SessionDied as exc:
-            self.status, self.ended_by, self.failure = "failed", "died", str(exc)
+            if self.ended_by != "start":
+                self.status, self.ended_by, self.failure = "failed", "died", str(exc)
         except BaseException:
             self.status, self.ended_by = "interrupted", "interrupted"
             self._close(kill=True)
@@ -281,4 +286,5 @@ def _step_deadline(stopper: Any) -> Callable[[float], bool] | None:
 
 
 def _first_set_failed(sets: list[AllocSet]) -> bool:
-    return len(sets) == 1 and sets[0].status == "failed"
+    """The first set could not start or was not verified: the next would fail alike, so none is started."""
+    return len(sets) == 1 and sets[0].status == "failed" and sets[0].ended_by in ("start", "verification")
