@@ -6,8 +6,11 @@ cannot be verified, and bench's index.md. test_serve.py runs the same path on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,3 +207,44 @@ def test_index_links_both_reports_and_only_files_that_exist(served, tmp_path: Pa
     index = write_index(ResultsDir(alone), "synthetic:phi3-mini", None, UsageError("unknown engine")).read_text()
     assert "- B. First-token path (ended with exit code 2: unknown engine): no files" in index.splitlines()
     assert "First-token latency and warm start" not in index
+
+
+# --- whose server answers ---------------------------------------------------------------------------
+def test_a_port_another_process_took_is_refused_not_measured(tmp_path: Path, model_dir: str) -> None:
+    """Two runs on one port: this run's server is still starting (it listens only after 30 s) when another
+    server, not of this run, starts listening on the port. Its /health answers; the run must not measure it."""
+    port = free_port()
+    other: list[subprocess.Popen] = []
+
+    def log(message: str) -> None:
+        if message.startswith("server 0: starting"):  # before this run's port check: the other one listens later
+            other.append(subprocess.Popen([sys.executable, str(FAKE), str(port), "--stream", "--startup-delay", "1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    try:
+        outcome = run_serve(_config(tmp_path / "r", model_dir, server_cmd=f"{STREAMING} --startup-delay 30",
+                                    port=port), log=log)
+        intruder = other[0].pid
+    finally:
+        for proc in other:
+            proc.kill()
+            proc.wait()
+    assert outcome.exit_code == EXIT_FAULT and outcome.requests == []
+    error = outcome.error or ""
+    assert f"port {port} answers /health, but from PID {intruder} (" in error, error
+    assert f"not from this run's server (PID {outcome.startups[0].pid})" in error
+    assert outcome.startups[0].fault == "PortTakenError" and group_members(outcome.startups[0].pid) == []
+
+
+def test_without_port_a_free_port_is_taken(tmp_path: Path, model_dir: str) -> None:
+    """The old fixed default (8000) held by someone else: a run without --port takes a free port instead."""
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # already held by another process: just as good
+            held.bind(("127.0.0.1", 8000))
+            held.listen()
+        outcome = run_serve(_config(tmp_path / "r", model_dir, port=None, warm_requests=1), log=lambda m: None)
+    assert outcome.exit_code == EXIT_OK, outcome.error
+    port = json.loads((tmp_path / "r/serve/config.json").read_text())["port"]
+    assert isinstance(port, int) and port != 8000
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert "[default: a free port" in " ".join(result.output.split())

@@ -54,7 +54,8 @@ cold_starts_option = options.option("--cold-starts", default=D.cold_starts, show
                                     help="Fresh servers (with --allocators: rounds, one server per allocator each).")
 warm_requests_option = options.option("--warm-requests", default=D.warm_requests, show_default=True,
                                       type=click.IntRange(0), help="Requests right after the cold one, per server.")
-port_option = options.option("--port", default=D.port, show_default=True, type=click.IntRange(1, 65535))
+port_option = options.option("--port", default=D.port, type=click.IntRange(1, 65535),
+                              help="The server's port [default: a free port of --host, taken at the start].")
 
 
 @click.command("serve")

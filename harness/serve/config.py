@@ -42,7 +42,7 @@ class ServeConfig:
     url: str | None = None  # attach to a running server: no start-up figures
     server_cmd: str | None = None  # engine "custom": {host} {port} {model} {model_dir} are filled in
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int | None = None  # None: a free port, taken when the run starts
     cold_starts: int = 1
     warm_requests: int = 5
     idle_gaps: tuple[float, ...] = ()

@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import psutil
 
 from harness.containers import runner_choice
 from harness.containers.runner_choice import RunnerChoice
@@ -42,6 +41,8 @@ from harness.serve.server import (
     WrongModelError,
     check_model,
     describe_exit,
+    free_port,
+    listener_pids,
     mapped_allocators,
     models_listed,
     process_facts,
@@ -89,14 +90,7 @@ def listening_pid(url: str) -> int | None:
     parsed = urlparse(url)
     if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
-    port = parsed.port or 80
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-    except psutil.Error:
-        return None
-    return None
+    return min((pid for pid in listener_pids(parsed.port or 80) if pid is not None), default=None)
 
 
 class _Session:
@@ -406,6 +400,8 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     config.validate()
     choice = choose_runner(config)
     config = dataclasses.replace(config, runner=choice.kind)
+    if config.port is None and not config.attach:  # a free port: no other server answers in this run's place
+        config = dataclasses.replace(config, port=free_port(config.host))
     spec = None if config.attach else engines.build(config, choice.kind)
     results = ResultsDir(config.out)
     results.lock()  # another command writing the same directory would mix two runs' results

@@ -55,6 +55,10 @@ class HealthTimeoutError(ServerError):
     pass
 
 
+class PortTakenError(ServerError):
+    """/health answered, but from a process that is not this run's server: its answers are another server's."""
+
+
 class WrongModelError(ServerError):
     pass
 
@@ -93,6 +97,24 @@ def check_port_free(host: str, port: int) -> None:
                 raise PortInUseError(f"port {port} on {host} is already in use: stop that server, "
                                      "pass --port, or attach to it with --url") from exc
             raise ServerError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+
+
+def listener_pids(port: int) -> set[int | None]:
+    """PIDs of the processes listening on TCP `port` (None for a socket whose process this user may not see)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+
+
+def describe_process(pid: int) -> str:
+    """"PID 123 (python3 server.py --port 8000)", shortened; "PID 123" alone when it cannot be read."""
+    try:
+        command = " ".join(psutil.Process(pid).cmdline()) or psutil.Process(pid).name()
+    except psutil.Error:
+        return f"PID {pid}"
+    return f"PID {pid} ({command[:80]})"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -163,7 +185,7 @@ class Readiness:
 class ReadinessMixin:
     """What the local and the docker server share: the base URL, the spawn clock, log lines stamped
     with their arrival time, and /health then /v1/models polling. Needs the fields `host`, `port`,
-    `t_spawn` and `lines`, and the methods `check_alive(during)` and `log_tail()`."""
+    `t_spawn` and `lines`, the properties `pid`, and the methods `pids()`, `check_alive(during)` and `log_tail()`."""
 
     host: str
     port: int
@@ -187,6 +209,26 @@ class ReadinessMixin:
 
     def check_alive(self, during: str, grace_s: float = 0.0) -> None:
         raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def check_listener(self) -> None:
+        """After /health: raises PortTakenError when the process listening on the port is not one of this
+        run's server (its process tree or its container): another server took the port, and every answer
+        would be its. A listener this user may not see (another user's) cannot be told apart: let pass."""
+        found = listener_pids(self.port)
+        own = set(self.pids())
+        strangers = sorted(pid for pid in found if pid is not None and pid not in own)
+        if strangers and not found & own:
+            raise PortTakenError(f"port {self.port} answers /health, but from {describe_process(strangers[0])}, "
+                                 f"not from this run's server (PID {self.pid}): another process "
+                                 "took the port; leave out --port for a free one, or pass another",
+                                 None, self.log_tail())
 
     def log_tail(self, n: int = 25) -> list[str]:
         raise NotImplementedError
@@ -224,6 +266,7 @@ class ReadinessMixin:
                     if health_s is None:
                         if client.get(self.base_url + "/health").status_code == 200:
                             health_s = self.since_spawn()
+                            self.check_listener()
                     else:
                         r = client.get(self.base_url + "/v1/models")
                         if r.status_code == 200:
