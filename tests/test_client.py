@@ -154,3 +154,28 @@ def test_report_names_older_records_end_point() -> None:
     assert any("E2E (to the end of the stream" in line for line in latency_table([ServeRequest.load(old)]))
     assert any("E2E (to the last token)" in line
                for line in latency_table([ServeRequest.load({**old, "schema": "serve-request/2"})]))
+
+
+@pytest.fixture(scope="module")
+def malformed_server() -> Iterator[str]:
+    yield from _start("--stream", "--malformed-every", "2")
+
+
+@pytest.fixture(scope="module")
+def miscounting_server() -> Iterator[str]:
+    yield from _start("--stream", "--usage-offset", "2")
+
+
+def test_unparseable_events_make_the_request_an_error(malformed_server: str) -> None:
+    """Every other token event is broken JSON: 4 of 8 tokens would be dropped and TPOT wrong."""
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, malformed_server, "fake-model", "hi", 8)
+    assert err.value.kind == "malformed_stream"
+    assert str(err.value).startswith("4 of 9 stream events were not JSON (the first: '{\"id\": \"cmpl-fake\"")
+
+
+def test_token_events_the_usage_does_not_count_make_the_request_an_error(miscounting_server: str) -> None:
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, miscounting_server, "fake-model", "hi", 5)
+    assert err.value.kind == "token_count"
+    assert "the stream carried 5 token events but the server's usage counts 7 completion tokens" in str(err.value)

@@ -248,3 +248,11 @@ def test_without_port_a_free_port_is_taken(tmp_path: Path, model_dir: str) -> No
     assert isinstance(port, int) and port != 8000
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert "[default: a free port" in " ".join(result.output.split())
+
+
+def test_a_malformed_stream_is_a_failed_request_not_a_measurement(tmp_path: Path, model_dir: str) -> None:
+    outcome = run_serve(_config(tmp_path / "r", model_dir, server_cmd=f"{STREAMING} --malformed-every 2"),
+                        log=lambda m: None)
+    assert outcome.exit_code == EXIT_FAULT and "stream events were not JSON" in (outcome.error or "")
+    (cold,) = outcome.requests
+    assert (cold.status, cold.failure_kind, cold.ttft_s) == ("failed", "malformed_stream", None)

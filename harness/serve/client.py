@@ -17,6 +17,9 @@ vllm/benchmarks/lib/endpoint_request_func.py and serve.py), so that the two comp
   events when the server sends no usage); none when n <= 1.
 - `wall_s`: t0 to the end of the response body, after the usage chunk, `[DONE]` and the chunked
   terminator: the whole request, as the seed's curl times it. For plain requests `e2e_s` is `wall_s`.
+- A stream is measured only when every event other than `[DONE]` is a JSON object and the token events are
+  as many as the server's `usage.completion_tokens` (where it sends usage): a dropped or uncounted event
+  would shift TTFT, ITL and TPOT, so such a request is an error (recorded failed), never a figure.
 
 The body is always read to its end, not left at `[DONE]`: httpx closes a connection whose response was
 not read to the end, so the next request on the client paid a new TCP connection (and the server's
@@ -46,7 +49,9 @@ class RequestError(HarnessError):
 
     def __init__(self, message: str, kind: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # "http" | "wrong_model" | "not_streaming" | "transport" | "empty" | "server_error"
+        # "http" | "wrong_model" | "not_streaming" | "transport" | "empty" | "server_error" | "malformed_stream"
+        # | "token_count"
+        self.kind = kind
         self.status = status
 
 
@@ -190,11 +195,17 @@ class _StreamState:
     texts: list[str] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     finish: str | None = None
+    events: int = 0  # `data:` events other than [DONE]
+    unparseable: list[str] = field(default_factory=list)  # the payloads that are not a JSON object
 
     def add(self, data: str, t0: float) -> None:
+        self.events += 1
         try:
             event = json.loads(data)
         except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            self.unparseable.append(data)
             return
         error = stream_error(event)
         if error:
@@ -233,9 +244,25 @@ def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str 
         raise RequestError(f"stream broke after {len(state.times)} tokens: {transport_reason(exc)}",
                            "transport") from exc
     wall = time.perf_counter() - t0
+    check_stream(state)
+    return summarize_stream(state.times, wall, state.texts, state.usage, state.finish)
+
+
+def check_stream(state: _StreamState) -> None:
+    """Raises RequestError unless the stream can be measured: it carried tokens, every event was JSON (a
+    dropped event is a token missing from TTFT, ITL and TPOT), and as many token events as the server's
+    usage counts completion tokens, where it sends usage."""
+    if state.unparseable:
+        head = " ".join(state.unparseable[0].split())[:60]
+        raise RequestError(f"{len(state.unparseable)} of {state.events} stream events were not JSON (the first: "
+                           f"{head!r}): the stream cannot be timed", "malformed_stream")
     if not state.times:
         raise RequestError("stream ended without any token", "empty")
-    return summarize_stream(state.times, wall, state.texts, state.usage, state.finish)
+    counted = state.usage.get("completion_tokens")
+    if isinstance(counted, int) and counted != len(state.times):
+        raise RequestError(f"the stream carried {len(state.times)} token events but the server's usage counts "
+                           f"{counted} completion tokens: TTFT, ITL and TPOT would not be the tokens'",
+                           "token_count")
 
 
 def summarize_stream(times: list[float], wall: float, texts: list[str], usage: dict[str, Any],
