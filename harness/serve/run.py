@@ -23,7 +23,7 @@ import httpx
 from harness.containers import runner_choice
 from harness.containers.runner_choice import RunnerChoice
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
-from harness.measure import environment
+from harness.measure import environment, lifetime
 from harness.measure.allocators import Allocator
 from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
@@ -407,6 +407,8 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     results.lock()  # another command writing the same directory would mix two runs' results
     if requested == "auto" and not config.attach:  # said once the command line proved usable
         log(choice.line())
+    for left in lifetime.leftovers():  # what a harness killed hard left running (it may hold memory or a port)
+        log(f"warning: still running: {left.describe()}; stop it with `kill -9 {left.pid}`")
     try:
         return _prepare_and_run(config, results, spec, log,
                                 {"runner_requested": requested, "runner_reason": choice.why})
