@@ -84,7 +84,8 @@ port_option = options.option("--port", default=D.port, type=click.IntRange(1, 65
 @port_option()
 @click.option("--health-timeout", "health_timeout_s", default=D.health_timeout_s, show_default=True, type=float,
               help="Seconds to wait for /health 200 and /v1/models.")
-@click.option("--request-timeout", "request_timeout_s", default=D.request_timeout_s, show_default=True, type=float)
+@click.option("--request-timeout", "request_timeout_s", default=D.request_timeout_s, show_default=True, type=float,
+              help="Seconds for each whole request (and for each read of its response).")
 @click.option("--dtype", default=D.dtype, help="Passed to the server (--dtype).")
 @click.option("--max-model-len", default=D.max_model_len, show_default=True, type=int, help="vLLM --max-model-len.")
 @click.option("--gpu-memory-utilization", default=D.gpu_memory_utilization, type=float,

@@ -133,7 +133,7 @@ class _Session:
         try:
             fn = stream_request if cfg.request_mode == "stream" else plain_request
             result: RequestResult = fn(client, base_url, model, cfg.prompt, cfg.max_tokens,
-                                       extra=self.body_extra)
+                                       extra=self.body_extra, deadline_s=cfg.request_timeout_s)
         except RequestError as exc:
             self.sampler.mark(label, "request_end")
             record.update(status="failed", failure=str(exc), failure_kind=exc.kind)
