@@ -24,6 +24,7 @@ def docker_rows() -> list[Row]:
 
         from harness.alloc.runners.docker import LABEL_FILTER
         from harness.containers import images
+        from harness.containers.engine import daemon_problem
     except ImportError as exc:
         return [("Docker daemon reachable", False, f"docker SDK missing: {exc}", "pip install -e .")]
     try:
@@ -31,7 +32,7 @@ def docker_rows() -> list[Row]:
         version = client.version()
         info = client.info()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        detail = str(exc).splitlines()[0][:90]
+        detail = daemon_problem(exc)
         return [("Docker daemon reachable", False, detail, "scripts/setup-docker.sh"),
                 ("probe images present", False, "no daemon", "scripts/setup-docker.sh && scripts/build-images.sh")]
     rows: list[Row] = [("Docker daemon reachable", True,

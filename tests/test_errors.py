@@ -111,3 +111,27 @@ def test_serve_and_alloc_refuse_docker_for_what_only_the_local_runner_does(tmp_p
                        "--allocator-lib", f"jebg={os.devnull}", "--out", str(tmp_path / "a"), timeout=120)
     assert done.returncode == EXIT_USAGE and done.stderr.strip().splitlines()[-1] == (
         "error: --runner docker: no probe image has jebg"), done.stderr
+
+
+@pytest.mark.fast
+def test_runner_auto_says_in_words_why_there_is_no_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No socket, a socket nobody listens on, a TCP port that refuses: words, not the SDK's nested reprs."""
+    import socket
+
+    from harness.containers.engine import docker_available
+    from harness.serve.config import ServeConfig
+    from harness.serve.run import choose_runner
+    from harness.serve.server import free_port
+
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(dead))  # a socket file, never listened on: connections are refused
+    port = free_port()
+    fix = "; start one with scripts/setup-docker.sh"
+    for host, why in ((f"unix://{tmp_path}/none.sock", f"no Docker daemon at {tmp_path}/none.sock"),
+                      (f"unix://{dead}", f"no Docker daemon answers at {dead} (connection refused)"),
+                      (f"tcp://127.0.0.1:{port}", f"no Docker daemon answers at tcp://127.0.0.1:{port} "
+                                                  "(connection refused)")):
+        monkeypatch.setenv("DOCKER_HOST", host)
+        assert docker_available() == (False, why + fix)
+        assert choose_runner(ServeConfig()).line() == f"runner auto: local ({why}{fix})"
