@@ -135,3 +135,49 @@ def test_runner_auto_says_in_words_why_there_is_no_docker(tmp_path: Path, monkey
         monkeypatch.setenv("DOCKER_HOST", host)
         assert docker_available() == (False, why + fix)
         assert choose_runner(ServeConfig()).line() == f"runner auto: local ({why}{fix})"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("args, message", [
+    (["--sample-hz", "nan"], "Invalid value for '--sample-hz': 'nan' is not a finite number"),
+    (["--stack-hz", "nan"], "Invalid value for '--stack-hz': 'nan' is not a finite number"),
+    (["--health-timeout", "inf"], "Invalid value for '--health-timeout': 'inf' is not a finite number"),
+    (["--request-timeout", "nan"], "Invalid value for '--request-timeout': 'nan' is not a finite number"),
+    (["--request-timeout", "-1"], "Invalid value for '--request-timeout': -1.0 is not in the range x>0."),
+    (["--kv-cache-gib", "nan"], "Invalid value for '--kv-cache-gib': 'nan' is not a finite number"),
+    (["--gpu-memory-utilization", "1.5"], "Invalid value for '--gpu-memory-utilization': 1.5 is not in the range"),
+    (["--max-model-len", "0"], "Invalid value for '--max-model-len': 0 is not in the range x>=1."),
+    (["--cold-starts", "0"], "Invalid value for '--cold-starts': 0 is not in the range x>=1."),
+    (["--idle-gaps", "0,nan"], "--idle-gaps must be finite seconds, got '0,nan'"),
+    (["--idle-gaps", "inf"], "--idle-gaps must be finite seconds, got 'inf'"),
+    (["--allocators", "glibc,jemalloc", "--target-ci", "nan"], "Invalid value for '--target-ci': 'nan' is not a"),
+    (["--allocators", "glibc,jemalloc", "--max-time", "inf"], "--max-time: not a duration: 'inf'"),
+    (["--max-tokens", "2048"], "--max-tokens 2048 leaves no room for the prompt within --max-model-len 2048"),
+    (["--max-tokens", "600", "--max-model-len", "512"], "--max-tokens 600 leaves no room for the prompt"),
+])
+def test_serve_refuses_numbers_out_of_their_meaning_in_one_line(args: list[str], message: str,
+                                                                tmp_path: Path) -> None:
+    """NaN, infinities and out-of-range values: one line and exit 2, before anything starts or is written."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    out = tmp_path / "r"
+    # nothing could start even if a value were let through: no vLLM there, no Docker
+    nothing = ["--runner", "local", "--vllm-python", str(tmp_path / "no-vllm/python")]
+    result = CliRunner().invoke(main, ["serve", *nothing, *args, "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == EXIT_USAGE and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.fast
+def test_a_config_built_in_code_is_checked_alike() -> None:
+    from harness.serve.config import ConfigError, ServeConfig
+
+    for bad in (dict(sample_hz=float("nan")), dict(health_timeout_s=float("inf")), dict(idle_gaps=(float("inf"),)),
+                dict(max_tokens=4096), dict(gpu_memory_utilization=2.0), dict(kv_cache_gib=float("inf"))):
+        with pytest.raises(ConfigError):
+            ServeConfig(**bad).validate()
+    ServeConfig(engine="custom", server_cmd="x {port}", max_tokens=4096).validate()  # no --max-model-len there
