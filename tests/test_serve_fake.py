@@ -256,3 +256,33 @@ def test_a_malformed_stream_is_a_failed_request_not_a_measurement(tmp_path: Path
     assert outcome.exit_code == EXIT_FAULT and "stream events were not JSON" in (outcome.error or "")
     (cold,) = outcome.requests
     assert (cold.status, cold.failure_kind, cold.ttft_s) == ("failed", "malformed_stream", None)
+
+
+# --- a value of the wrong type in a results file ----------------------------------------------------
+def _corrupt(path: Path, line: int, key: str, value: Any) -> None:
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[line - 1])
+    assert key in record
+    lines[line - 1] = json.dumps({**record, key: value})
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_report_names_the_file_line_and_field_of_a_value_of_the_wrong_type(served, tmp_path: Path) -> None:
+    _, _, out = served
+    serve_copy = tmp_path / "serve"
+    shutil.copytree(out, serve_copy)
+    _corrupt(serve_copy / "serve/requests.jsonl", 2, "ttft_s", "fast")
+    alloc_dir = tmp_path / "alloc"
+    runner = ReplayRunner("h100-phi3-mini")
+    config = alloc.AllocConfig(model="synthetic:phi3-mini", device="cuda", runs=3, warm_gens=8, max_new_tokens=32,
+                               allocators=runner.resolve_allocators(["glibc", "jemalloc"], {}, {}), runner="replay")
+    alloc.execute(config, runner, ResultsDir(alloc_dir))
+    _corrupt(alloc_dir / "alloc/runs.jsonl", 3, "wall_real_s", [1.5])
+    for directory, expected in (
+            (serve_copy, f"{serve_copy}/serve/requests.jsonl line 2: field ttft_s: 'fast' (str) where "
+                         "float | None is expected"),
+            (alloc_dir, f"{alloc_dir}/alloc/runs.jsonl line 3: field wall_real_s: [1.5] (list) where ")):
+        result = CliRunner().invoke(main, ["report", str(directory)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert lines[0].startswith(f"error: {expected}"), lines[0]
