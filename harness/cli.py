@@ -14,7 +14,7 @@ from rich.console import Console
 from harness.alloc import command as alloc_command
 from harness.alloc import report as alloc_report
 from harness.alloc import run as alloc
-from harness.errors import HarnessError, Interrupted, UsageError
+from harness.errors import EXIT_INTERRUPTED, HarnessError, Interrupted, UsageError
 from harness.measure import options
 from harness.measure.allocators import KNOWN
 from harness.measure.options import csv_list, default_out
@@ -32,7 +32,27 @@ BENCH_MIN_ROUNDS = 3
 BENCH_DESIGN = "duet"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A command line that cannot be parsed (a value out of range, NaN, an unknown option) ends in one line,
+    `error: <what>`, and exit code 2, as every other usage error does: not click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slm-memory-harness")
 def main() -> None:
     """Measure what the memory layer and the serving path do to a small language model's latency."""

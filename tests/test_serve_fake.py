@@ -6,8 +6,11 @@ cannot be verified, and bench's index.md. test_serve.py runs the same path on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,3 +207,82 @@ def test_index_links_both_reports_and_only_files_that_exist(served, tmp_path: Pa
     index = write_index(ResultsDir(alone), "synthetic:phi3-mini", None, UsageError("unknown engine")).read_text()
     assert "- B. First-token path (ended with exit code 2: unknown engine): no files" in index.splitlines()
     assert "First-token latency and warm start" not in index
+
+
+# --- whose server answers ---------------------------------------------------------------------------
+def test_a_port_another_process_took_is_refused_not_measured(tmp_path: Path, model_dir: str) -> None:
+    """Two runs on one port: this run's server is still starting (it listens only after 30 s) when another
+    server, not of this run, starts listening on the port. Its /health answers; the run must not measure it."""
+    port = free_port()
+    other: list[subprocess.Popen] = []
+
+    def log(message: str) -> None:
+        if message.startswith("server 0: starting"):  # before this run's port check: the other one listens later
+            other.append(subprocess.Popen([sys.executable, str(FAKE), str(port), "--stream", "--startup-delay", "1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    try:
+        outcome = run_serve(_config(tmp_path / "r", model_dir, server_cmd=f"{STREAMING} --startup-delay 30",
+                                    port=port), log=log)
+        intruder = other[0].pid
+    finally:
+        for proc in other:
+            proc.kill()
+            proc.wait()
+    assert outcome.exit_code == EXIT_FAULT and outcome.requests == []
+    error = outcome.error or ""
+    assert f"port {port} answers /health, but from PID {intruder} (" in error, error
+    assert f"not from this run's server (PID {outcome.startups[0].pid})" in error
+    assert outcome.startups[0].fault == "PortTakenError" and group_members(outcome.startups[0].pid) == []
+
+
+def test_without_port_a_free_port_is_taken(tmp_path: Path, model_dir: str) -> None:
+    """The old fixed default (8000) held by someone else: a run without --port takes a free port instead."""
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # already held by another process: just as good
+            held.bind(("127.0.0.1", 8000))
+            held.listen()
+        outcome = run_serve(_config(tmp_path / "r", model_dir, port=None, warm_requests=1), log=lambda m: None)
+    assert outcome.exit_code == EXIT_OK, outcome.error
+    port = json.loads((tmp_path / "r/serve/config.json").read_text())["port"]
+    assert isinstance(port, int) and port != 8000
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert "[default: a free port" in " ".join(result.output.split())
+
+
+def test_a_malformed_stream_is_a_failed_request_not_a_measurement(tmp_path: Path, model_dir: str) -> None:
+    outcome = run_serve(_config(tmp_path / "r", model_dir, server_cmd=f"{STREAMING} --malformed-every 2"),
+                        log=lambda m: None)
+    assert outcome.exit_code == EXIT_FAULT and "stream events were not JSON" in (outcome.error or "")
+    (cold,) = outcome.requests
+    assert (cold.status, cold.failure_kind, cold.ttft_s) == ("failed", "malformed_stream", None)
+
+
+# --- a value of the wrong type in a results file ----------------------------------------------------
+def _corrupt(path: Path, line: int, key: str, value: Any) -> None:
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[line - 1])
+    assert key in record
+    lines[line - 1] = json.dumps({**record, key: value})
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_report_names_the_file_line_and_field_of_a_value_of_the_wrong_type(served, tmp_path: Path) -> None:
+    _, _, out = served
+    serve_copy = tmp_path / "serve"
+    shutil.copytree(out, serve_copy)
+    _corrupt(serve_copy / "serve/requests.jsonl", 2, "ttft_s", "fast")
+    alloc_dir = tmp_path / "alloc"
+    runner = ReplayRunner("h100-phi3-mini")
+    config = alloc.AllocConfig(model="synthetic:phi3-mini", device="cuda", runs=3, warm_gens=8, max_new_tokens=32,
+                               allocators=runner.resolve_allocators(["glibc", "jemalloc"], {}, {}), runner="replay")
+    alloc.execute(config, runner, ResultsDir(alloc_dir))
+    _corrupt(alloc_dir / "alloc/runs.jsonl", 3, "wall_real_s", [1.5])
+    for directory, expected in (
+            (serve_copy, f"{serve_copy}/serve/requests.jsonl line 2: field ttft_s: 'fast' (str) where "
+                         "float | None is expected"),
+            (alloc_dir, f"{alloc_dir}/alloc/runs.jsonl line 3: field wall_real_s: [1.5] (list) where ")):
+        result = CliRunner().invoke(main, ["report", str(directory)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert lines[0].startswith(f"error: {expected}"), lines[0]

@@ -4,8 +4,10 @@ here, which harness process owns a container, and the labels and timestamps the 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,48 @@ from harness.errors import RunnerError
 
 OWNER_LABEL = "harness.owner_pid"  # the harness process that runs a container (probe or server)
 FIX_DAEMON = "scripts/setup-docker.sh"
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+
+
+def daemon_address() -> str:
+    """Where the Docker SDK looks for the daemon: DOCKER_HOST, else the default socket (a path, for a socket)."""
+    return (os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET).removeprefix("unix://")
+
+
+def _linked(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it wraps: causes, contexts, and those the SDK, requests and urllib3 keep in
+    their arguments or their `reason`."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = [*current.args, getattr(current, "reason", None), current.__cause__, current.__context__]
+        stack.extend(e for e in inner if isinstance(e, BaseException))
+
+
+def daemon_problem(exc: BaseException) -> str:
+    """Why the daemon cannot be used, in words ("no Docker daemon at /var/run/docker.sock"), not the SDK's
+    nested exception reprs."""
+    where = daemon_address()
+    linked = list(_linked(exc))
+    if any(isinstance(e, requests.exceptions.Timeout | TimeoutError) for e in linked):
+        return f"the Docker daemon at {where} did not answer in time"
+    for e in linked:
+        if isinstance(e, OSError) and e.errno == errno.ENOENT:
+            return f"no Docker daemon at {where}"
+        if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+            return f"no Docker daemon answers at {where} (connection refused)"
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
+            return f"no permission to use the Docker daemon at {where} (run as root or join the docker group)"
+        if isinstance(e, OSError) and e.strerror:
+            return f"the Docker daemon at {where} cannot be reached: {e.strerror}"
+    if isinstance(exc, docker.errors.APIError):
+        return f"the Docker daemon at {where} answered with an error: {exc.explanation or exc.status_code}"
+    return f"the Docker daemon at {where} cannot be used: {' '.join(str(exc).split())[:120]}"
 
 
 def connect(timeout: int = 120) -> docker.DockerClient:
@@ -28,7 +72,7 @@ def connect(timeout: int = 120) -> docker.DockerClient:
         client.ping()
         return client
     except (DockerException, requests.exceptions.RequestException) as exc:
-        raise RunnerError(f"no Docker daemon reachable ({exc}); start one with {FIX_DAEMON}") from exc
+        raise RunnerError(f"{daemon_problem(exc)}; start one with {FIX_DAEMON}") from exc
 
 
 def docker_available(device: str = "cpu", allocators: list[str] | None = None) -> tuple[bool, str]:
@@ -41,7 +85,7 @@ def docker_available(device: str = "cpu", allocators: list[str] | None = None) -
         version = client.version().get("Version", "?")
         status = img.images_status(client, allocators or ["glibc", "jemalloc"], img.variant_for(device))
     except (DockerException, requests.exceptions.RequestException) as exc:
-        return False, f"Docker daemon error: {exc}"
+        return False, daemon_problem(exc)
     finally:
         client.close()
     if all(s == "ok" for s in status.values()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +39,17 @@ def default_out(prefix: str = "") -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Number(click.FloatRange):
+    """A float within a range that is a number: NaN and the infinities are refused (click's FloatRange lets
+    NaN through, and infinity where the range has no upper end)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 def option(*decls: str, **attrs: Any) -> Callable[..., Callable[[F], F]]:
     """A click option declared once for every command that has it: `NAME(**changes)` is its decorator, with
     `changes` for what one command says differently (its help, its default); `NAME("--other", "dest")` the
@@ -62,7 +74,7 @@ runner = option("--runner", type=click.Choice(RUNNERS), default=DEFAULT_RUNNER, 
 allocator_lib = option("--allocator-lib", multiple=True, metavar="NAME=PATH", help="Library to preload for NAME.")
 allocator_env = option("--allocator-env", multiple=True, metavar="NAME:VAR=VALUE",
                        help="Environment for one allocator, e.g. jemalloc:MALLOC_CONF=background_thread:true.")
-target_ci = option("--target-ci", default=None, type=click.FloatRange(0, min_open=True), metavar="PCT",
+target_ci = option("--target-ci", default=None, type=Number(0, 100, min_open=True), metavar="PCT",
                    help="Add rounds until the ratio CI of every allocator against the baseline, on --metric, is "
                         "±PCT % wide or narrower (its width alone, checked once a round from the last fixed "
                         "round on), or --max-time is up.")

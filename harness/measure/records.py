@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from harness.errors import UsageError
+from harness.measure import field_types
 
 SCHEMA_KEY = "schema"
 _BOOKKEEPING = ("extra", "read_keys")  # fields of every record that are not keys of the written dict
@@ -29,6 +30,10 @@ R = TypeVar("R", bound="Record")
 class RecordError(UsageError, ValueError):
     """A dict that is not a record of the expected family (or of a version newer than this harness): the
     directory given cannot be read by this harness (exit code 2)."""
+
+
+class FieldTypeError(RecordError):
+    """A record of the family whose field holds a value of another type (a corrupted or hand-edited file)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +100,9 @@ class Record:
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise RecordError(f"not a {cls.FAMILY} record: no {', '.join(missing)}")
+        mismatch = field_types.first_mismatch(cls, known)
+        if mismatch:
+            raise FieldTypeError(mismatch)
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra, read_keys=tuple(data))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.errors import UsageError
-from harness.measure.records import Environment, Record, RecordError
+from harness.measure.records import Environment, FieldTypeError, Record, RecordError
 
 LOCK_FILE = ".lock"
 
@@ -144,6 +144,8 @@ class ResultsDir:
         for number, data in self._numbered_jsonl(relpath):
             try:
                 records.append(cls.load(data))
+            except FieldTypeError as exc:  # a record of the family, but not readable: say where, stop
+                raise FieldTypeError(f"{self.root / relpath} line {number}: {exc}") from None
             except RecordError:
                 self._skipped[relpath].append(number)
         self._skipped[relpath].sort()

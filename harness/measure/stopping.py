@@ -39,8 +39,8 @@ def parse_duration(text: str) -> float:
             raise ValueError(f"not a duration: {text!r} (e.g. 90s, 2m, 1h30m)") from None
         h, m, s = (float(g) if g else 0.0 for g in match.groups())
         seconds = 3600 * h + 60 * m + s
-    if not seconds > 0:
-        raise ValueError(f"not a duration: {text!r} (must be more than 0 s)")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"not a duration: {text!r} (must be more than 0 s, and finite)")
     return seconds
 
 

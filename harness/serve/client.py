@@ -10,13 +10,17 @@ vllm/benchmarks/lib/endpoint_request_func.py and serve.py), so that the two comp
 - A token event is an SSE event whose `choices` carry a token: a completions chunk with a `text` field
   (also "", as for a special token), or a chat delta with content other than the role-only opener
   (vLLM's chat client counts that opener as the first token; it carries none). The trailing usage chunk
-  (`choices: []`) and `[DONE]` are not token events. An event is timed once it has been parsed.
+  (`choices: []`) and `[DONE]` are not token events. An event is timed when the read that completes it
+  returns, before the client buffers, splits and parses it: the client's own work is not server time.
 - `ttft_s`: t0 to the first token event. `itl_s`: the gaps between consecutive token events.
 - `e2e_s`: t0 to the last token event (vLLM's request latency, its E2EL).
 - `tpot_s`: (E2E - TTFT) / (n - 1), n = the server's `usage.completion_tokens` (the number of token
   events when the server sends no usage); none when n <= 1.
 - `wall_s`: t0 to the end of the response body, after the usage chunk, `[DONE]` and the chunked
   terminator: the whole request, as the seed's curl times it. For plain requests `e2e_s` is `wall_s`.
+- A stream is measured only when every event other than `[DONE]` is a JSON object and the token events are
+  as many as the server's `usage.completion_tokens` (where it sends usage): a dropped or uncounted event
+  would shift TTFT, ITL and TPOT, so such a request is an error (recorded failed), never a figure.
 
 The body is always read to its end, not left at `[DONE]`: httpx closes a connection whose response was
 not read to the end, so the next request on the client paid a new TCP connection (and the server's
@@ -32,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,7 +50,9 @@ class RequestError(HarnessError):
 
     def __init__(self, message: str, kind: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # "http" | "wrong_model" | "not_streaming" | "transport" | "empty" | "server_error"
+        # "http" | "wrong_model" | "not_streaming" | "transport" | "empty" | "server_error" | "malformed_stream"
+        # | "token_count"
+        self.kind = kind
         self.status = status
 
 
@@ -89,16 +95,57 @@ def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
 
 def iter_sse_events(chunks: Iterable[bytes]) -> Iterator[str]:
     """The `data:` payloads of each SSE event, as soon as the blank line that ends the event has arrived."""
-    buffer = b""
+    for _, payload in iter_timed_sse_events(chunks):
+        yield payload
+
+
+def iter_timed_sse_events(chunks: Iterable[bytes]) -> Iterator[tuple[float, str]]:
+    """(arrival, payload) for each `data:` payload: `arrival` is `time.perf_counter()` when the chunk that ends
+    its event was read, so the client's own work on it (buffering, splitting, decoding) is not the server's
+    time. Each byte is scanned once: a line of many megabytes costs the client no more than reading it."""
+    buffer = bytearray()
+    scanned = 0  # bytes of `buffer` known to hold no event end
+    carry = b""  # a CR at the end of a chunk, until the next chunk says whether an LF follows it
     for chunk in chunks:
-        buffer += chunk
-        if b"\r" in buffer:  # CRLF line ends (a lone CR waits for the next chunk's LF)
-            buffer = buffer.replace(b"\r\n", b"\n")
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            yield from iter_sse_data(event.decode("utf-8", "replace").split("\n"))
-    if buffer.strip():  # a last event without its blank line
-        yield from iter_sse_data(buffer.decode("utf-8", "replace").split("\n"))
+        arrival = time.perf_counter()
+        data = carry + chunk
+        carry = b""
+        if data.endswith(b"\r"):
+            data, carry = data[:-1], b"\r"
+        if b"\r" in data:  # CRLF line ends
+            data = data.replace(b"\r\n", b"\n")
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n\n", max(scanned - 1, start))) >= 0:
+            event = bytes(buffer[start:end])
+            start = scanned = end + 2
+            for payload in iter_sse_data(event.decode("utf-8", "replace").split("\n")):
+                yield arrival, payload
+        del buffer[:start]
+        scanned = len(buffer)
+    rest = (bytes(buffer) + carry).strip()
+    if rest:  # a last event without its blank line
+        arrival = time.perf_counter()
+        for payload in iter_sse_data(rest.decode("utf-8", "replace").split("\n")):
+            yield arrival, payload
+
+
+def within(chunks: Iterable[bytes], deadline: float | None, deadline_s: float | None,
+           tokens: Callable[[], int] | None = None) -> Iterator[bytes]:
+    """`chunks` until `deadline` (a perf_counter time): then RequestError. A read timeout bounds each read;
+    this bounds the whole request (a server that sends a comment every few seconds never trips the first)."""
+    for chunk in chunks:
+        if deadline is not None and time.perf_counter() > deadline:
+            so_far = f": {tokens()} token{'' if tokens() == 1 else 's'} so far" if tokens is not None else ""
+            raise RequestError(f"no end of the response {deadline_s:g} s after the request (--request-timeout)"
+                               + so_far, "timeout")
+        yield chunk
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` on one line (every run of white space one space), shortened to `limit` characters with '…'."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
 def event_text(event: dict[str, Any]) -> str:
@@ -129,39 +176,52 @@ def stream_error(event: dict[str, Any]) -> str | None:
 
 
 def _error_message(resp: httpx.Response) -> str:
+    """The error an answer carries, on one line: its message when it is JSON, else its content type and its
+    body shortened (an HTML error page of a proxy)."""
     try:
         data = resp.json()
         err = data.get("error") or data.get("detail") or data
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+        return one_line(str(err.get("message", err) if isinstance(err, dict) else err), 300)
     except (json.JSONDecodeError, ValueError, AttributeError):
-        return resp.text[:300]
+        ctype = resp.headers.get("content-type") or "no content type"
+        return f"({ctype.split(';')[0]}): {one_line(resp.text) or 'an empty body'}"
 
 
 def _raise_for_status(resp: httpx.Response, model: str) -> None:
     if resp.status_code == 200:
         return
     msg = _error_message(resp)
+    sep = " " if msg.startswith("(") else ": "  # "HTTP 502 (text/html): <html>…" / "HTTP 400: bad request"
     if resp.status_code == 404 or (resp.status_code == 400 and "model" in msg.lower()):
-        raise RequestError(f"server rejected model {model!r}: {msg}", "wrong_model", resp.status_code)
-    raise RequestError(f"HTTP {resp.status_code}: {msg}", "http", resp.status_code)
+        raise RequestError(f"server rejected model {model!r}:{sep}{msg}", "wrong_model", resp.status_code)
+    raise RequestError(f"HTTP {resp.status_code}{sep}{msg}", "http", resp.status_code)
+
+
+def _deadline(t0: float, deadline_s: float | None) -> float | None:
+    return None if deadline_s is None else t0 + deadline_s
 
 
 def plain_request(client: httpx.Client, base_url: str, model: str, prompt: str, max_tokens: int,
-                  extra: dict[str, Any] | None = None) -> RequestResult:
-    """One non-streamed completion, timed end to end as `/usr/bin/time curl` does."""
+                  extra: dict[str, Any] | None = None, deadline_s: float | None = None) -> RequestResult:
+    """One non-streamed completion, timed end to end as `/usr/bin/time curl` does; RequestError when its body
+    has not ended `deadline_s` after the request."""
     body = completion_body(model, prompt, max_tokens, stream=False, extra=extra)
     t0 = time.perf_counter()
     try:
-        resp = client.post(base_url + "/v1/completions", json=body)
-        resp.read()
+        with contextlib.closing(client.send(client.build_request("POST", base_url + "/v1/completions", json=body),
+                                            stream=True)) as streamed:
+            content = b"".join(within(streamed.iter_bytes(), _deadline(t0, deadline_s), deadline_s))
+            wall = time.perf_counter() - t0
     except httpx.TransportError as exc:
         raise RequestError(f"request failed: {transport_reason(exc)}", "transport") from exc
-    wall = time.perf_counter() - t0
+    headers = [(k, v) for k, v in streamed.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    resp = httpx.Response(streamed.status_code, headers=headers, content=content)  # decoded already
     _raise_for_status(resp, model)
     try:
         data = resp.json()
     except ValueError:
-        raise RequestError(f"server answered 200 but not JSON: {resp.text[:80]!r}", "http", 200) from None
+        raise RequestError(f"server answered 200 but not JSON {_error_message(resp)}", "http", 200) from None
     usage = data.get("usage") or {}
     choice = (data.get("choices") or [{}])[0]
     return RequestResult(mode="plain", wall_s=wall, e2e_s=wall, text=event_text(data),
@@ -190,18 +250,24 @@ class _StreamState:
     texts: list[str] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     finish: str | None = None
+    events: int = 0  # `data:` events other than [DONE]
+    unparseable: list[str] = field(default_factory=list)  # the payloads that are not a JSON object
 
-    def add(self, data: str, t0: float) -> None:
+    def add(self, data: str, t0: float, arrival: float) -> None:
+        self.events += 1
         try:
             event = json.loads(data)
         except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            self.unparseable.append(data)
             return
         error = stream_error(event)
         if error:
             raise RequestError(f"the server reported an error after {len(self.times)} tokens: {error}",
                                "server_error")
         if is_token_event(event):
-            self.times.append(time.perf_counter() - t0)
+            self.times.append(arrival - t0)
             self.texts.append(event_text(event))
         for choice in event.get("choices") or []:
             self.finish = choice.get("finish_reason") or self.finish
@@ -210,8 +276,10 @@ class _StreamState:
 
 
 def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str | list[int], max_tokens: int,
-                   extra: dict[str, Any] | None = None) -> RequestResult:
-    """One streamed completion: TTFT, inter-token latencies, TPOT, E2E, wall time and the server's usage."""
+                   extra: dict[str, Any] | None = None, deadline_s: float | None = None) -> RequestResult:
+    """One streamed completion: TTFT, inter-token latencies, TPOT, E2E, wall time and the server's usage;
+    RequestError when the response has not ended `deadline_s` after the request (each read has the client's
+    timeout too)."""
     state = _StreamState()
     t0 = time.perf_counter()  # before the request is built, as vLLM's client starts its clock
     body = completion_body(model, prompt, max_tokens, stream=True, extra=extra)
@@ -226,16 +294,33 @@ def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str 
                 resp.read()
                 raise RequestError(f"server does not stream: asked for stream=true, got {ctype or 'no'} "
                                    "content type (use --request-mode plain for this server)", "not_streaming")
-            for data in iter_sse_events(resp.iter_bytes()):
+            chunks = within(resp.iter_bytes(), _deadline(t0, deadline_s), deadline_s, lambda: len(state.times))
+            for arrival, data in iter_timed_sse_events(chunks):
                 if data.strip() != "[DONE]":  # read on to the end of the body: the connection stays open
-                    state.add(data, t0)
+                    state.add(data, t0, arrival)
     except httpx.TransportError as exc:
         raise RequestError(f"stream broke after {len(state.times)} tokens: {transport_reason(exc)}",
                            "transport") from exc
     wall = time.perf_counter() - t0
+    check_stream(state)
+    return summarize_stream(state.times, wall, state.texts, state.usage, state.finish)
+
+
+def check_stream(state: _StreamState) -> None:
+    """Raises RequestError unless the stream can be measured: it carried tokens, every event was JSON (a
+    dropped event is a token missing from TTFT, ITL and TPOT), and as many token events as the server's
+    usage counts completion tokens, where it sends usage."""
+    if state.unparseable:
+        head = " ".join(state.unparseable[0].split())[:60]
+        raise RequestError(f"{len(state.unparseable)} of {state.events} stream events were not JSON (the first: "
+                           f"{head!r}): the stream cannot be timed", "malformed_stream")
     if not state.times:
         raise RequestError("stream ended without any token", "empty")
-    return summarize_stream(state.times, wall, state.texts, state.usage, state.finish)
+    counted = state.usage.get("completion_tokens")
+    if isinstance(counted, int) and counted != len(state.times):
+        raise RequestError(f"the stream carried {len(state.times)} token events but the server's usage counts "
+                           f"{counted} completion tokens: TTFT, ITL and TPOT would not be the tokens'",
+                           "token_count")
 
 
 def summarize_stream(times: list[float], wall: float, texts: list[str], usage: dict[str, Any],

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from harness.measure import options
-from harness.measure.options import csv_list, default_out
+from harness.measure.options import Number, csv_list, default_out
 from harness.measure.signals import exit_code_of
 from harness.measure.stopping import parse_duration
 from harness.serve.config import (
@@ -54,7 +54,8 @@ cold_starts_option = options.option("--cold-starts", default=D.cold_starts, show
                                     help="Fresh servers (with --allocators: rounds, one server per allocator each).")
 warm_requests_option = options.option("--warm-requests", default=D.warm_requests, show_default=True,
                                       type=click.IntRange(0), help="Requests right after the cold one, per server.")
-port_option = options.option("--port", default=D.port, show_default=True, type=click.IntRange(1, 65535))
+port_option = options.option("--port", default=D.port, type=click.IntRange(1, 65535),
+                              help="The server's port [default: a free port of --host, taken at the start].")
 
 
 @click.command("serve")
@@ -77,16 +78,20 @@ port_option = options.option("--port", default=D.port, show_default=True, type=c
 @click.option("--prompt", default=D.prompt, show_default=False)
 @click.option("--request-mode", type=click.Choice(REQUEST_MODES), default=D.request_mode, show_default=True,
               help="stream: SSE with TTFT/TPOT; plain: one JSON body as the seed's curl (wall time only).")
-@click.option("--sample-hz", default=D.sample_hz, show_default=True, type=click.FloatRange(0.1, 1000))
+@click.option("--sample-hz", default=D.sample_hz, show_default=True, type=Number(0.1, 1000))
 @click.option("--sampler/--no-sampler", default=D.sampler, show_default=True, help="Memory timeline sampling.")
 @click.option("--host", default=D.host, show_default=True)
 @port_option()
-@click.option("--health-timeout", "health_timeout_s", default=D.health_timeout_s, show_default=True, type=float,
+@click.option("--health-timeout", "health_timeout_s", default=D.health_timeout_s, show_default=True,
+              type=Number(0, min_open=True),
               help="Seconds to wait for /health 200 and /v1/models.")
-@click.option("--request-timeout", "request_timeout_s", default=D.request_timeout_s, show_default=True, type=float)
+@click.option("--request-timeout", "request_timeout_s", default=D.request_timeout_s, show_default=True,
+              type=Number(0, min_open=True),
+              help="Seconds for each whole request (and for each read of its response).")
 @click.option("--dtype", default=D.dtype, help="Passed to the server (--dtype).")
-@click.option("--max-model-len", default=D.max_model_len, show_default=True, type=int, help="vLLM --max-model-len.")
-@click.option("--gpu-memory-utilization", default=D.gpu_memory_utilization, type=float,
+@click.option("--max-model-len", default=D.max_model_len, show_default=True, type=click.IntRange(1),
+              help="vLLM --max-model-len.")
+@click.option("--gpu-memory-utilization", default=D.gpu_memory_utilization, type=Number(0, 1, min_open=True),
               help="vLLM --gpu-memory-utilization.")
 @click.option("--served-model-name", default=D.served_model_name,
               help="Model name the server answers to [default: --model].")
@@ -94,7 +99,7 @@ port_option = options.option("--port", default=D.port, show_default=True, type=c
               help=f"Python of the vLLM environment [default: {default_vllm_python()}].")
 @click.option("--transformers-cmd", default=D.transformers_cmd, show_default=True,
               help="Command that provides `transformers serve` (needs transformers[serving]).")
-@click.option("--kv-cache-gib", default=D.kv_cache_gib, show_default=True, type=float,
+@click.option("--kv-cache-gib", default=D.kv_cache_gib, show_default=True, type=Number(0, min_open=True),
               help="VLLM_CPU_KVCACHE_SPACE on CPU.")
 @click.option("--device", default=D.device, show_default=True, help="transformers serve --device.")
 @click.option("--server-arg", multiple=True, help="Extra argument for the server command (repeatable).")
@@ -119,7 +124,7 @@ port_option = options.option("--port", default=D.port, show_default=True, type=c
 @click.option("--profile-startup", is_flag=True,
               help="Sample the server's Python stacks (py-spy dump) from spawn to /health and name what it "
                    "does in each silent stretch of its log (needs root or ptrace_scope 0).")
-@click.option("--stack-hz", default=D.stack_hz, show_default=True, type=click.FloatRange(0.1, 20),
+@click.option("--stack-hz", default=D.stack_hz, show_default=True, type=Number(0.1, 20),
               help="Stack samples per second per server process with --profile-startup.")
 @click.option("--model-cache", default=D.model_cache, help="Where synthetic model directories are generated.")
 @options.out(help="Results directory (DIR/serve/...) [default: results/<timestamp>].")

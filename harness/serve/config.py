@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -42,7 +43,7 @@ class ServeConfig:
     url: str | None = None  # attach to a running server: no start-up figures
     server_cmd: str | None = None  # engine "custom": {host} {port} {model} {model_dir} are filled in
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int | None = None  # None: a free port, taken when the run starts
     cold_starts: int = 1
     warm_requests: int = 5
     idle_gaps: tuple[float, ...] = ()
@@ -111,9 +112,29 @@ class ServeConfig:
             raise ConfigError(f"--url must start with http:// or https://, e.g. http://{self.url}")
         for option, seconds in (("--health-timeout", self.health_timeout_s),
                                 ("--request-timeout", self.request_timeout_s)):
-            if not seconds > 0:
+            if not 0 < seconds < math.inf:
                 raise ConfigError(f"{option} must be positive seconds, got {seconds:g}")
+        self._validate_numbers()
         self._validate_allocators()
+
+    def _validate_numbers(self) -> None:
+        """What the command line's types refuse, for a config built in code; and what the server would refuse
+        only once it runs (a minute later)."""
+        numbers = [("--sample-hz", self.sample_hz), ("--stack-hz", self.stack_hz),
+                   ("--kv-cache-gib", self.kv_cache_gib), ("--gpu-memory-utilization", self.gpu_memory_utilization),
+                   ("--target-ci", self.target_ci),
+                   ("--max-time", self.max_time_s), *(("--idle-gaps", gap) for gap in self.idle_gaps)]
+        for option, value in numbers:
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{option} must be a finite number, got {value}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be at least 1, got {self.max_model_len}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("--gpu-memory-utilization must be more than 0 and at most 1")
+        limit = self.max_model_len
+        if self.engine == "vllm" and not self.attach and limit and self.max_tokens >= limit:
+            raise ConfigError(f"--max-tokens {self.max_tokens} leaves no room for the prompt within --max-model-len "
+                              f"{limit}: give at most {limit - 1}, or a larger --max-model-len")
 
     def _validate_allocators(self) -> None:
         if not self.allocators:
@@ -186,6 +207,9 @@ def parse_gaps(text: str | None) -> tuple[float, ...]:
     if not text:
         return ()
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        gaps = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
         raise ConfigError(f"--idle-gaps must be comma-separated seconds, got {text!r}") from exc
+    if not all(math.isfinite(g) for g in gaps):
+        raise ConfigError(f"--idle-gaps must be finite seconds, got {text!r}")
+    return gaps

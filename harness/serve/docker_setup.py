@@ -12,7 +12,7 @@ from docker.types import Mount
 
 from harness.containers import images as img
 from harness.containers import vllm_image, wheelhouse
-from harness.containers.engine import can_build_cpu_base, connect
+from harness.containers.engine import can_build_cpu_base, connect, daemon_problem
 from harness.errors import RunnerError
 from harness.measure.allocators import Allocator, parse_allocator_envs, parse_allocator_libs
 from harness.serve.config import ConfigError, ServeConfig
@@ -53,7 +53,7 @@ def docker_usable(config: ServeConfig) -> tuple[bool, str]:
         state, detail = vllm_image.status(client, variant)
         version = client.version().get("Version", "?")
     except DockerErrors as exc:
-        return False, f"Docker daemon error: {exc}"
+        return False, daemon_problem(exc)
     finally:
         client.close()
     image = vllm_image.CUDA_IMAGE if variant == "cuda" else vllm_image.CPU_TAG
@@ -156,7 +156,7 @@ def prepare(config: ServeConfig, log: Any) -> DockerContext:
         raise ConfigError(f"vLLM server image unavailable: {exc}") from exc
     except DockerErrors as exc:
         client.close()
-        raise ConfigError(f"Docker daemon error: {exc}") from exc
+        raise ConfigError(daemon_problem(exc)) from exc
     return DockerContext(client, image, variant, config, arm_images)
 
 

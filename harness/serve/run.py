@@ -19,12 +19,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import psutil
 
 from harness.containers import runner_choice
 from harness.containers.runner_choice import RunnerChoice
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, HarnessError, Interrupted, UsageError
-from harness.measure import environment
+from harness.measure import environment, lifetime
 from harness.measure.allocators import Allocator
 from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
@@ -42,6 +41,8 @@ from harness.serve.server import (
     WrongModelError,
     check_model,
     describe_exit,
+    free_port,
+    listener_pids,
     mapped_allocators,
     models_listed,
     process_facts,
@@ -89,14 +90,7 @@ def listening_pid(url: str) -> int | None:
     parsed = urlparse(url)
     if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
-    port = parsed.port or 80
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                return conn.pid
-    except psutil.Error:
-        return None
-    return None
+    return min((pid for pid in listener_pids(parsed.port or 80) if pid is not None), default=None)
 
 
 class _Session:
@@ -139,7 +133,7 @@ class _Session:
         try:
             fn = stream_request if cfg.request_mode == "stream" else plain_request
             result: RequestResult = fn(client, base_url, model, cfg.prompt, cfg.max_tokens,
-                                       extra=self.body_extra)
+                                       extra=self.body_extra, deadline_s=cfg.request_timeout_s)
         except RequestError as exc:
             self.sampler.mark(label, "request_end")
             record.update(status="failed", failure=str(exc), failure_kind=exc.kind)
@@ -406,11 +400,15 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     config.validate()
     choice = choose_runner(config)
     config = dataclasses.replace(config, runner=choice.kind)
+    if config.port is None and not config.attach:  # a free port: no other server answers in this run's place
+        config = dataclasses.replace(config, port=free_port(config.host))
     spec = None if config.attach else engines.build(config, choice.kind)
     results = ResultsDir(config.out)
     results.lock()  # another command writing the same directory would mix two runs' results
     if requested == "auto" and not config.attach:  # said once the command line proved usable
         log(choice.line())
+    for left in lifetime.leftovers():  # what a harness killed hard left running (it may hold memory or a port)
+        log(f"warning: still running: {left.describe()}; stop it with `kill -9 {left.pid}`")
     try:
         return _prepare_and_run(config, results, spec, log,
                                 {"runner_requested": requested, "runner_reason": choice.why})

@@ -24,6 +24,8 @@ import httpx
 import psutil
 
 from harness.errors import HarnessError
+from harness.measure import lifetime
+from harness.measure.lifetime import describe_pid
 from harness.measure.signals import Shielded
 
 ALLOCATOR_LIB = re.compile(r"/\S*lib(tcmalloc|jemalloc|mimalloc|iomp5|gomp)[^/\s]*\.so[.\d]*")
@@ -53,6 +55,10 @@ class ServerDiedError(ServerError):
 
 class HealthTimeoutError(ServerError):
     pass
+
+
+class PortTakenError(ServerError):
+    """/health answered, but from a process that is not this run's server: its answers are another server's."""
 
 
 class WrongModelError(ServerError):
@@ -90,9 +96,20 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(f"port {port} on {host} is already in use: stop that server, "
-                                     "pass --port, or attach to it with --url") from exc
+                holders = sorted(pid for pid in listener_pids(port) if pid is not None)
+                by = f" by {describe_pid(holders[0])}" if holders else ""
+                raise PortInUseError(f"port {port} on {host} is already in use{by}: stop that server, "
+                                     "pass another --port, or attach to it with --url") from exc
             raise ServerError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+
+
+def listener_pids(port: int) -> set[int | None]:
+    """PIDs of the processes listening on TCP `port` (None for a socket whose process this user may not see)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -163,7 +180,7 @@ class Readiness:
 class ReadinessMixin:
     """What the local and the docker server share: the base URL, the spawn clock, log lines stamped
     with their arrival time, and /health then /v1/models polling. Needs the fields `host`, `port`,
-    `t_spawn` and `lines`, and the methods `check_alive(during)` and `log_tail()`."""
+    `t_spawn` and `lines`, the properties `pid`, and the methods `pids()`, `check_alive(during)` and `log_tail()`."""
 
     host: str
     port: int
@@ -187,6 +204,26 @@ class ReadinessMixin:
 
     def check_alive(self, during: str, grace_s: float = 0.0) -> None:
         raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def check_listener(self) -> None:
+        """After /health: raises PortTakenError when the process listening on the port is not one of this
+        run's server (its process tree or its container): another server took the port, and every answer
+        would be its. A listener this user may not see (another user's) cannot be told apart: let pass."""
+        found = listener_pids(self.port)
+        own = set(self.pids())
+        strangers = sorted(pid for pid in found if pid is not None and pid not in own)
+        if strangers and not found & own:
+            raise PortTakenError(f"port {self.port} answers /health, but from {describe_pid(strangers[0])}, "
+                                 f"not from this run's server (PID {self.pid}): another process "
+                                 "took the port; leave out --port for a free one, or pass another",
+                                 None, self.log_tail())
 
     def log_tail(self, n: int = 25) -> list[str]:
         raise NotImplementedError
@@ -224,6 +261,7 @@ class ReadinessMixin:
                     if health_s is None:
                         if client.get(self.base_url + "/health").status_code == 200:
                             health_s = self.since_spawn()
+                            self.check_listener()
                     else:
                         r = client.get(self.base_url + "/v1/models")
                         if r.status_code == 200:
@@ -250,20 +288,25 @@ class LocalServer(ReadinessMixin):
     t_spawn: float = 0.0
     exit_code: int | None = None
     stop_signalled: int | None = None  # a SIGINT/SIGTERM that arrived while stopping (it killed at once)
+    watchdog: lifetime.GroupWatchdog | None = None  # kills the group if this process dies before stop()
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
+        """Starts the server in its own process group, which dies with this process (harness.measure.lifetime):
+        the server by its parent-death signal, the rest of its group by the watchdog."""
         check_port_free(self.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.t_spawn = time.perf_counter()
         try:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=lifetime.owned_env(self.env),
+                                         start_new_session=True, preexec_fn=lifetime.dies_with_me())
         except OSError as exc:
             raise ServerError(f"cannot start server {self.argv[0]!r}: {exc.strerror}") from exc
+        self.watchdog = lifetime.GroupWatchdog(self.proc.pid)
         threading.Thread(target=self._pump, name="server-log", daemon=True).start()
 
     def _pump(self) -> None:
@@ -303,7 +346,14 @@ class LocalServer(ReadinessMixin):
         does and what happened through `log`. Safe to call twice."""
         if self.proc is None:
             return
-        say = log or (lambda message: None)
+        try:
+            self._stop(grace_s, log or (lambda message: None))
+        finally:
+            if self.watchdog is not None and not _group_alive(self.proc.pid):
+                self.watchdog.release()
+
+    def _stop(self, grace_s: float, say: Callable[[str], None]) -> None:
+        assert self.proc is not None
         pgid = self.proc.pid
         if not _group_alive(pgid):
             self.poll()

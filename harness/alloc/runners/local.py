@@ -29,6 +29,7 @@ from harness.alloc.runners.base import (
 )
 from harness.errors import UsageError
 from harness.measure.allocators import Allocator, resolve
+from harness.measure.lifetime import dies_with_me, owned_env
 
 
 def probe_environment(request: ProbeRequest, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,8 +79,8 @@ class LocalRunner:
             out_path, err_path = Path(tmp, "stdout"), Path(tmp, "stderr")
             with open(out_path, "w") as out, open(err_path, "w") as err:
                 t0 = time.perf_counter()
-                proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=probe_environment(request),
-                                        cwd=str(REPO_ROOT), start_new_session=True)
+                proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=owned_env(probe_environment(request)),
+                                        cwd=str(REPO_ROOT), start_new_session=True, preexec_fn=dies_with_me())
                 with self._lock:
                     self._live.add(proc.pid)
                 if request.placement and request.placement.cpus:
