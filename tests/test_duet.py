@@ -159,3 +159,19 @@ def test_bad_duet_input_gives_one_clear_line(args: list[str], message: str, tmp_
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigkill_of_the_harness_leaves_no_probe_running(tmp_path: Path) -> None:
+    out = tmp_path / "killed-harness"
+    args = [*DUET, "--allocators", "glibc,jemalloc", "--sets", "2", "--windows-per-set", "40", "--out", str(out)]
+    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(_jsonl(out / "alloc/windows.jsonl")) >= 2, 180, "windows of set 1")
+        probes = _session_probes(proc)
+        assert len(probes) == 2
+    finally:
+        proc.kill()  # as an OOM killer or a CI timeout would: no clean-up runs
+        proc.communicate()
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in probes if psutil.pid_exists(p)], timeout=15)
+    assert not alive, f"probes still running after the harness was killed: {[p.pid for p in alive]}"
+    assert _jsonl(out / "alloc/windows.jsonl")  # the windows measured before are on disk

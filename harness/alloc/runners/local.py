@@ -192,9 +192,10 @@ class LocalSession:
         cmd = [python, "-m", "harness.probe", "--session", *request.probe_args()]
         with open(self._err_path, "w") as err:
             self.t0 = time.perf_counter()
+            # Started, waited for and closed by one thread (the set's): its death signal is tied to that thread.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         bufsize=1, env=probe_environment(request), cwd=str(REPO_ROOT),
-                                         start_new_session=True)
+                                         bufsize=1, env=owned_env(probe_environment(request)), cwd=str(REPO_ROOT),
+                                         start_new_session=True, preexec_fn=dies_with_me())
         self.pid = self.proc.pid
         if request.placement and request.placement.cpus:
             with contextlib.suppress(ProcessLookupError):
