@@ -111,3 +111,17 @@ def kill_left_behind(group_leaders: list[int], proc: subprocess.Popen) -> None:
             os.killpg(pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.kill()
+
+
+def docker_probe_runner():
+    """The docker runner on the real engine with glibc and jemalloc probe images (built if missing or stale):
+    the test skips where no Docker daemon answers, and fails instead with HARNESS_REQUIRE_DOCKER=1 (CI)."""
+    from harness.alloc.runners.docker import make_docker_runner
+    from harness.containers.engine import docker_available
+
+    ok, why = docker_available()
+    if not ok and "no Docker daemon" in why:
+        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"HARNESS_REQUIRE_DOCKER=1 but {why}")
+        pytest.skip(why)
+    return make_docker_runner("cpu", ["glibc", "jemalloc"])

@@ -20,12 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HARNESS, REPO, check_stopped_experiment, run_harness, wait_for
+from conftest import HARNESS, REPO, check_stopped_experiment, docker_probe_runner, run_harness, wait_for
 
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import ProbeRequest, RunnerError
-from harness.alloc.runners.docker import LABEL_FILTER, DockerRunner, make_docker_runner
-from harness.containers.engine import OWNER_LABEL, docker_available
+from harness.alloc.runners.docker import LABEL_FILTER, DockerRunner
+from harness.containers.engine import OWNER_LABEL
 from harness.containers.stats import MemoryPeaks, working_set_bytes
 
 pytestmark = pytest.mark.docker
@@ -34,12 +34,7 @@ TINY = dict(model="synthetic:tiny", device="cpu", warm_gens=1, max_new_tokens=4)
 
 @pytest.fixture(scope="session")
 def runner() -> DockerRunner:
-    ok, why = docker_available()
-    if not ok and "no Docker daemon" in why:
-        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"HARNESS_REQUIRE_DOCKER=1 but {why}")
-        pytest.skip(why)
-    r = make_docker_runner("cpu", ["glibc", "jemalloc"])  # builds the images if missing or stale
+    r = docker_probe_runner()
     yield r
     r.close()
 

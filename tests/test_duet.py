@@ -150,7 +150,8 @@ def test_calibrate_runs_an_a_a_that_the_a_b_beside_it_quotes(tmp_path: Path) -> 
 @pytest.mark.parametrize("args, message", [
     (["--allocators", "glibc"], "the duet design compares a baseline with at least one other allocator"),
     (["--allocators", "glibc,jemalloc", "--paired"], "--paired is a way of the sequential design"),
-    (["--allocators", "glibc,jemalloc", "--runner", "docker"], "the docker runner runs --design sequential"),
+    (["--allocators", "glibc,mine", "--allocator-lib", "mine=/nonexistent/libmine.so", "--runner", "docker"],
+     "--runner docker: no probe image has mine"),
     (["--allocators", "glibc,jemalloc", "--sets", "0"], "--sets"),
 ])
 def test_bad_duet_input_gives_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:

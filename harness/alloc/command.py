@@ -210,9 +210,6 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
         raise UsageError("--paired needs a baseline and at least one other allocator")
     if design == "duet" and paired:
         raise UsageError("--paired is a way of the sequential design: give --design sequential with it")
-    if design == "duet" and runner == "docker":
-        raise UsageError("--design duet runs with the local runner (--runner local); the docker runner runs "
-                         "--design sequential")
     if design == "duet" and len(names) < 2 and not calibrate:
         raise UsageError("the duet design compares a baseline with at least one other allocator "
                          "(or --calibrate: the baseline against itself)")
@@ -248,9 +245,6 @@ def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, a
         from harness.alloc.runners.local import split_host
 
         placements = split_host(dev)
-        runner = "local"
-    if design == "duet" and runner == "auto":
-        console.print("runner auto: local (the duet design runs its persistent probes as local processes)")
         runner = "local"
     probes = make_runner(runner, dev, names, libs)
     try:
