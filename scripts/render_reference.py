@@ -89,6 +89,41 @@ def alloc_block(d: Path) -> list[str]:
     return out
 
 
+def duet_block(d: Path) -> list[str]:
+    """A duet experiment (or an A/A calibration alone): its table and the harness's own verdict, calibration,
+    precision, variance, stopping and design lines, computed from its windows and sets."""
+    from harness.alloc import duet_report
+
+    out: list[str] = []
+    for sub in (d, d / duet_report.CALIBRATION_DIR):
+        results = ResultsDir(sub)
+        loaded = duet_report.Duet.load(results)
+        if loaded is None or (sub != d and duet_report.Duet.load(ResultsDir(d)) is not None):
+            continue  # a calibration beside an A/B is quoted by the A/B's own Calibration line
+        env = results.read_environments().get("environment.json")
+        what = "A/A calibration" if loaded.config.get("calibration") else "Allocator A/B, duet design"
+        out += [f"**{what}** — `{loaded.config['model']}` on {env.gpu_name if env else 'unknown'} "
+                f"({loaded.config['device']}, {loaded.config['max_new_tokens']} new tokens):", "",
+                "| arm | gen_latency_s (median) | ITL p25 (ms) | ITL p25 ratio (95 % CI) | gen ratio (95 % CI) "
+                "| peak RSS MB | windows | sets |", "|---|---|---|---|---|---|---|---|"]
+        for r in (duet_report.arm_row(loaded, label) for label in loaded.labels):
+            itl = duet_report.ratio_text(*(r.get(f"itl_{k}") for k in ("ratio_vs_baseline", "ratio_ci_low",
+                                                                         "ratio_ci_high")))
+            gen = duet_report.ratio_text(*(r.get(k) for k in ("ratio_vs_baseline", "ratio_ci_low", "ratio_ci_high")))
+            out.append(f"| {r['allocator']} | {r['gen_latency_s']:.4f} | {r['itl_p25_s'] * 1e3:.2f} | {itl} | {gen} | "
+                       f"{r['rss_mb']:.0f} | {r['n_windows']} | {r['n_sets']} |")
+        target = loaded.config.get("target_ci") or alloc_report.PRECISION_TARGET
+        lines = [*duet_report.answer_lines(loaded)]
+        calibration = duet_report.calibration_of(results)
+        if calibration is not None and not loaded.config.get("calibration"):
+            lines.append(duet_report.calibration_line(calibration))
+        lines += [duet_report.precision_line(loaded, target), duet_report.variance_line(loaded),
+                  duet_report.stopping_line(loaded, duet_report.last_stop(results)), duet_report.design_line(loaded)]
+        out += [line for entry in lines if entry for line in ("", entry)]
+        out += ["", f"Verdicts: `{sub.relative_to(d.parent)}/alloc/summary.md`; windows: `alloc/windows.jsonl`.", ""]
+    return out[:-1] if out else out
+
+
 def serve_block(d: Path) -> list[str]:
     results = ResultsDir(d)
     requests = [r for r in results.read_records(REQUESTS_FILE, ServeRequest) if r.ok]
@@ -229,7 +264,9 @@ def render(root: Path = REPO / "results" / "reference") -> str:
     lines = [BEGIN]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         lines += ["", f"#### `results/reference/{d.name}/`", ""]
-        if (d / "alloc/allocator_latency_comparison.csv").exists():
+        if (d / "alloc/windows.jsonl").exists() or (d / "calibration/alloc/windows.jsonl").exists():
+            lines += duet_block(d) + [""]
+        elif (d / "alloc/allocator_latency_comparison.csv").exists():
             lines += alloc_block(d) + [""]
         if (d / comparison.CSV_FILE).exists():
             lines += serve_alloc_block(d) + [""]

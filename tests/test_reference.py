@@ -27,7 +27,45 @@ def _serve_runs():
 def test_every_reference_directory_holds_a_run():
     """An empty or misplaced reference folder must not pass unnoticed."""
     for d in (d for d in REFERENCE.iterdir() if d.is_dir()):
-        assert list(d.glob("alloc/runs.jsonl")) or list(d.rglob("serve/config.json")), f"{d.name} holds no run"
+        assert (list(d.glob("alloc/runs.jsonl")) or list(d.rglob("serve/config.json"))
+                or list(d.rglob("alloc/windows.jsonl"))), f"{d.name} holds no run"
+
+
+def _duet_runs():
+    """Every committed duet experiment or calibration (an `alloc/windows.jsonl` with its config), at any depth."""
+    return sorted(w.parent.parent for w in REFERENCE.rglob("alloc/windows.jsonl"))
+
+
+@pytest.mark.fast
+def test_every_duet_reference_has_its_environment_and_verified_sets():
+    runs = _duet_runs()
+    assert runs
+    for d in runs:
+        env = json.loads((d / "environment.json").read_text())
+        assert env["software"]["torch"] and env["host"]["cpu_model"]
+        sets = [json.loads(line) for line in (d / "alloc" / "sets.jsonl").read_text().splitlines()]
+        counted = [s for s in sets if s["status"] in ("ok", "interrupted") and s["steps"] > 0]
+        assert counted, d
+        for record in counted:  # every arm's malloc read in its own process
+            assert all(a["verified"] and a["loaded_allocator"]["name"] == a["allocator"] for a in record["arms"])
+            assert len({a["pid"] for a in record["arms"]}) == len(record["arms"])
+
+
+def test_committed_duet_reports_are_what_the_harness_computes_from_the_windows(tmp_path):
+    from conftest import run_harness
+
+    for d in sorted({r if r.name != "calibration" else r.parent for r in _duet_runs()}):
+        copy = tmp_path / d.name
+        subprocess.run(["cp", "-r", str(d), str(copy)], check=True)
+        for derived in [*copy.rglob("summary.md"), *copy.rglob("allocator_latency_comparison.csv")]:
+            derived.unlink()
+        proc = run_harness("report", str(copy))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for sub in ("", "calibration"):
+            for name in ("summary.md", "allocator_latency_comparison.csv"):
+                committed = d / sub / "alloc" / name
+                if committed.exists():
+                    assert (copy / sub / "alloc" / name).read_text() == committed.read_text(), f"{d.name}: {sub} {name}"
 
 
 @pytest.mark.fast

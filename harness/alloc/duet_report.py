@@ -186,18 +186,26 @@ def precision_line(duet: Duet, target: float) -> str | None:
 
 
 def variance_line(duet: Duet) -> str | None:
+    """What the CI's width comes from: each set's own noise (within) or what differs between fresh sets."""
     comps = {k: c for k, c in duet.comparisons(METRICS[duet.metric]).items() if c.limiting}
     if not comps:
         return None
-    parts = []
-    for label, comp in comps.items():
-        advice = ("more sets narrow the CI, longer sets barely do" if comp.limiting == "between sets"
-                  else "more sets or more steps per set both narrow the CI")
-        parts.append(f"{label}: a set's own estimate varies by ±{_pct(comp.within_sd):.1f} % (within), and the "
-                     f"sets by ±{_pct(comp.between_sd):.1f} % beyond that (between); {comp.limiting} limits "
-                     f"precision, so {advice}")
+    parts = [f"{label}: the sets' ratios spread by ±{_pct(_spread(c)):.1f} %, each set's own steps predict "
+             f"±{_pct(c.within_sd):.1f} %, leaving ±{_pct(c.between_sd):.1f} % between sets"
+             for label, c in comps.items()]
+    limits = sorted({c.limiting for c in comps.values()})
+    advice = ("more sets narrow the CIs, longer sets barely do" if limits == ["between sets"]
+              else "more sets or more steps per set both narrow the CIs" if limits == ["within sets"]
+              else "more sets narrow every CI")
     ratios = "; ".join(f"{k}: " + ", ".join(f"{r:.3f}" for r in c.set_ratios) for k, c in comps.items())
-    return "Variance — " + "; ".join(parts) + f". Per-set ratios: {ratios}."
+    return (f"Variance — {'; '.join(parts)}. {' and '.join(limits).capitalize()} limit"
+            f"{'s' if len(limits) == 1 else ''} precision: {advice}. Per-set ratios: {ratios}.")
+
+
+def _spread(comp: stats.SetComparison) -> float:
+    """The standard deviation of the sets' log ratios."""
+    logs = [math.log(r) for r in comp.set_ratios]
+    return statistics.stdev(logs) if len(logs) > 1 else float("nan")
 
 
 def calibration_result(duet: Duet) -> dict[str, Any] | None:
@@ -260,7 +268,8 @@ def failed_line(duet: Duet) -> str | None:
 
 def design_line(duet: Duet) -> str:
     c = duet.config
-    window = f"{c['window_s']:g} s of generation" if c.get("window_s") else f"{c.get('window_gens')} generates"
+    gens = c.get("window_gens")
+    window = f"{c['window_s']:g} s of generation" if c.get("window_s") else f"{gens} generate{'s' * (gens != 1)}"
     counted = [s for s in duet.sets if s.counted]
     placements = sorted({str((a.get("placement") or {}).get("cpus")) for s in counted for a in s.arms})
     if c.get("cpu_placement") == "shared":
@@ -307,9 +316,9 @@ def summary_markdown(duet: Duet, rows: list[dict[str, Any]], stop: dict[str, Any
                 design_line(duet)]
     lines += [f"- {b}" for b in bullets if b]
     table = [[r["allocator"], _fmt(r["gen_latency_s"]), _fmt(r["itl_p25_s"]), _fmt(r["wall_real_s"]),
-              _fmt(r["rss_mb"]), _ratio(r.get("itl_ratio_vs_baseline"), r.get("itl_ratio_ci_low"),
+              _fmt(r["rss_mb"]), ratio_text(r.get("itl_ratio_vs_baseline"), r.get("itl_ratio_ci_low"),
                                         r.get("itl_ratio_ci_high")),
-              _ratio(r.get("ratio_vs_baseline"), r.get("ratio_ci_low"), r.get("ratio_ci_high")), r["n_windows"],
+              ratio_text(r.get("ratio_vs_baseline"), r.get("ratio_ci_low"), r.get("ratio_ci_high")), r["n_windows"],
               r["n_sets"], r["library"] or "–"] for r in rows]
     lines += ["", tabulate(table, headers=["arm", "gen_latency_s", "itl_p25_s", "process wall_s", "rss_mb",
                                            "ITL p25 ratio (CI)", "gen ratio (CI)", "windows", "sets", "malloc"],
@@ -324,7 +333,7 @@ def _fmt(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
-def _ratio(ratio: Any, low: Any, high: Any) -> str:
+def ratio_text(ratio: Any, low: Any, high: Any) -> str:
     if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)):
         return "–"
     if low is None or (isinstance(low, float) and math.isnan(low)):

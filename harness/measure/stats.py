@@ -134,7 +134,8 @@ class SetComparison(Comparison):
     Each set's estimate is the median of its adjacent-window log ratios; the CI is a t interval over the
     sets' estimates, so what differs between fresh processes (placement, start order, address-space layout)
     is inside it. With one set, a bootstrap CI over its steps, which cannot see that variance.
-    `within_sd`: the typical standard error of one set's estimate from its own steps (log units);
+    `within_sd`: the typical standard error of one set's estimate from its own steps (log units, from their
+    robust scale);
     `between_sd`: what the sets' estimates vary by beyond that (log units, 0 when within explains all)."""
 
     n_sets: int
@@ -154,7 +155,15 @@ class SetComparison(Comparison):
 
 
 def _median_se2(values: np.ndarray) -> float:
-    return MEDIAN_EFFICIENCY ** 2 * float(np.var(values, ddof=1)) / values.size if values.size >= 2 else float("nan")
+    """The squared standard error of a median, from a robust scale (1.4826 MAD, the standard deviation where the
+    values are normal): a host's slow stretches make step ratios heavy-tailed, which the median shrugs off and a
+    standard deviation would not."""
+    if values.size < 2:
+        return float("nan")
+    scale = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    if scale == 0:
+        scale = float(np.std(values, ddof=1))
+    return (MEDIAN_EFFICIENCY * scale) ** 2 / values.size
 
 
 def compare_sets(log_ratios_by_set: Sequence[Sequence[float]], seed: int = 0) -> SetComparison:
