@@ -19,6 +19,7 @@ from harness.measure.allocators import find_library
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = [sys.executable, "-m", "harness.cli"]
+SEQUENTIAL = ("alloc", "--design", "sequential")  # `harness alloc` in the design of one fresh process per run
 
 
 def run_harness(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HARNESS, REPO, check_stopped_experiment, kill_left_behind, run_harness, wait_for
+from conftest import HARNESS, REPO, SEQUENTIAL, check_stopped_experiment, kill_left_behind, run_harness, wait_for
 
 from harness.alloc import run as alloc
 from harness.measure import stats
 
-DONE_WHEN = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+DONE_WHEN = [*SEQUENTIAL, "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
              "--runs", "3", "--warm-gens", "2", "--max-new-tokens", "8"]
 
 
@@ -101,7 +101,7 @@ def test_rerun_into_the_same_directory_needs_resume(alloc_dir):
 
 def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
     out = tmp_path / "interrupted"
-    args = ["alloc", "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2", "--warmup-runs", "0",
+    args = [*SEQUENTIAL, "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2", "--warmup-runs", "0",
             "--warm-gens", "1", "--max-new-tokens", "4", "--out", str(out)]
     proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs_file = out / "alloc/runs.jsonl"
@@ -133,7 +133,7 @@ def test_interrupt_keeps_runs_and_resume_finishes(tmp_path):
 
 def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_path):
     out = tmp_path / "wrong"
-    proc = run_harness("alloc", "--runner", "local", "--allocators", "glibc,jemalloc",
+    proc = run_harness(*SEQUENTIAL, "--runner", "local", "--allocators", "glibc,jemalloc",
                        "--allocator-lib", f"jemalloc={tcmalloc_path}", "--runs", "1", "--warmup-runs", "0",
                        "--warm-gens", "1", "--max-new-tokens", "2", "--out", str(out))
     assert proc.returncode == 1
@@ -166,7 +166,7 @@ def test_failed_verification_is_recorded_and_exits_nonzero(tmp_path, tcmalloc_pa
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     if "--device" in args and args[-1] == "cuda" and _has_gpu():
         pytest.skip("this host has a GPU")
-    full = ["alloc", "--runner", "local", "--runs", "1", *args]
+    full = [*SEQUENTIAL, "--runner", "local", "--runs", "1", *args]
     if "--out" not in args:
         full += ["--out", str(tmp_path / "out")]
     proc = run_harness(*full, timeout=120)
@@ -203,7 +203,7 @@ def test_local_runner_needs_no_docker_sdk(tmp_path):
     blocked = ("import sys; sys.modules['docker'] = None; sys.argv[0] = 'harness'; "
                "from harness.cli import main; main()")
     cmd = [sys.executable, "-c", blocked]
-    proc = subprocess.run([*cmd, "alloc", "--runner", "auto", "--model", "synthetic:tiny", "--allocators", "glibc",
+    proc = subprocess.run([*cmd, *SEQUENTIAL, "--runner", "auto", "--model", "synthetic:tiny", "--allocators", "glibc",
                            "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4",
                            "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -217,7 +217,7 @@ def test_local_runner_needs_no_docker_sdk(tmp_path):
 
 def test_paired_design_runs_pairs_side_by_side(tmp_path):
     """--paired: each jemalloc run starts with a glibc run, each pinned to its own half of the CPUs."""
-    proc = run_harness("alloc", "--runner", "local", "--paired", "--model", "synthetic:tiny",
+    proc = run_harness(*SEQUENTIAL, "--runner", "local", "--paired", "--model", "synthetic:tiny",
                        "--allocators", "glibc,jemalloc", "--runs", "2", "--warmup-runs", "0", "--warm-gens", "2",
                        "--max-new-tokens", "8", "--threads", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -233,14 +233,14 @@ def test_paired_design_runs_pairs_side_by_side(tmp_path):
     assert {r["slot"] for r in runs if r["allocator"] == "glibc"} == {0, 1}  # the sides swap between rounds
     summary = (tmp_path / "alloc/summary.md").read_text()
     assert "Paired design" in summary and "2 pairs" in summary
-    proc = run_harness("alloc", "--runner", "docker", "--paired", "--out", str(tmp_path / "x"))
+    proc = run_harness(*SEQUENTIAL, "--runner", "docker", "--paired", "--out", str(tmp_path / "x"))
     assert proc.returncode != 0 and "--runner local" in proc.stderr
 
 
 def test_affinity_pins_every_run_and_is_part_of_the_experiment(tmp_path):
     """--affinity: every probe process runs only on the CPUs named, checked inside the process itself."""
     cpu = max(os.sched_getaffinity(0))
-    args = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+    args = [*SEQUENTIAL, "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
             "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]
     proc = run_harness(*args, "--affinity", str(cpu))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -345,7 +345,7 @@ def test_target_ci_stops_on_precision_or_time_and_resume_goes_on_towards_it(tmp_
     """--target-ci 50 --max-time: can stop either way on this host; the stop is recorded with the CI reached.
     --resume without --target-ci continues towards the saved target, with the saved measured window."""
     out = tmp_path / "target"
-    args = ["alloc", "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+    args = [*SEQUENTIAL, "--runner", "local", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
             "--warmup-runs", "0", "--max-new-tokens", "8", "--out", str(out)]
     t0 = time.time()
     proc = run_harness(*args, "--target-ci", "50", "--max-time", "30s", "--measure-s", "0.5", "--runs", "2")
@@ -374,7 +374,8 @@ def test_target_ci_stops_on_precision_or_time_and_resume_goes_on_towards_it(tmp_
     (["--warm-gens", "2", "--measure-s", "1"], "give one of them"),
 ])
 def test_bad_stopping_input_gives_one_clear_line(args, message, tmp_path):
-    proc = run_harness("alloc", "--runner", "local", "--runs", "1", *args, "--out", str(tmp_path / "o"), timeout=120)
+    proc = run_harness(*SEQUENTIAL, "--runner", "local", "--runs", "1", *args, "--out", str(tmp_path / "o"),
+                       timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
@@ -421,7 +422,7 @@ def test_resume_after_a_cut_last_line_loses_nothing(alloc_dir, tmp_path):
 def test_sigterm_to_alloc_kills_the_probe(tmp_path):
     """SIGTERM is handled like Ctrl-C: the probe process (its own session) is killed, runs kept, exit 130."""
     out = tmp_path / "term"
-    proc = subprocess.Popen([*HARNESS, "alloc", "--runner", "local", "--allocators", "glibc", "--runs", "1",
+    proc = subprocess.Popen([*HARNESS, *SEQUENTIAL, "--runner", "local", "--allocators", "glibc", "--runs", "1",
                              "--warmup-runs", "0", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     probes: list[int] = []
@@ -440,7 +441,7 @@ def test_sigterm_to_alloc_kills_the_probe(tmp_path):
 def test_a_directory_in_use_is_refused_with_one_line(tmp_path):
     """Two commands writing one results directory would count the same runs twice: the second is refused."""
     out = tmp_path / "busy"
-    args = ["alloc", "--runner", "local", "--allocators", "glibc", "--runs", "1", "--warmup-runs", "0",
+    args = [*SEQUENTIAL, "--runner", "local", "--allocators", "glibc", "--runs", "1", "--warmup-runs", "0",
             "--warm-gens", "1", "--max-new-tokens", "2", "--out", str(out)]
     first = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -473,7 +474,7 @@ def test_default_out_directories_never_collide():
 def test_custom_allocator_name_verifies_against_its_library(jemalloc_path, tmp_path):
     """--allocators glibc,jebg --allocator-lib jebg=.../libjemalloc.so.2, as the help advertises: verified
     by the library it was given; --runner auto picks the local runner (no image has it) and says why."""
-    proc = run_harness("alloc", "--runner", "auto", "--allocators", "glibc,jebg", "--allocator-lib",
+    proc = run_harness(*SEQUENTIAL, "--runner", "auto", "--allocators", "glibc,jebg", "--allocator-lib",
                        f"jebg={jemalloc_path}", "--runs", "1", "--warmup-runs", "0", "--warm-gens", "1",
                        "--max-new-tokens", "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -495,14 +496,14 @@ def test_a_custom_name_fails_verification_when_another_library_was_loaded():
 
 def test_warm_gens_0_is_refused(tmp_path):
     """gen_latency_s is the median of the warm calls: with none it would silently be the cold call."""
-    proc = run_harness("alloc", "--runner", "local", "--warm-gens", "0", "--out", str(tmp_path), timeout=120)
+    proc = run_harness(*SEQUENTIAL, "--runner", "local", "--warm-gens", "0", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2 and "--warm-gens" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "alloc").exists()
 
 
 def test_every_warm_up_run_failed_claims_no_files(tmp_path):
     """When every warm-up run fails no summary is written, and nothing says it was; `report` says why."""
-    proc = run_harness("alloc", "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2",
+    proc = run_harness(*SEQUENTIAL, "--runner", "local", "--allocators", "glibc,jemalloc", "--runs", "2",
                        "--timeout", "1", "--out", str(tmp_path), timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert not (tmp_path / "alloc/summary.md").exists()

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HARNESS, REPO, check_stopped_experiment, docker_probe_runner, run_harness, wait_for
+from conftest import HARNESS, REPO, SEQUENTIAL, check_stopped_experiment, docker_probe_runner, run_harness, wait_for
 
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import ProbeRequest, RunnerError
@@ -190,7 +190,7 @@ def test_working_set_as_docker_stats_computes_it():
 def test_cli_alloc_runner_docker_end_to_end(runner, tmp_path):
     out = tmp_path / "y"
     cpu = max(os.sched_getaffinity(0))  # --affinity becomes the container's cpuset
-    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+    proc = run_harness(*SEQUENTIAL, "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
                        "--runs", "2", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens", "4",
                        "--affinity", str(cpu), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -210,7 +210,7 @@ def test_cli_alloc_runner_docker_end_to_end(runner, tmp_path):
 
 def test_no_daemon_is_a_clear_error(tmp_path):
     env = {"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"}
-    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--out", str(tmp_path / "o"),
+    proc = run_harness(*SEQUENTIAL, "--runner", "docker", "--model", "synthetic:tiny", "--out", str(tmp_path / "o"),
                        env=env, timeout=120)
     assert proc.returncode != 0
     assert "no Docker daemon reachable" in proc.stderr and "scripts/setup-docker.sh" in proc.stderr
@@ -238,7 +238,7 @@ def test_cli_alloc_docker_stops_on_precision_or_time(runner, tmp_path):
     """--target-ci / --max-time with fresh containers: the same stopping rule and records as the local runner."""
     out = tmp_path / "t"
     t0 = time.time()
-    proc = run_harness("alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
+    proc = run_harness(*SEQUENTIAL, "--runner", "docker", "--model", "synthetic:tiny", "--allocators", "glibc,jemalloc",
                        "--warmup-runs", "0", "--max-new-tokens", "8", "--target-ci", "50", "--max-time", "60s",
                        "--measure-s", "0.5", "--runs", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -251,7 +251,7 @@ def test_cli_alloc_docker_stops_on_precision_or_time(runner, tmp_path):
 
 def test_sigterm_to_alloc_removes_the_probe_container(runner, tmp_path):
     """SIGTERM is handled like Ctrl-C: the running probe container is removed, the command exits 130."""
-    proc = subprocess.Popen([*HARNESS, "alloc", "--runner", "docker", "--model", "synthetic:tiny", "--allocators",
+    proc = subprocess.Popen([*HARNESS, *SEQUENTIAL, "--runner", "docker", "--model", "synthetic:tiny", "--allocators",
                              "glibc", "--runs", "1", "--warmup-runs", "0", "--out", str(tmp_path / "t")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

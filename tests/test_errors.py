@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_harness
+from conftest import REPO, SEQUENTIAL, run_harness
 
 from harness.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, HarnessError, Interrupted, UsageError
 from harness.measure.options import defaults_of
@@ -92,7 +92,7 @@ def test_max_runs_is_a_hidden_alias_of_max_rounds(tmp_path: Path) -> None:
     out = tmp_path / "r"
     help_text = run_harness("alloc", "--help", timeout=120).stdout
     assert "--max-rounds" in help_text and "--max-runs" not in help_text
-    done = run_harness("alloc", "--runner", "local", "--max-runs", "3", "--out", str(out), timeout=120)
+    done = run_harness(*SEQUENTIAL, "--runner", "local", "--max-runs", "3", "--out", str(out), timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == EXIT_USAGE and "Traceback" not in done.stderr, done.stderr
     assert "--max-runs is deprecated: use --max-rounds" in lines[0]
@@ -107,7 +107,7 @@ def test_serve_and_alloc_refuse_docker_for_what_only_the_local_runner_does(tmp_p
                        "--out", str(tmp_path / "s"), timeout=120)
     assert done.returncode == EXIT_USAGE and done.stderr.splitlines() == [
         "error: --runner docker: the docker runner serves --engine vllm only, not custom"], done.stderr
-    done = run_harness("alloc", "--runner", "docker", "--allocators", "glibc,jebg",
+    done = run_harness(*SEQUENTIAL, "--runner", "docker", "--allocators", "glibc,jebg",
                        "--allocator-lib", f"jebg={os.devnull}", "--out", str(tmp_path / "a"), timeout=120)
     assert done.returncode == EXIT_USAGE and done.stderr.strip().splitlines()[-1] == (
         "error: --runner docker: no probe image has jebg"), done.stderr

@@ -185,8 +185,26 @@ design_option = options.option(
 @options.out()
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out directory.")
 def alloc_command(**kw: Any) -> None:
-    """Allocator impact: the same generation under each allocator (LD_PRELOAD), fresh verified runs."""
-    sys.exit(exit_code_of(lambda: run_alloc(**kw)))
+    """Allocator impact: the same generation under each allocator (LD_PRELOAD), every process verified; by
+    default persistent probes measured in alternating windows (duet), or one fresh process per run."""
+    given = _given_on_command_line(SEQUENTIAL_ONLY)
+    sys.exit(exit_code_of(lambda: run_alloc(**_refuse_sequential_only(kw, given))))
+
+
+SEQUENTIAL_ONLY = ("runs", "warmup_runs")  # options only the sequential design reads
+
+
+def _given_on_command_line(names: tuple[str, ...]) -> list[str]:
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
+def _refuse_sequential_only(kw: dict[str, Any], given: list[str]) -> dict[str, Any]:
+    if kw.get("design") == "duet" and given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"{flags}: the sequential design's option; the duet design has --sets and "
+                         "--windows-per-set (or give --design sequential)")
+    return kw
 
 
 def run_alloc(*, runner: str, model: str | None, device: str, allocators: str, allocator_lib: tuple[str, ...],

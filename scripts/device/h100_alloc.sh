@@ -51,7 +51,7 @@ $PY -c 'import pynvml' 2>/dev/null && echo "pynvml: present (NVML readings on)" 
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available(), "gpus", torch.cuda.device_count())'
 # A budget below the device's 10-minute command limit: SIGINT makes harness write its reports and keep its runs;
 # the next call continues with --resume.
-timeout -s INT "$budget" $PY -m harness.cli alloc --runner local --device cuda --model synthetic:phi3-mini \
+timeout -s INT "$budget" $PY -m harness.cli alloc --design sequential --runner local --device cuda --model synthetic:phi3-mini \
   --allocators "${ALLOCATORS:-glibc,jemalloc,tcmalloc,mimalloc}" \
   --allocator-lib "jemalloc=$lib/libjemalloc.so.2" \
   --allocator-lib "tcmalloc=$(ls $lib/libtcmalloc_minimal.so.4.*)" \
