@@ -124,8 +124,10 @@ class DuetSet:
         except SessionDied as exc:
             if self.ended_by != "start":
                 self.status, self.ended_by, self.failure = "failed", "died", str(exc)
-        except BaseException:
-            self.status, self.ended_by = "interrupted", "interrupted"
+        except BaseException as exc:  # Ctrl-C, SIGTERM, or the runner itself failed (a Docker daemon gone)
+            self.status = "interrupted"
+            self.ended_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+            self.failure = None if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             self._close(kill=True)
             self._write()
             raise
@@ -187,12 +189,18 @@ class DuetSet:
             self.hooks.on_window(record)
 
     def _close(self, kill: bool) -> None:
+        """Ends every probe of the set; one that cannot be ended cleanly is recorded so, not raised over the
+        error that ended the set."""
         for label, session in self.sessions.items():
             if label in self.ends:
                 continue
-            if kill:
-                session.kill()
-            self.ends[label] = session.close()
+            try:
+                if kill:
+                    session.kill()
+                self.ends[label] = session.close()
+            except Exception as exc:
+                self.ends[label] = SessionEnd(exit_code=None, wall_real_s=time.monotonic() - self.t0,
+                                              log_tail=[f"could not end the probe: {type(exc).__name__}: {exc}"])
 
     def _arm_record(self, arm: Arm, position: int) -> dict[str, Any]:
         ready = self.ready.get(arm.label)
