@@ -61,7 +61,7 @@ def test_duet_verifies_every_arm_in_its_own_process_and_cpus(tmp_path: Path) -> 
     assert len(windows) == 2 * (3 + 1) * 2
     assert all(w["gens"] == 1 and w["itl_p25_s"] > 0 for w in windows)
     summary = (out / "alloc/summary.md").read_text()
-    assert "jemalloc vs glibc" in summary and "t over 2 sets" in summary and "Design — duet" in summary
+    assert "jemalloc vs glibc" in summary and "2 sets" in summary and "Design — duet" in summary
     assert "jemalloc" in result.stdout.splitlines()[-1]  # the answer is the last line
     for record in sets:
         assert not any(psutil.pid_exists(a["pid"]) and "--session" in _cmdline(a["pid"]) for a in record["arms"])
