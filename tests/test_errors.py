@@ -181,3 +181,20 @@ def test_a_config_built_in_code_is_checked_alike() -> None:
         with pytest.raises(ConfigError):
             ServeConfig(**bad).validate()
     ServeConfig(engine="custom", server_cmd="x {port}", max_tokens=4096).validate()  # no --max-model-len there
+
+
+@pytest.mark.fast
+def test_every_float_option_of_every_command_refuses_nan_and_infinities():
+    """click's FloatRange lets NaN through every bound: each float option must be options.Number."""
+    import click
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.measure.options import Number
+
+    loose = [f"{name} {p.opts[0]}" for name, command in main.commands.items() for p in command.params
+             if isinstance(p.type, click.FloatRange) and not isinstance(p.type, Number)]
+    assert not loose, f"float options that accept NaN: {loose}"
+    for args in (["--measure-s", "nan"], ["--timeout", "inf"]):
+        result = CliRunner().invoke(main, ["alloc", *args, "--out", "/nonexistent/never-written"])
+        assert result.exit_code == 2 and "is not a finite number" in result.output, result.output

@@ -115,7 +115,7 @@ DEFAULT_ALLOCATORS = "glibc,jemalloc"
 runs_option = options.option("--runs", default=5, show_default=True, type=click.IntRange(1),
                              help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
 measure_s_option = options.option(
-    "--measure-s", default=None, type=click.FloatRange(0, min_open=True), metavar="S",
+    "--measure-s", default=None, type=options.Number(0, min_open=True), metavar="S",
     help="The measured window in seconds instead: warm generates until S seconds of generation are "
          f"measured, at least one [default with --target-ci or --max-time: {alloc.DEFAULT_MEASURE_S:g}].")
 
@@ -149,7 +149,7 @@ design_option = options.option(
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="torch intra-op threads in the probe (0: torch's default).")
-@click.option("--timeout", "timeout_s", default=1800.0, show_default=True, type=click.FloatRange(1),
+@click.option("--timeout", "timeout_s", default=1800.0, show_default=True, type=options.Number(1),
               help="Seconds before one run is killed and recorded as failed.")
 @click.option("--paired", is_flag=True,
               help="Run every other allocator at the same time as a run of the baseline (glibc, else the first "
