@@ -299,3 +299,12 @@ def test_precision_line_never_contradicts_itself(tmp_path: Path) -> None:
     line = duet_report.precision_line(loaded, 0.03)
     half = loaded.comparison("jemalloc", "itl_p25_s").half_width
     assert (f"±{half * 100:.1f} %" in line) and (("within the ±3 % target" in line) == (half <= 0.03))
+
+
+def test_fewer_cpus_than_arms_share_the_cpus_asked_for(tmp_path: Path) -> None:
+    runner = SessionRunner()
+    config = alloc.AllocConfig(**{**_config(runner, ["glibc", "jemalloc", "tcmalloc"], sets=1, steps=1).__dict__,
+                                  "affinity": (3, 5)})
+    _run(config, runner, tmp_path)
+    assert {r.placement.cpus for r in runner.requests} == {(3, 5)}  # --affinity is kept, never dropped
+    assert "fewer CPUs than arms" in duet_report.design_line(_loaded(tmp_path))

@@ -58,15 +58,13 @@ def cpu_groups(cpus: tuple[int, ...], parts: int) -> list[tuple[int, ...]] | Non
 
 def set_placements(config: AllocConfig, set_index: int) -> dict[str, Placement | None]:
     """Each arm's CPUs in set `set_index`. split: disjoint groups, rotated every len(arms) sets (so that start
-    order and CPU set are not confounded), or no pinning where the host has fewer CPUs than arms; shared: every
-    arm on all of them (--affinity's, else this process's), so a slow CPU hits whichever arm runs then."""
+    order and CPU set are not confounded); shared, or fewer CPUs than arms: every arm on all of them
+    (--affinity's, else this process's), so a slow CPU hits whichever arm runs then."""
     arms = config.arms
     cpus = config.affinity or tuple(sorted(os.sched_getaffinity(0)))
-    if config.cpu_placement == "shared":
-        return {arm.label: Placement(cpus=cpus) for arm in arms}
     groups = cpu_groups(cpus, len(arms))
-    if groups is None:
-        return {arm.label: None for arm in arms}
+    if config.cpu_placement == "shared" or groups is None:  # fewer CPUs than arms: all share them
+        return {arm.label: Placement(cpus=cpus) for arm in arms}
     shift = set_index // len(arms)
     return {arm.label: Placement(cpus=groups[(i + shift) % len(arms)]) for i, arm in enumerate(arms)}
 

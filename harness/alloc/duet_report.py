@@ -271,13 +271,13 @@ def design_line(duet: Duet) -> str:
     gens = c.get("window_gens")
     window = f"{c['window_s']:g} s of generation" if c.get("window_s") else f"{gens} generate{'s' * (gens != 1)}"
     counted = [s for s in duet.sets if s.counted]
-    placements = sorted({str((a.get("placement") or {}).get("cpus")) for s in counted for a in s.arms})
+    shared = any(len({str((a.get("placement") or {}).get("cpus")) for a in s.arms}) < len(s.arms) for s in counted)
     if c.get("cpu_placement") == "shared":
         pinned = "every process on the same CPUs (--cpu-placement shared)"
-    elif placements and "None" not in placements:
+    elif not shared:
         pinned = "each process on its own CPUs, rotated across sets"
     else:
-        pinned = "processes sharing the CPUs (fewer CPUs than arms)"
+        pinned = "every process on the same CPUs (fewer CPUs than arms)"
     return (f"Design — duet: {len(counted)} sets of fresh persistent probes ({', '.join(duet.labels)}), "
             f"{c.get('windows_per_set')} steps per set after {1} warm-up step, a window of {window}; one process "
             f"generates at a time, the first in each step alternating; {pinned}; start order rotated.")
