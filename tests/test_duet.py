@@ -67,6 +67,23 @@ def test_duet_verifies_every_arm_in_its_own_process_and_cpus(tmp_path: Path) -> 
         assert not any(psutil.pid_exists(a["pid"]) and "--session" in _cmdline(a["pid"]) for a in record["arms"])
 
 
+def _mid_set(args: list[str], out: Path, windows: int, act) -> tuple[subprocess.Popen, dict[int, str], str]:
+    """Starts the harness, waits for `windows` windows on disk, calls act(harness, probes) and waits for the
+    harness to end; it is killed if it is still running. Returns it, its probes and its stderr."""
+    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    probes: dict[int, str] = {}
+    try:
+        wait_for(lambda: len(_jsonl(out / "alloc/windows.jsonl")) >= windows, 180, f"{windows} windows")
+        probes = _session_probes(proc)
+        act(proc, probes)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc, probes, stderr
+
+
 def _cmdline(pid: int) -> str:
     try:
         return " ".join(psutil.Process(pid).cmdline())
@@ -77,17 +94,10 @@ def _cmdline(pid: int) -> str:
 def test_a_probe_killed_mid_set_fails_that_set_only(tmp_path: Path) -> None:
     out = tmp_path / "killed"
     args = [*DUET, "--allocators", "glibc,jemalloc", "--sets", "2", "--windows-per-set", "6", "--out", str(out)]
-    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(_jsonl(out / "alloc/windows.jsonl")) >= 3, 180, "the first windows of set 1")
-        probes = _session_probes(proc)
-        victim = next(pid for pid, name in probes.items() if name == "jemalloc")
-        os.kill(victim, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    def kill_jemalloc(_: subprocess.Popen, probes: dict[int, str]) -> None:
+        os.kill(next(pid for pid, name in probes.items() if name == "jemalloc"), signal.SIGKILL)
+
+    proc, probes, stderr = _mid_set(args, out, 3, kill_jemalloc)
     assert proc.returncode == 1, stderr[-3000:]
     assert "1 of 2 sets failed" in stderr
     sets = _jsonl(out / "alloc/sets.jsonl")
@@ -103,17 +113,11 @@ def test_a_probe_killed_mid_set_fails_that_set_only(tmp_path: Path) -> None:
 def test_ctrl_c_mid_set_leaves_no_probe_and_resume_adds_a_set(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     args = [*DUET, "--allocators", "glibc,jemalloc", "--sets", "2", "--windows-per-set", "40", "--out", str(out)]
-    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: len(_jsonl(out / "alloc/windows.jsonl")) >= 4, 180, "windows of set 1")
-        probes = _session_probes(proc)
+    def interrupt(harness: subprocess.Popen, probes: dict[int, str]) -> None:
         assert len(probes) == 2
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        harness.send_signal(signal.SIGINT)
+
+    proc, probes, stderr = _mid_set(args, out, 4, interrupt)
     assert proc.returncode == 130, stderr[-3000:]
     assert "continue with --resume" in stderr
     gone, alive = psutil.wait_procs([psutil.Process(p) for p in probes if psutil.pid_exists(p)], timeout=10)

@@ -426,7 +426,7 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
         if rule is not None:
             stopper = AllocStopper(rule, results, [a.name for a in config.allocators], config.paired,
                                        config.warmup_runs, on_check=lambda c: progress.console.print(
-                                           _check_text(c, stopper)))
+                                           stopping.check_line(c, stopper.remaining(), "round")))
 
         def on_start(run: alloc.PlannedRun) -> None:
             label = "warm-up" if run.warmup else f"round {run.round + 1}" + (f"/{rounds}" if rounds else "")
@@ -445,16 +445,6 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
     if stopper is not None and stopper.outcome is not None:
         console.print(f"stopped: {stopping.STOP_REASONS.get(stopper.outcome['reason'], '')}")
     return records
-
-
-def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
-    """One line per precision check: the round, the widest CI against the target, the time used and left."""
-    widest = check["widest"]
-    width = "no CI yet" if math.isnan(widest) else f"widest ratio CI ±{widest * 100:.1f} %"
-    left = stopper.remaining()
-    return (f"round {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
-            f"{stopping.format_duration(check['elapsed_s'])} elapsed"
-            + (f", {stopping.format_duration(max(0.0, left))} left" if left is not None else ""))
 
 
 def _cell(value: Any) -> Any:

@@ -61,7 +61,8 @@ def _run_with_progress(config: alloc.AllocConfig, runner: Any, results: ResultsD
         if rule is not None:
             stopper = DuetStopper(rule, results, labels, warmup_rounds=0, arms=labels,
                                   baseline=labels[0] if config.calibration else config.baseline.name,
-                                  on_check=lambda c: progress.console.print(_check_text(c, stopper)))
+                                  on_check=lambda c: progress.console.print(
+                                      stopping.check_line(c, stopper.remaining(), "after set")))
 
         def on_set_start(index: int, arms: list[alloc.Arm]) -> None:
             left = ""
@@ -99,15 +100,6 @@ def set_line(record: AllocSet, results: ResultsDir) -> str:
     ended = "" if record.ended_by == "windows" else f", ended by {record.ended_by}"
     return f"{head}: {record.steps} steps in {stopping.format_duration(record.wall_s or 0)}{ended}; " + (
         ", ".join(parts) or "no step measured")
-
-
-def _check_text(check: dict[str, Any], stopper: stopping.Stopper) -> str:
-    widest = check["widest"]
-    width = "no CI yet" if math.isnan(widest) else f"widest ratio CI ±{widest * 100:.1f} %"
-    left = stopper.remaining()
-    return (f"after set {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
-            f"{stopping.format_duration(check['elapsed_s'])} elapsed"
-            + (f", {stopping.format_duration(max(0.0, left))} left" if left is not None else ""))
 
 
 def write_reports(results: ResultsDir) -> list[dict[str, Any]]:

@@ -63,6 +63,16 @@ def format_duration(seconds: float) -> str:
     return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
 
 
+def check_line(check: dict[str, Any], remaining: float | None, unit: str = "round") -> str:
+    """One line per precision check: its round (or set), the widest CI against the target, the time used and
+    left."""
+    widest_ = check["widest"]
+    width = "no CI yet" if math.isnan(widest_) else f"widest ratio CI ±{widest_ * 100:.1f} %"
+    return (f"{unit} {check['round'] + 1}: {width} on {check['metric']} (target ±{check['target'] * 100:g} %), "
+            f"{format_duration(check['elapsed_s'])} elapsed"
+            + (f", {format_duration(max(0.0, remaining))} left" if remaining is not None else ""))
+
+
 def widest(widths: dict[str, float]) -> float:
     """The widest half-width; NaN while any allocator has no CI yet."""
     values = list(widths.values())
