@@ -309,3 +309,25 @@ def test_an_interrupted_run_reports_what_its_servers_measured(tmp_path: Path, mo
     readings = [line for line in report.splitlines() if line.startswith("| 1 | server_rss_mb |")]
     assert len(readings) == 1 and "–" not in readings[0], readings
     assert _rebuilt(out, tmp_path) == report
+
+
+# --- an --out that holds an earlier serve run ---------------------------------------------------------
+def test_an_out_holding_only_a_failed_start_is_continued_and_one_with_results_is_refused_with_the_fix(
+        tmp_path: Path, model_dir: str) -> None:
+    out = tmp_path / "r"
+    with socket.socket() as held:  # the port is in use: the first run's only server fails to start
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        failed = run_serve(_config(out, model_dir, port=held.getsockname()[1]), log=lambda m: None)
+    assert failed.exit_code == EXIT_FAULT and [s.status for s in failed.startups] == ["failed"]
+    logs: list[str] = []
+    again = run_serve(_config(out, model_dir, warm_requests=1), log=logs.append)
+    assert again.exit_code == EXIT_OK, again.error
+    assert (f"{out / 'serve'} held no completed server (a failed start or a killed run): kept as "
+            f"{out / 'serve.attempt-1'}; starting afresh") in logs
+    assert [s.status for s in again.startups] == ["ok"]
+    assert json.loads((out / "serve.attempt-1/startup.jsonl").read_text())["status"] == "failed"
+    with pytest.raises(UsageError) as refused:
+        run_serve(_config(out, model_dir), log=lambda m: None)
+    assert str(refused.value) == (f"{out / 'serve'} already holds the serve results of 1 completed server: "
+                                  "choose another --out (a serve run cannot be continued)")

@@ -427,8 +427,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
 
 def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
                      log: Callable[[str], None], runner_info: dict[str, str]) -> ServeOutcome:
-    if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
-        raise UsageError(f"{results.root / 'serve'} already holds serve results: choose another --out")
+    _set_aside_unfinished(results, log)
     try:
         runner = _server_runner(config, log)
     except KeyboardInterrupt:
@@ -445,6 +444,25 @@ def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.Ser
         return _run(config, results, spec, runner, log, info, arms)
     finally:
         runner.close()
+
+
+def _set_aside_unfinished(results: ResultsDir, log: Callable[[str], None]) -> None:
+    """An --out whose serve part holds a completed server is refused with what to do; one that holds only
+    servers that never completed (a failed start, a killed or interrupted run) is kept beside it, as
+    serve.attempt-N, and this run starts afresh."""
+    held = results.root / "serve"
+    if not (results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE)):
+        return
+    completed = sum(1 for s in results.read_records(STARTUP_FILE, StartupRecord) if s.ok)
+    if completed:
+        raise UsageError(f"{held} already holds the serve results of {completed} completed server"
+                         f"{'s' if completed > 1 else ''}: choose another --out (a serve run cannot be continued)")
+    n = 1
+    while (results.root / f"serve.attempt-{n}").exists():
+        n += 1
+    kept = results.root / f"serve.attempt-{n}"
+    held.rename(kept)
+    log(f"{held} held no completed server (a failed start or a killed run): kept as {kept}; starting afresh")
 
 
 def _server_runner(config: ServeConfig, log: Callable[[str], None]) -> ServerRunner:
