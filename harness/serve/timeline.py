@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.measure.records import StartupRecord, TimelineMeta, TimelineSample
-from harness.measure.results import ResultsDir
+from harness.measure.results import ResultsDir, save_figure
 from harness.serve.phases import SHORT
 from harness.serve.sampler import Marker, MemorySampler
 
@@ -318,6 +318,6 @@ def plot(path: Path, timeline: Timeline, startups: list[StartupRecord] | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tight_layout complains about long rotated labels; harmless
         fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
