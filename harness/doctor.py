@@ -61,11 +61,12 @@ def docker_rows() -> list[Row]:
 
 
 def leftover_row(containers: list, kind: str) -> Row:
-    """Containers no running harness command owns are leftovers (of a harness killed hard); a running one
-    whose harness process still runs is in use, and never offered for removal."""
+    """Containers no running harness command owns are leftovers (of a harness killed hard); one whose harness
+    process still runs is in use, whatever its state (created and not yet started, running, exited and not
+    yet removed), and never offered for removal."""
     from harness.containers.engine import owner_pid
 
-    owners = {c.name: owner_pid(c) for c in containers if c.status == "running"}
+    owners = {c.name: owner_pid(c) for c in containers}
     in_use = {name: pid for name, pid in owners.items() if pid is not None}
     leftovers = [c.name for c in containers if c.name not in in_use]
     detail = f"{len(leftovers)} found" + "".join(f"; {name} in use by harness PID {pid}"

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.containers.engine import TEST_RUN_ENV, TEST_RUN_LABEL
 from harness.measure.allocators import find_library
 
 REPO = Path(__file__).resolve().parents[1]
+# Every container this test run starts, in this process or in a harness it runs, carries this run's mark
+# (harness.test_run=<pytest PID>): fixtures remove only those, never another harness user's containers.
+os.environ[TEST_RUN_ENV] = str(os.getpid())
+TEST_RUN = f"{TEST_RUN_LABEL}={os.environ[TEST_RUN_ENV]}"
 HARNESS = [sys.executable, "-m", "harness.cli"]
 SEQUENTIAL = ("alloc", "--design", "sequential")  # `harness alloc` in the design of one fresh process per run
 
@@ -126,3 +131,8 @@ def docker_probe_runner():
             pytest.fail(f"HARNESS_REQUIRE_DOCKER=1 but {why}")
         pytest.skip(why)
     return make_docker_runner("cpu", ["glibc", "jemalloc"])
+
+
+def this_runs_containers(client, label_filter: str) -> list:
+    """The containers of `label_filter` (harness=probe, harness=server) that this test run started."""
+    return client.containers.list(all=True, filters={"label": [label_filter, TEST_RUN]})

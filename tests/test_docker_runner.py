@@ -20,12 +20,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HARNESS, REPO, SEQUENTIAL, check_stopped_experiment, docker_probe_runner, run_harness, wait_for
+from conftest import (
+    HARNESS,
+    REPO,
+    SEQUENTIAL,
+    check_stopped_experiment,
+    docker_probe_runner,
+    run_harness,
+    this_runs_containers,
+    wait_for,
+)
 
 from harness.alloc import run as alloc
 from harness.alloc.runners.base import ProbeRequest, RunnerError
 from harness.alloc.runners.docker import LABEL_FILTER, DockerRunner
-from harness.containers.engine import OWNER_LABEL
+from harness.containers.engine import OWNER_LABEL, owner_labels
 from harness.containers.stats import MemoryPeaks, working_set_bytes
 
 pytestmark = pytest.mark.docker
@@ -45,7 +54,7 @@ def no_leftover_containers(request):
     if "runner" not in request.fixturenames:
         return
     r: DockerRunner = request.getfixturevalue("runner")
-    left = r.client.containers.list(all=True, filters={"label": LABEL_FILTER})
+    left = this_runs_containers(r.client, LABEL_FILTER)
     for c in left:
         c.remove(force=True)
     assert not left, f"containers left behind: {[c.name for c in left]}"
@@ -169,7 +178,7 @@ def test_daemon_disappearing_mid_run_raises_runner_error(runner, tmp_path):
     finally:
         timer.cancel()
     # the container outlives the lost connection; the real daemon still removes it (fixture asserts none)
-    for c in runner.client.containers.list(all=True, filters={"label": LABEL_FILTER}):
+    for c in this_runs_containers(runner.client, LABEL_FILTER):
         c.remove(force=True)
 
 
@@ -282,7 +291,7 @@ def test_doctor_names_leftovers_but_not_containers_in_use():
     from harness.containers import images
 
     client = docker.from_env(timeout=60)
-    labels = {"harness": "server", OWNER_LABEL: str(os.getpid())}
+    labels = {"harness": "server", **owner_labels()}
     tag = uuid.uuid4().hex[:8]
     in_use = client.containers.run(images.CPU_BASE, ["sleep", "300"], detach=True, labels=labels,
                                    name=f"harness-test-in-use-{tag}")
@@ -297,3 +306,45 @@ def test_doctor_names_leftovers_but_not_containers_in_use():
     _, ok, detail, fix = row
     assert f"{in_use.name} in use by harness PID {os.getpid()}" in detail, detail
     assert not ok and left.name in fix and in_use.name not in fix, fix
+
+
+def test_doctor_never_offers_a_running_commands_containers_and_removing_one_ends_the_run_in_one_line(
+        runner, tmp_path):
+    """While `harness alloc` runs, doctor counts each of its probe containers, in every state it passes
+    through (created, running, exited), as in use; `docker rm -f` of one ends the run with one line, not a
+    raw Docker error."""
+    from harness import doctor
+
+    proc = subprocess.Popen([*HARNESS, *SEQUENTIAL, "--runner", "docker", "--model", "synthetic:tiny", "--allocators",
+                             "glibc", "--runs", "3", "--warmup-runs", "0", "--warm-gens", "1", "--max-new-tokens",
+                             "4", "--out", str(tmp_path / "t")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def its_containers() -> list:
+        return runner.client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={proc.pid}"})
+
+    seen: dict[str, set[str]] = {}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(seen) < 2:  # the first run's container, then the second's
+            mine = its_containers()
+            for c in mine:
+                seen.setdefault(c.name, set()).add(c.status)
+            _, ok, detail, _ = doctor.leftover_row(mine, "probe")
+            assert ok, f"doctor offered a running command's container: {detail}"
+            time.sleep(0.05)
+        victim = wait_for(lambda: [c for c in its_containers() if c.status == "running"], 120, "a probe container")[0]
+        victim.remove(force=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in its_containers():
+            c.remove(force=True)
+    assert len(seen) >= 2 and "running" in set().union(*seen.values()), seen
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in err and "409" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: the probe container {victim.name} was removed from outside while running the glibc probe "
+        "(docker rm -f?); continue with --resume (runs so far kept in "), err[-3000:]

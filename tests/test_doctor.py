@@ -9,10 +9,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from harness import doctor
-from harness.containers.engine import OWNER_LABEL
+from harness.containers.engine import OWNER_LABEL, OWNER_STARTED_LABEL
 from harness.measure import environment
 from harness.measure.allocators import find_library
 
@@ -45,29 +46,38 @@ def test_gpu_row_says_what_nvml_sees_or_how_to_get_it() -> None:
                                                     "(nvidia-smi must work); CPU-only hosts use --device cpu")
 
 
-def _container(name: str, status: str, owner: int | str, created: dt.datetime) -> SimpleNamespace:
+def _container(name: str, status: str, owner: int | str, created: dt.datetime,
+               started: float | None = None) -> SimpleNamespace:
     """What doctor reads of a Docker container: its name, state, labels and creation time."""
-    return SimpleNamespace(name=name, status=status, labels={"harness": "server", OWNER_LABEL: str(owner)},
+    labels = {"harness": "server", OWNER_LABEL: str(owner)}
+    if started is not None:
+        labels[OWNER_STARTED_LABEL] = repr(started)
+    return SimpleNamespace(name=name, status=status, labels=labels,
                            attrs={"Created": created.strftime("%Y-%m-%dT%H:%M:%S.%f000Z")})
 
 
-def test_a_container_whose_harness_still_runs_is_in_use_never_a_leftover() -> None:
+def test_a_container_whose_harness_still_runs_is_in_use_in_every_state_never_a_leftover() -> None:
+    """Created and not yet started, running, exited and not yet removed: while the harness process that
+    created it runs (its PID and its start time on the labels), a container is in use."""
     now = dt.datetime.now(dt.timezone.utc)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_owner = int(ended.stdout)  # a harness process that has ended
+    me, my_start = os.getpid(), psutil.Process().create_time()
     containers = [
-        _container("in-use", "running", os.getpid(), now),
-        _container("stopped", "exited", os.getpid(), now),
-        _container("orphan", "running", dead_owner, now),
+        _container("in-use", "running", me, now, my_start),
+        _container("starting", "created", me, now, my_start),
+        _container("just-exited", "exited", me, now, my_start),
+        _container("orphan", "running", dead_owner, now, my_start),
+        _container("pid-reused", "exited", me, now, my_start - 3600),  # its owner started an hour earlier
         _container("reused-pid", "running", os.getpid(), now - dt.timedelta(days=30)),  # made before this process
         _container("unlabelled", "running", "", now),
     ]
     check, ok, detail, fix = doctor.leftover_row(containers, "server")
     assert check == "no leftover server containers" and not ok
-    assert detail == f"4 found; in-use in use by harness PID {os.getpid()}"
-    assert fix == "docker rm -f stopped orphan reused-pid unlabelled"
-    assert doctor.leftover_row(containers[:1], "server")[1:3] == (
-        True, f"0 found; in-use in use by harness PID {os.getpid()}")
+    assert detail == ("4 found" + "".join(f"; {name} in use by harness PID {me}"
+                                          for name in ("in-use", "starting", "just-exited")))
+    assert fix == "docker rm -f orphan pid-reused reused-pid unlabelled"
+    assert doctor.leftover_row(containers[:3], "server")[1] is True
 
 
 def test_the_table_offers_a_fix_only_for_what_is_missing() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import docker
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import this_runs_containers, wait_for
 
 from harness.containers import vllm_image
 from harness.containers.engine import docker_available
@@ -52,7 +52,7 @@ def client() -> docker.DockerClient:
 @pytest.fixture(autouse=True)
 def no_leftover_containers(client: docker.DockerClient):
     yield
-    left = client.containers.list(all=True, filters={"label": LABEL_FILTER})
+    left = this_runs_containers(client, LABEL_FILTER)
     for c in left:
         c.remove(force=True)
     assert not left, f"containers left behind: {[c.name for c in left]}"
@@ -74,7 +74,7 @@ def _cli(args: list[str]) -> subprocess.Popen[str]:
 
 
 def _server_containers(client: docker.DockerClient) -> list:  # type: ignore[type-arg]
-    return client.containers.list(all=True, filters={"label": LABEL_FILTER})
+    return this_runs_containers(client, LABEL_FILTER)
 
 
 def test_runner_auto_picks_docker_when_the_image_is_there(client) -> None:

@@ -25,7 +25,7 @@ from harness.cli import main, write_index
 from harness.errors import HarnessError, UsageError
 from harness.measure.results import ResultsDir
 from harness.serve.config import ServeConfig
-from harness.serve.run import EXIT_FAULT, EXIT_OK, run_serve
+from harness.serve.run import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_OK, run_serve
 from harness.serve.server import free_port, group_members
 
 pytestmark = pytest.mark.fast
@@ -286,3 +286,48 @@ def test_report_names_the_file_line_and_field_of_a_value_of_the_wrong_type(serve
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
         assert lines[0].startswith(f"error: {expected}"), lines[0]
+
+
+# --- an interrupted run ----------------------------------------------------------------------------
+def test_an_interrupted_run_reports_what_its_servers_measured(tmp_path: Path, model_dir: str) -> None:
+    """Ctrl-C right after the second server's last request: that server is reported as interrupted, with its
+    first token and its memory readings, not as "Server 1 (None)" with dashes."""
+    out = tmp_path / "r"
+
+    def log(message: str) -> None:
+        if message.lstrip().startswith("s1 warm2"):
+            raise KeyboardInterrupt  # as SIGINT arriving then does
+
+    outcome = run_serve(_config(out, model_dir, cold_starts=2, sample_hz=50), log=log)
+    assert outcome.exit_code == EXIT_INTERRUPTED
+    assert [s.status for s in outcome.startups] == ["ok", "interrupted"]
+    second = outcome.startups[1]
+    assert second.spawn_to_health_s < second.spawn_to_first_token_s
+    report = (out / REPORT).read_text()
+    assert "### Server 1 (interrupted)" in report and "(None)" not in report
+    assert f"→ first token: {second.spawn_to_first_token_s:.2f} s." in report
+    readings = [line for line in report.splitlines() if line.startswith("| 1 | server_rss_mb |")]
+    assert len(readings) == 1 and "–" not in readings[0], readings
+    assert _rebuilt(out, tmp_path) == report
+
+
+# --- an --out that holds an earlier serve run ---------------------------------------------------------
+def test_an_out_holding_only_a_failed_start_is_continued_and_one_with_results_is_refused_with_the_fix(
+        tmp_path: Path, model_dir: str) -> None:
+    out = tmp_path / "r"
+    with socket.socket() as held:  # the port is in use: the first run's only server fails to start
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        failed = run_serve(_config(out, model_dir, port=held.getsockname()[1]), log=lambda m: None)
+    assert failed.exit_code == EXIT_FAULT and [s.status for s in failed.startups] == ["failed"]
+    logs: list[str] = []
+    again = run_serve(_config(out, model_dir, warm_requests=1), log=logs.append)
+    assert again.exit_code == EXIT_OK, again.error
+    assert (f"{out / 'serve'} held no completed server (a failed start or a killed run): kept as "
+            f"{out / 'serve.attempt-1'}; starting afresh") in logs
+    assert [s.status for s in again.startups] == ["ok"]
+    assert json.loads((out / "serve.attempt-1/startup.jsonl").read_text())["status"] == "failed"
+    with pytest.raises(UsageError) as refused:
+        run_serve(_config(out, model_dir), log=lambda m: None)
+    assert str(refused.value) == (f"{out / 'serve'} already holds the serve results of 1 completed server: "
+                                  "choose another --out (a serve run cannot be continued)")

@@ -15,7 +15,7 @@ from harness.alloc.run import DEFAULT_METRIC, METRICS, measured_seconds
 from harness.alloc.runners.base import describe_cpus, describe_placement
 from harness.measure import stats
 from harness.measure.records import AllocRun, Environment
-from harness.measure.results import ResultsDir
+from harness.measure.results import ResultsDir, save_figure
 from harness.measure.stopping import STOP_REASONS, format_duration
 
 CSV_FILE = "alloc/allocator_latency_comparison.csv"
@@ -621,7 +621,7 @@ def plot(rows: list[AllocRow], records: list[AllocRun], results: ResultsDir) -> 
         ax.set_title(f"{title} by allocator")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(results.path(PLOT_FILE), dpi=110)
+    save_figure(fig, results.path(PLOT_FILE), dpi=110)
     plt.close(fig)
 
 
@@ -661,7 +661,7 @@ def plot_itl_trace(rows: list[AllocRow], records: list[AllocRun], results: Resul
                      fontsize=8, loc="left")
     axes[-1, 0].set_xlabel("decode step, all warm generates of the run in order")
     fig.tight_layout()
-    fig.savefig(results.path(TRACE_FILE), dpi=110)
+    save_figure(fig, results.path(TRACE_FILE), dpi=110)
     plt.close(fig)
     return True
 

@@ -20,6 +20,8 @@ from harness.containers import images as img
 from harness.errors import RunnerError
 
 OWNER_LABEL = "harness.owner_pid"  # the harness process that runs a container (probe or server)
+OWNER_STARTED_LABEL = "harness.owner_started"  # that process's start time: it, not a later one with its PID
+TEST_RUN_ENV, TEST_RUN_LABEL = "HARNESS_TEST_RUN", "harness.test_run"  # a test run's mark on what it starts
 FIX_DAEMON = "scripts/setup-docker.sh"
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 
@@ -107,18 +109,42 @@ def can_build_cpu_base() -> bool:
     return os.geteuid() == 0 and any(Path(d, "debootstrap").exists() for d in ("/usr/sbin", "/sbin"))
 
 
+def owner_labels() -> dict[str, str]:
+    """The labels that name this process as the owner of a container it creates (and the test run that
+    started it, where HARNESS_TEST_RUN says so: a test suite removes only its own containers)."""
+    labels = {OWNER_LABEL: str(os.getpid()), OWNER_STARTED_LABEL: repr(psutil.Process().create_time())}
+    if os.environ.get(TEST_RUN_ENV):
+        labels[TEST_RUN_LABEL] = os.environ[TEST_RUN_ENV]
+    return labels
+
+
 def owner_pid(container: Any) -> int | None:
-    """The harness process that runs `container` while that process still runs; None once it has ended
-    (or for containers of harness versions without the owner label)."""
-    label = (container.labels or {}).get(OWNER_LABEL, "")
-    created = parse_time(container.attrs.get("Created"))
-    if not label.isdigit() or created is None:
+    """The harness process that owns `container`, whatever the container's state (created, running,
+    exited), while that process still runs; None once it has ended, when its PID now belongs to another
+    process, or for containers of harness versions without the owner label."""
+    labels = container.labels or {}
+    label = labels.get(OWNER_LABEL, "")
+    if not label.isdigit():
         return None
     try:
-        started = psutil.Process(int(label)).create_time()
-    except psutil.Error:
+        process = psutil.Process(int(label))
+        started = process.create_time()
+        if OWNER_STARTED_LABEL in labels:  # the very process that created it
+            return int(label) if abs(started - float(labels[OWNER_STARTED_LABEL])) < 0.05 else None
+        created = parse_time(container.attrs.get("Created"))  # older labels: started before it, and a harness
+        is_harness = any("harness" in part for part in process.cmdline())
+    except (psutil.Error, ValueError):
         return None
-    return int(label) if started <= created.timestamp() + 1.0 else None  # not a later process with its PID
+    return int(label) if created is not None and started <= created.timestamp() + 1.0 and is_harness else None
+
+
+def removed_under_us(exc: BaseException) -> bool:
+    """Whether a Docker error says the container is gone or being removed (`docker rm -f` from outside)."""
+    if isinstance(exc, docker.errors.NotFound):
+        return True
+    explanation = str(getattr(exc, "explanation", "") or "")
+    return isinstance(exc, docker.errors.APIError) and exc.status_code == 409 and (
+        "removal" in explanation or "marked for removal" in explanation or "is dead" in explanation)
 
 
 def parse_time(value: str | None) -> dt.datetime | None:

@@ -6,16 +6,18 @@ loses nothing. Tables (CSV), reports (Markdown) and metadata (JSON) are all writ
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.errors import UsageError
+from harness.errors import HarnessError, UsageError
 from harness.measure.records import Environment, FieldTypeError, Record, RecordError
 
 LOCK_FILE = ".lock"
@@ -23,6 +25,36 @@ LOCK_FILE = ".lock"
 
 class ResultsError(UsageError):
     """A results directory that cannot be written or resumed."""
+
+
+class ResultsWriteError(HarnessError):
+    """A write into the results directory failed while the command ran (a full disk, a file made read-only):
+    the command ends with this line and exit code 1; what it measured is kept (the line says where)."""
+
+
+MIN_FREE_BYTES = 4 * 2**20  # reports, plots and records of a run: less free space than this is refused
+
+
+def _replace_atomically(path: Path, write: Any) -> Path:
+    """`write(tmp)` then rename onto `path`: a full disk leaves the old file (or none), never half of one.
+    ResultsWriteError, the temporary file removed, when the write fails."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsWriteError(f"cannot write {path}: {exc.strerror or exc}; the records written so far are "
+                                "kept (free some space or make it writable, then `harness report` on the "
+                                "results directory writes the reports again)") from None
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """A matplotlib figure saved whole or not at all (no partial PNG on a full disk)."""
+    path = Path(path)
+    return _replace_atomically(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs))
 
 
 # Results directories this process holds: resolved path -> [fd of DIR/.lock, how many holders].
@@ -50,13 +82,24 @@ class ResultsDir:
         self._skipped: dict[str, list[int]] = {}  # relpath -> numbers of the lines read_jsonl skipped
 
     def ensure_writable(self) -> None:
+        """Before anything starts: the directory can be written, has room for a run's files, and every
+        records file already there (--resume) can be appended to. ResultsError (one line) otherwise."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"
             probe.write_text("ok")
             probe.unlink()
+            for held in sorted(self.root.glob("*/*.jsonl")):
+                open(held, "a").close()  # appends nothing: fails on a read-only or immutable file
         except OSError as exc:
-            raise ResultsError(f"output directory {str(self.root)!r} cannot be written: {exc.strerror}") from exc
+            where = exc.filename or self.root
+            raise ResultsError(f"output directory {str(self.root)!r} cannot be written ({where}: "
+                               f"{exc.strerror}): make it writable or choose another --out") from exc
+        free = os.statvfs(self.root).f_bavail * os.statvfs(self.root).f_frsize
+        if free < MIN_FREE_BYTES:
+            raise ResultsError(f"output directory {str(self.root)!r} has only {free / 2**20:.1f} MiB free (a run "
+                               f"needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB for its records, reports and "
+                               "plots): free some space or choose another --out")
 
     def lock(self) -> None:
         """Holds DIR/.lock (flock) until unlock() or this process ends: a second command writing the same
@@ -104,10 +147,23 @@ class ResultsDir:
         """One record on a line of its own, on disk before this returns. A line cut short by a crash
         stays as it is (read_jsonl skips and reports it); the record goes on the next line."""
         p = self.path(relpath)
-        with open(p, "a") as fh:
-            fh.write(("\n" if _ends_without_newline(p) else "") + self.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        line = self.dumps(record) + "\n"
+        size = p.stat().st_size if p.exists() else 0
+        try:
+            with open(p, "a") as fh:
+                try:
+                    fh.write(("\n" if _ends_without_newline(p) else "") + line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.truncate(p, size)  # no half of the record stays behind (a full disk)
+                    raise
+        except OSError as exc:
+            kept = _keep_elsewhere(p, line)
+            raise ResultsWriteError(f"cannot append to {p}: {exc.strerror or exc}; the record just measured is "
+                                    + (f"kept in {kept}" if kept else f"not on disk anywhere: {line.strip()[:2000]}")
+                                    + "; the records before it are kept") from None
 
     def read_jsonl(self, relpath: str) -> list[dict[str, Any]]:
         """The records of a JSON-lines file; lines that are not a whole record (cut short by a kill) are
@@ -170,11 +226,8 @@ class ResultsDir:
 
     # --- whole files ------------------------------------------------------------------------
     def write_json(self, relpath: str, data: Any) -> Path:
-        p = self.path(relpath)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
-        tmp.replace(p)
-        return p
+        text = json.dumps(_clean(data), indent=2, sort_keys=False) + "\n"
+        return _replace_atomically(self.path(relpath), lambda tmp: tmp.write_text(text))
 
     def write_record(self, relpath: str, record: Record) -> Path:
         """A whole-file record (an environment, a timeline's metadata), dumped through its model."""
@@ -195,22 +248,33 @@ class ResultsDir:
         return None if data is None else Environment.load(data)
 
     def write_text(self, relpath: str, text: str) -> Path:
-        p = self.path(relpath)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
-        return p
+        return _replace_atomically(self.path(relpath), lambda tmp: tmp.write_text(text))
 
     def write_csv(self, relpath: str, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
-        p = self.path(relpath)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _format_cell(row.get(k)) for k in columns})
-        tmp.replace(p)
-        return p
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: _format_cell(row.get(k)) for k in columns})
+
+        return _replace_atomically(self.path(relpath), write)
+
+
+def _keep_elsewhere(path: Path, line: str) -> Path | None:
+    """A record that could not be appended to `path`, written instead to `path`.unsaved next to it, else to
+    the temporary directory: where it now is, or None where nothing could be written."""
+    for fallback in (path.with_name(path.name + ".unsaved"),
+                     Path(tempfile.gettempdir()) / f"harness-unsaved-{os.getpid()}-{path.name}"):
+        try:
+            with open(fallback, "a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return fallback
+        except OSError:
+            continue
+    return None
 
 
 def _ends_without_newline(path: Path) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.measure import stats, stopping
 from harness.measure.records import ServeRequest, StartupRecord
-from harness.measure.results import ResultsDir
+from harness.measure.results import ResultsDir, save_figure
 from harness.measure.stopping import STOP_REASONS, format_duration
 from harness.serve.config import STOP_METRICS
 
@@ -363,7 +363,7 @@ def plot(results: ResultsDir, startups: list[StartupRecord], requests: list[Serv
     fig.text(0.5, 0.005, "small: each warm request; large: each server's median; bar: median over servers",
              ha="center", fontsize=7.5, color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(results.path(PLOT_FILE), dpi=110)
+    save_figure(fig, results.path(PLOT_FILE), dpi=110)
     plt.close(fig)
     return True
 

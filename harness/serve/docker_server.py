@@ -8,7 +8,6 @@ removed by `stop()`, which run_serve calls in a `finally` (success, fault, Ctrl-
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ import requests
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest, Mount
 
-from harness.containers.engine import OWNER_LABEL, owner_pid
+from harness.containers.engine import owner_labels, owner_pid
 from harness.containers.stats import StatsMonitor
 from harness.measure.signals import Shielded
 from harness.serve.server import ReadinessMixin, ServerError, check_port_free, describe_exit
@@ -52,7 +51,7 @@ class ContainerSpec:
     def create_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "command": self.args, "environment": self.env, "mounts": self.mounts, "network_mode": "host",
-            "labels": {LABEL_KEY: LABEL_VALUE, OWNER_LABEL: str(os.getpid())}, "shm_size": self.shm_size,
+            "labels": {LABEL_KEY: LABEL_VALUE, **owner_labels()}, "shm_size": self.shm_size,
             "stdin_open": False,
             # docker-init as PID 1: it forwards SIGTERM (a bare PID 1 ignores it until the server installs
             # a handler, so `stop` during start-up would wait out the grace period) and reaps children.
@@ -71,13 +70,15 @@ class ContainerSpec:
 
 
 def remove_exited_leftovers(client: docker.DockerClient) -> tuple[int, list[str]]:
-    """Removes stopped `harness=server` containers (a harness killed hard); names the running ones that no
-    running harness owns (a running one with a live owner is another command's server, in use)."""
+    """Removes stopped `harness=server` containers no running harness owns (a harness killed hard); names the
+    running ones that no running harness owns. One with a live owner, in any state, is another command's
+    server, in use."""
     removed, running = 0, []
     for c in client.containers.list(all=True, filters={"label": LABEL_FILTER}):
+        if owner_pid(c) is not None:
+            continue
         if c.status == "running":
-            if owner_pid(c) is None:
-                running.append(c.name)
+            running.append(c.name)
             continue
         with contextlib.suppress(NotFound):
             c.remove(force=True)

@@ -214,7 +214,9 @@ def memory_section(sampler: Timeline) -> list[str]:
     js = timeline.jumps(sampler.rows, sampler.markers)
     if js:
         lines += ["", "Readings: the last sample before the cold request; the last after it and before the next "
-                  "request; the last after the last warm request and before anything else (idle gap, stop).", "",
+                  "request; the last after the last warm request and before anything else (idle gap, stop)."
+                  + (" Where no sample fell between a request's end and the next event, the one nearest its end "
+                     "(from its start, before the stop request)." if any(j.nearest for j in js) else ""), "",
                   "| server | series | before cold (MiB) | after cold | after last warm | cold jump "
                   "| warm jump |",
                   "|---|---|---|---|---|---|---|"]
@@ -305,7 +307,7 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[ServeRequest]
             out += ["", f"Fault: {st.failure}" + (f" — server {st.exit}" if st.exit else "")]
             if st.log_tail:
                 out += ["", "Server log tail:", "", "```", *[ln[-220:] for ln in st.log_tail], "```"]
-            elif st.fault != "AllocatorMismatchError":
+            elif st.fault not in ("AllocatorMismatchError", "Interrupted"):
                 out += ["", "The server had logged nothing."]
         out += ["", *phase_table(st), "",
                 "Times are from line arrival (s since spawn); the server's own figure is the duration the "

@@ -212,11 +212,8 @@ class _Session:
             self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
             if arm is not None:
                 self._check_allocator(k, arm, server, pids, rec)
-            first = self.request_sequence(server.base_url, model, k, t_ready,
-                                          alive=lambda: server.check_serving("the measured requests"))
-            cold = next((r for r in self.requests if r.server == k and r.kind == "cold"), None)
-            if cold and first is not None:
-                rec["spawn_to_first_token_s"] = cold.t_start_s - t_spawn + first
+            self.request_sequence(server.base_url, model, k, t_ready,
+                                  alive=lambda: server.check_serving("the measured requests"))
             rec.update(status="ok", failure=None)
         except ServerError as exc:
             rec.update(status="failed", failure=str(exc), exit_code=exc.server_exit_code,
@@ -226,8 +223,14 @@ class _Session:
         except RequestError as exc:
             rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=server.log_tail(15))
             raise
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: what this server measured so far is still its own
+            rec.update(status="interrupted", failure="interrupted (Ctrl-C / SIGTERM)", fault="Interrupted")
+            raise
         finally:
             self._stop_profiler(profiler, k)
+            first = self._first_token_s(k, t_spawn)
+            if first is not None:  # measured by its cold request, however the server's sequence ended
+                rec["spawn_to_first_token_s"] = first
             t_stop = self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
             server.stop(log=self.log)
             if t_spawn is not None:
@@ -247,6 +250,12 @@ class _Session:
             self.startups.append(typed)
         if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
             raise KeyboardInterrupt
+
+    def _first_token_s(self, k: int, t_spawn: float | None) -> float | None:
+        """Spawn → first token of server `k`: from its cold request, once that was measured."""
+        cold = next((r for r in self.requests if r.server == k and r.kind == "cold" and r.status == "ok"), None)
+        first = (cold.ttft_s or cold.wall_s) if cold is not None else None
+        return None if t_spawn is None or first is None else cold.t_start_s - t_spawn + first
 
     def _check_allocator(self, k: int, arm: Allocator, server: Server, pids: list[int],
                          rec: dict[str, Any]) -> None:
@@ -418,8 +427,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
 
 def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | None,
                      log: Callable[[str], None], runner_info: dict[str, str]) -> ServeOutcome:
-    if results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE):
-        raise UsageError(f"{results.root / 'serve'} already holds serve results: choose another --out")
+    _set_aside_unfinished(results, log)
     try:
         runner = _server_runner(config, log)
     except KeyboardInterrupt:
@@ -436,6 +444,25 @@ def _prepare_and_run(config: ServeConfig, results: ResultsDir, spec: engines.Ser
         return _run(config, results, spec, runner, log, info, arms)
     finally:
         runner.close()
+
+
+def _set_aside_unfinished(results: ResultsDir, log: Callable[[str], None]) -> None:
+    """An --out whose serve part holds a completed server is refused with what to do; one that holds only
+    servers that never completed (a failed start, a killed or interrupted run) is kept beside it, as
+    serve.attempt-N, and this run starts afresh."""
+    held = results.root / "serve"
+    if not (results.read_jsonl(REQUESTS_FILE) or results.read_jsonl(STARTUP_FILE)):
+        return
+    completed = sum(1 for s in results.read_records(STARTUP_FILE, StartupRecord) if s.ok)
+    if completed:
+        raise UsageError(f"{held} already holds the serve results of {completed} completed server"
+                         f"{'s' if completed > 1 else ''}: choose another --out (a serve run cannot be continued)")
+    n = 1
+    while (results.root / f"serve.attempt-{n}").exists():
+        n += 1
+    kept = results.root / f"serve.attempt-{n}"
+    held.rename(kept)
+    log(f"{held} held no completed server (a failed start or a killed run): kept as {kept}; starting afresh")
 
 
 def _server_runner(config: ServeConfig, log: Callable[[str], None]) -> ServerRunner:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.measure.records import StartupRecord, TimelineMeta, TimelineSample
-from harness.measure.results import ResultsDir
+from harness.measure.results import ResultsDir, save_figure
 from harness.serve.phases import SHORT
 from harness.serve.sampler import Marker, MemorySampler
 
@@ -93,6 +93,7 @@ class Jump:
     before_cold: float | None
     after_cold: float | None
     after_warm: float | None
+    nearest: bool = False  # a reading after a request is the sample nearest its end (none fell after it)
 
     @property
     def cold_jump(self) -> float | None:
@@ -115,24 +116,43 @@ def jumps(rows: list[dict[str, Any]], markers: list[Marker]) -> list[Jump]:
     for s in servers:
         mine = [m for m in markers if m.label.split()[0] == f"s{s}"]
         cold_start = next((m.t_s for m in mine if m.kind == "request_start" and "cold" in m.label), None)
-        cold_end = next((m.t_s for m in mine if m.kind == "request_end" and "cold" in m.label), None)
-        warm_ends = [m.t_s for m in mine if m.kind == "request_end" and "warm" in m.label]
+        cold = _request_span(mine, "cold")
+        warms = [m.label for m in mine if m.kind == "request_end" and "warm" in m.label]
+        warm = _request_span(mine, warms[-1].split()[1]) if warms else None
         if cold_start is None:
             continue
+        stop = next((m.t_s for m in mine if m.kind == "stop" and m.t_s > cold_start), math.inf)
         for name in series_names(rows):
-            out.append(Jump(s, name, value_at(rows, name, cold_start),
-                            _reading_after(rows, name, mine, cold_end),
-                            _reading_after(rows, name, mine, warm_ends[-1] if warm_ends else None)))
+            (after_cold, near_cold), (after_warm, near_warm) = (_reading_after(rows, name, mine, span, stop)
+                                                                for span in (cold, warm))
+            out.append(Jump(s, name, value_at(rows, name, cold_start), after_cold, after_warm,
+                            nearest=near_cold or near_warm))
     return out
 
 
-def _reading_after(rows: list[dict[str, Any]], name: str, mine: list[Marker], t: float | None) -> float | None:
-    """The last sample after `t` and before this server's next marker (its next request, an idle gap or
-    the stop request): never a reading taken while the server was already stopping."""
-    if t is None:
-        return None
-    following = [m.t_s for m in mine if m.t_s > t]
-    return value_between(rows, name, t, min(following) if following else math.inf)
+def _request_span(mine: list[Marker], what: str) -> tuple[float, float] | None:
+    """(start, end) of this server's request `what` ("cold", "warm2"), once it ended."""
+    start = next((m.t_s for m in mine if m.kind == "request_start" and m.label.split()[1:2] == [what]), None)
+    end = next((m.t_s for m in mine if m.kind == "request_end" and m.label.split()[1:2] == [what]), None)
+    return None if start is None or end is None else (start, end)
+
+
+def _reading_after(rows: list[dict[str, Any]], name: str, mine: list[Marker], span: tuple[float, float] | None,
+                   stop: float) -> tuple[float | None, bool]:
+    """The state after a request: the last sample after its end and before this server's next marker (its
+    next request, an idle gap or the stop request); where none fell in that gap (requests a few ms apart),
+    the sample nearest its end, from its start until the stop request: never a reading taken while the
+    server was already stopping. With whether it is that nearest one."""
+    if span is None:
+        return None, False
+    start, end = span
+    following = [m.t_s for m in mine if m.t_s > end]
+    between = value_between(rows, name, end, min(following) if following else math.inf)
+    if between is not None:
+        return between, False
+    near = [(abs(r["t_s"] - end), r[name]) for r in rows
+            if r.get(name) is not None and start <= r["t_s"] < stop]
+    return (min(near, key=lambda pair: pair[0])[1], True) if near else (None, False)
 
 
 def serving_windows(markers: list[Marker]) -> list[tuple[float, float]]:
@@ -298,6 +318,6 @@ def plot(path: Path, timeline: Timeline, startups: list[StartupRecord] | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tight_layout complains about long rotated labels; harmless
         fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

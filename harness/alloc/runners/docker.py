@@ -141,10 +141,13 @@ class DockerRunner:
         container = self.client.containers.create(
             probe_image.id, args, name=name, environment=env, mounts=mounts, network_mode="none",
             labels={LABEL_KEY: LABEL_VALUE, "harness.allocator": request.allocator.name,
-                    engine.OWNER_LABEL: str(os.getpid())}, **kwargs)
+                    **engine.owner_labels()}, **kwargs)
         return container, probe_image
 
-    def _docker_error(self, exc: Exception, what: str) -> RunnerError:
+    def _docker_error(self, exc: Exception, what: str, name: str | None = None) -> RunnerError:
+        if name is not None and engine.removed_under_us(exc):
+            return RunnerError(f"the probe container {name} was removed from outside while {what} (docker rm -f?); "
+                               "continue with --resume")
         if not engine.daemon_alive(self.client):
             return RunnerError(f"the Docker daemon stopped answering during a run ({exc}); runs recorded "
                                f"so far are kept; restart it ({engine.FIX_DAEMON}) and continue with --resume")
@@ -158,7 +161,7 @@ class DockerRunner:
             container, probe_image = self._create(request, name)
             return self._run(container, probe_image, request)
         except (DockerException, requests.exceptions.RequestException) as exc:
-            raise self._docker_error(exc, f"running the {request.allocator.name} probe") from exc
+            raise self._docker_error(exc, f"running the {request.allocator.name} probe", name) from exc
         finally:
             self._running.discard(name)
             if container is not None:
