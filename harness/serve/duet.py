@@ -2,7 +2,7 @@
 
 A set is one fresh server per allocator, all started at once, each on its own free port, on its own CPUs
 (disjoint groups of this process's CPUs, rotated across sets) and with the memory settings that apply
-halved (vLLM CUDA: `--gpu-memory-utilization`; vLLM CPU: `VLLM_CPU_KVCACHE_SPACE`), so that they fit
+halved (vLLM CUDA: `--gpu-memory-utilization`; vLLM CPU: its KV cache space, `--kv-cache-gib`), so that they fit
 together. Each is verified as a sequential server is (its allocator in every serving process, and here also
 its CPUs). Each gets its cold request; then the driver sends warm requests one at a time, one per server
 each step, who goes first alternating every step (ABBA for two arms, a rotation for more), after one
@@ -108,7 +108,8 @@ def memory_line(config: ServeConfig, build: dict[str, Any] | None) -> str:
         return f"memory: --engine {config.engine} has no memory setting to halve; the servers share the host"
     if half.gpu_memory_utilization != config.gpu_memory_utilization:
         return f"memory: each server --gpu-memory-utilization {half.gpu_memory_utilization:g}"
-    return f"memory: each server VLLM_CPU_KVCACHE_SPACE {kv_space(config) / 2:g} GiB"
+    return (f"memory: each server --kv-cache-memory-bytes {half_kv_bytes(config)} "
+            f"({kv_space(config) / 2:g} GiB of KV cache)")
 
 
 def distinct_ports(host: str, n: int) -> list[int]:
@@ -125,12 +126,19 @@ def kv_space(config: ServeConfig) -> float:
     return float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or config.kv_cache_gib)
 
 
+def half_kv_bytes(config: ServeConfig) -> int:
+    return int(kv_space(config) * 2**30 / 2)
+
+
 def server_spec(config: ServeConfig, build: dict[str, Any] | None, arm: Allocator, port: int) -> engines.ServerSpec:
-    """The launch of one server of a set: its port, its halved memory, its allocator's preload."""
+    """The launch of one server of a set: its port, its halved memory, its allocator's preload. vLLM's CPU build
+    reads VLLM_CPU_KVCACHE_SPACE as whole GiB (and lets it override the option), so there the half goes in
+    bytes through --kv-cache-memory-bytes."""
     cfg = dataclasses.replace(halved(config, build), port=port)
     spec = engines.build(cfg, "local")
     if cfg.engine == "vllm" and cfg.kv_cache_gib != config.kv_cache_gib:
-        spec.env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_space(config) / 2:g}"
+        spec.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        spec = dataclasses.replace(spec, argv=[*spec.argv, "--kv-cache-memory-bytes", str(half_kv_bytes(config))])
     return allocation.arm_spec(spec, arm, "local")
 
 
@@ -178,7 +186,7 @@ class ServeDuetSet:
     def run(self) -> ServeSet:
         try:
             self._measure()
-        except (ServerError, RequestError) as exc:
+        except (_Ended, ServerError, RequestError) as exc:
             self._fail(exc)
         except BaseException:
             self.status, self.ended_by = "interrupted", "interrupted"
