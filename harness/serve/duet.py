@@ -210,14 +210,17 @@ class ServeDuetSet:
 
     def _up_together(self) -> None:
         """Waits for every server at once (each one's start-up times its own), then checks each one's CPUs."""
-        with ThreadPoolExecutor(len(self.launches)) as pool:
-            futures = {name: pool.submit(self.session.await_ready, launch) for name, launch in self.launches.items()}
-            errors = []
+        pool = ThreadPoolExecutor(len(self.launches))
+        futures = {name: pool.submit(self.session.await_ready, launch) for name, launch in self.launches.items()}
+        errors = []
+        try:
             for name, future in futures.items():
                 try:
                     future.result()
                 except (ServerError, RequestError) as exc:
                     errors.append((name, exc))
+        finally:  # a Ctrl-C does not wait for the others: stopping the servers ends their waits
+            pool.shutdown(wait=False, cancel_futures=True)
         if errors:
             name, exc = errors[0]
             raise _Ended(name, exc)
