@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,16 +74,7 @@ class Duet:
 
 def step_log_ratios(windows: list[AllocWindow], label: str, baseline: str, key: str) -> dict[int, list[float]]:
     """Per set, the log ratio candidate/baseline of `key` in each step both measured (adjacent windows)."""
-    by_step: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
-    for w in windows:
-        value = w.value(key)
-        if value is not None and value > 0:
-            by_step[(w.set_index, w.step)][w.arm] = value
-    out: dict[int, list[float]] = defaultdict(list)
-    for (set_index, _), values in sorted(by_step.items()):
-        if label in values and baseline in values:
-            out[set_index].append(math.log(values[label] / values[baseline]))
-    return dict(out)
+    return stats.step_log_ratios(((w.set_index, w.step, w.arm, w.value(key)) for w in windows), label, baseline)
 
 
 def half_widths(duet: Duet, metric: str) -> dict[str, float]:

@@ -283,8 +283,9 @@ class ServeRequest(Record):
 
     Versions: serve-request/1 streamed records ended e2e_s and tpot_s after the usage chunk and [DONE];
     serve-request/2 end them at the last token event (vLLM's benchmark client), see `ends_at_stream_end`.
-    Fields a shape lacks are None: allocator and round outside an allocator comparison, failure_kind
-    unless the request failed, the timing fields unless it succeeded."""
+    Fields a shape lacks are None: allocator and round outside an allocator comparison, set_index, step and
+    position outside the duet design (its set, its step, negative for the warm-up step, and its place in the
+    step), failure_kind unless the request failed, the timing fields unless it succeeded."""
 
     FAMILY: ClassVar[str] = "serve-request"
     VERSION: ClassVar[int] = 2
@@ -303,6 +304,9 @@ class ServeRequest(Record):
     since_ready_s: float | None = None
     allocator: str | None = None
     round: int | None = None
+    set_index: int | None = None
+    step: int | None = None
+    position: int | None = None
     t_end_s: float | None = None
     status: str | None = None
     failure: str | None = None
@@ -392,6 +396,31 @@ class StartupRecord(Record):
         if not self.spawn_to_health_s or self.unaccounted_s is None:
             return None
         return max(0.0, 1.0 - self.unaccounted_s / self.spawn_to_health_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSet(Record):
+    """One set of `harness serve --design duet` (serve/sets.jsonl): one fresh server per arm, all up at once,
+    written when the set ends. `servers`: per server its number, allocator, start position, port, CPUs and
+    whether it was verified. `status`: ok (its warm requests count), failed (a server died, failed or was
+    not verified: never counted) or interrupted; `ended_by` says what ended it."""
+
+    FAMILY: ClassVar[str] = "serve-set"
+    VERSION: ClassVar[int] = 1
+
+    schema: str = "serve-set/1"
+    set_index: int
+    status: str
+    ended_by: str
+    failure: str | None = None
+    steps: int = 0  # measured steps (one warm request per server each) completed
+    started_at: str | None = None
+    wall_s: float | None = None
+    servers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def counted(self) -> bool:
+        return self.status in ("ok", "interrupted") and self.steps > 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,8 @@ pairs and a Wilcoxon signed-rank p-value.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -164,6 +165,22 @@ def _median_se2(values: np.ndarray) -> float:
     if scale == 0:
         scale = float(np.std(values, ddof=1))
     return (MEDIAN_EFFICIENCY * scale) ** 2 / values.size
+
+
+def step_log_ratios(values: Iterable[tuple[int, int, str, float | None]], name: str, baseline: str
+                    ) -> dict[int, list[float]]:
+    """Per set, the log ratio name/baseline in each step where both arms were measured: `values` holds
+    (set, step, arm, value) of every measurement (a duet window, a duet request); no value, or none above
+    zero, leaves its step out."""
+    by_step: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
+    for set_index, step, arm, value in values:
+        if value is not None and value > 0:
+            by_step[(set_index, step)][arm] = value
+    out: dict[int, list[float]] = defaultdict(list)
+    for (set_index, _), measured in sorted(by_step.items()):
+        if name in measured and baseline in measured:
+            out[set_index].append(math.log(measured[name] / measured[baseline]))
+    return dict(out)
 
 
 def compare_sets(log_ratios_by_set: Sequence[Sequence[float]], seed: int = 0) -> SetComparison:

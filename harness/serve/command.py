@@ -12,6 +12,7 @@ from harness.measure.options import Number, csv_list, default_out
 from harness.measure.signals import exit_code_of
 from harness.measure.stopping import parse_duration
 from harness.serve.config import (
+    DESIGNS,
     ENGINES,
     REQUEST_MODES,
     STOP_METRICS,
@@ -121,6 +122,10 @@ port_option = options.option("--port", default=D.port, type=click.IntRange(1, 65
 @options.max_rounds
 @click.option("--metric", default=D.metric, show_default=True, type=click.Choice(list(STOP_METRICS)),
               help="The per-server figure --target-ci applies to.")
+@click.option("--design", type=click.Choice(DESIGNS), default=D.design, show_default=True,
+              help="With --allocators: sequential: rounds of one fresh server at a time; duet: sets of one fresh "
+                   "server per allocator up at once (each on its own CPUs, memory settings halved), warm requests "
+                   "alternating between them (--cold-starts: sets, --warm-requests: steps per set), a CI over sets.")
 @click.option("--profile-startup", is_flag=True,
               help="Sample the server's Python stacks (py-spy dump) from spawn to /health and name what it "
                    "does in each silent stretch of its log (needs root or ptrace_scope 0).")

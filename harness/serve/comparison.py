@@ -280,17 +280,26 @@ def outlier_lines(startups: list[StartupRecord], factor: float = 3.0, floor_s: f
     return out
 
 
-def section(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str], baseline: str,
-            stop: dict[str, Any] | None = None) -> list[str]:
-    """The 'Allocators' section of first_token_latency.md (`stop`: the stop of an open-ended comparison)."""
-    rs = rows(startups, requests, order, baseline)
+def intro_line(startups: list[StartupRecord], order: list[str], baseline: str) -> str:
+    """How the sequential comparison was made."""
     rounds = len({s.round for s in startups})
-    out = ["## Allocators", "",
-           f"{', '.join(order)}: {rounds} round(s), one fresh server per allocator each, the order rotated every "
-           "round. Per server: its start-up, the cold request, the median of its warm requests and its memory "
-           "peaks; per allocator: the median over its servers (95 % bootstrap CI); against "
-           f"{baseline}: the ratio of medians with a 95 % bootstrap CI (servers resampled within each "
-           "allocator) and a two-sided Mann–Whitney p-value, as `harness alloc` computes them.", "",
+    return (f"{', '.join(order)}: {rounds} round(s), one fresh server per allocator each, the order rotated every "
+            "round. Per server: its start-up, the cold request, the median of its warm requests and its memory "
+            "peaks; per allocator: the median over its servers (95 % bootstrap CI); against "
+            f"{baseline}: the ratio of medians with a 95 % bootstrap CI (servers resampled within each "
+            "allocator) and a two-sided Mann–Whitney p-value, as `harness alloc` computes them.")
+
+
+ROUNDS_NARROW = "more rounds would narrow it: --cold-starts, --target-ci"
+
+
+def section(startups: list[StartupRecord], requests: list[ServeRequest], order: list[str], baseline: str,
+            stop: dict[str, Any] | None = None, rs: list[Row] | None = None, intro: list[str] | None = None,
+            more: str = ROUNDS_NARROW) -> list[str]:
+    """The 'Allocators' section of first_token_latency.md (`stop`: the stop of an open-ended comparison; `rs`,
+    `intro`, `more`: another design's rows, its paragraphs and what would narrow its CIs)."""
+    rs = rows(startups, requests, order, baseline) if rs is None else rs
+    out = ["## Allocators", "", *(intro or [intro_line(startups, order, baseline), ""]),
            verification_line(startups), ""]
     for note in (stopping_line(stop), cache_line(startups)):
         if note:
@@ -316,7 +325,7 @@ def section(startups: list[StartupRecord], requests: list[ServeRequest], order: 
             if r.metric.key == key and r.comparison is not None and r.allocator not in empty \
                     and baseline not in empty:
                 verdicts.append("- " + stats.verdict(r.allocator, baseline, r.comparison, r.metric.label,
-                                                     more="more rounds would narrow it: --cold-starts, --target-ci"))
+                                                     more=more))
     if verdicts:
         out += ["Verdicts:", "", *verdicts, ""]
     out += [f"Per allocator and metric: `{CSV_FILE.split('/')[-1]}`; warm TTFT and TPOT by allocator: "
@@ -369,9 +378,9 @@ def plot(results: ResultsDir, startups: list[StartupRecord], requests: list[Serv
 
 
 def write(results: ResultsDir, startups: list[StartupRecord], requests: list[ServeRequest], order: list[str],
-          baseline: str) -> list[Row]:
-    """The CSV and the plot; returns the rows."""
-    rs = rows(startups, requests, order, baseline)
+          baseline: str, rs: list[Row] | None = None) -> list[Row]:
+    """The CSV and the plot; returns the rows (`rs`: another design's)."""
+    rs = rows(startups, requests, order, baseline) if rs is None else rs
     results.write_csv(CSV_FILE, CSV_COLUMNS, [r.csv() for r in rs])
     plot(results, startups, requests, order)
     return rs

@@ -16,6 +16,7 @@ from harness.measure.allocators import Allocator, AllocatorError, parse_allocato
 ENGINES = ("vllm", "transformers", "custom")
 REQUEST_MODES = ("stream", "plain")
 COMPILE_CACHES = ("fresh", "shared")
+DESIGNS = ("sequential", "duet")  # --allocators: per-server rounds, or sets of servers up at once
 DEFAULT_VLLM_PYTHON = str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
 DEFAULT_PROMPT = "Explain NUMA-aware inference in 2 short bullet points."
 # --metric of an open-ended allocator comparison -> the per-server figure its ratio CI is taken on.
@@ -82,6 +83,9 @@ class ServeConfig:
     max_time_s: float | None = None
     max_rounds: int | None = None
     metric: str = DEFAULT_STOP_METRIC
+    # sequential: rounds of one server per allocator at a time; duet: sets of one server per allocator, all up at
+    # once, warm requests alternating between them (cold_starts: sets, warm_requests: steps per set).
+    design: str = "sequential"
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -138,6 +142,8 @@ class ServeConfig:
 
     def _validate_allocators(self) -> None:
         if not self.allocators:
+            if self.design != "sequential":
+                raise ConfigError("--design duet compares allocators: add --allocators")
             if self.allocator_lib or self.allocator_env or self.open_ended or self.max_rounds is not None:
                 raise ConfigError("--allocator-lib, --allocator-env, --target-ci, --max-time and --max-rounds "
                                   "apply to an allocator comparison: add --allocators")
@@ -152,6 +158,25 @@ class ServeConfig:
         except AllocatorError as exc:
             raise ConfigError(str(exc)) from exc
         self._validate_stopping()
+        self._validate_design()
+
+    def _validate_design(self) -> None:
+        if self.design not in DESIGNS:
+            raise ConfigError(f"unknown --design {self.design!r} (choose from {', '.join(DESIGNS)})")
+        if self.design != "duet":
+            return
+        refused = [("needs at least two --allocators", len(self.allocators) < 2),
+                   ("runs its servers locally for now: use --runner local", self.runner == "docker"),
+                   ("gives each server its own free port: leave out --port", self.port is not None),
+                   ("has no idle gaps: leave out --idle-gaps", bool(self.idle_gaps)),
+                   ("starts its servers at once: leave out --profile-startup", self.profile_startup),
+                   ("needs --warm-requests 1 or more (its steps per set)", self.warm_requests < 1),
+                   ("measures streamed requests: leave out --request-mode plain", self.request_mode != "stream"),
+                   ("stops on a warm figure: --metric warm_tpot, warm_ttft or warm_e2e",
+                    self.open_ended and not self.metric.startswith("warm_"))]
+        for why, bad in refused:
+            if bad:
+                raise ConfigError(f"--design duet {why}")
 
     def _validate_stopping(self) -> None:
         if self.metric not in STOP_METRICS:

@@ -8,7 +8,7 @@ from pathlib import Path
 from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.stats import Summary, summarize
-from harness.serve import comparison, startup, timeline
+from harness.serve import comparison, duet_stats, startup, timeline
 from harness.serve.config import ServeConfig
 from harness.serve.timeline import Timeline
 
@@ -259,14 +259,21 @@ def write(results: ResultsDir, config: ServeConfig, requests: list[ServeRequest]
     if config.allocators:
         where = (f"{len({s.round for s in startups})} round(s) of {len(config.allocators)} fresh servers "
                  f"(one per allocator), runner {config.runner}")
+    if config.allocators and config.design == "duet":
+        where = (f"{len({s.round for s in startups})} set(s) of {len(config.allocators)} fresh servers up at once "
+                 f"(the duet design), runner {config.runner}")
     gaps = f", idle gaps {list(config.idle_gaps)} s" if config.idle_gaps else ""
     out += [f"{where}; {config.warm_requests} warm request(s) per server, max_tokens {config.max_tokens}, "
             f"mode {config.request_mode}{gaps}.", ""]
     if config.allocators and config.baseline:
         order = list(config.allocators)
-        comparison.write(results, startups, requests, order, config.baseline)
         stops = [e for e in results.read_jsonl(comparison.STOP_FILE) if e.get("event") == "stop"]
-        out += comparison.section(startups, requests, order, config.baseline, stops[-1] if stops else None)
+        stop = stops[-1] if stops else None
+        if config.design == "duet":
+            out += duet_stats.section(results, startups, requests, order, config.baseline, config.warm_requests, stop)
+        else:
+            comparison.write(results, startups, requests, order, config.baseline)
+            out += comparison.section(startups, requests, order, config.baseline, stop)
 
     out += ["## Cold vs warm wall time (as the seed's curl)", "",
             "| server | cold_req_real_s | warm_req_real_s | first/second |", "|---|---|---|---|"]

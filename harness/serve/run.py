@@ -29,13 +29,14 @@ from harness.measure.records import ServeEnd, ServeRequest, StartupRecord
 from harness.measure.results import ResultsDir
 from harness.measure.signals import Shielded
 from harness.measure.stopping import StopRule
-from harness.serve import allocation, comparison, engines, metrics, report, startup, timeline
+from harness.serve import allocation, comparison, duet, duet_stats, engines, metrics, report, startup, timeline
 from harness.serve.allocation import AllocatorMismatchError
 from harness.serve.client import RequestError, RequestResult, plain_request, stream_request, transport_reason
 from harness.serve.config import ServeConfig
 from harness.serve.runners import LocalServers, Server, ServerRunner
 from harness.serve.sampler import MemorySampler
 from harness.serve.server import (
+    Readiness,
     ServerDiedError,
     ServerError,
     WrongModelError,
@@ -93,6 +94,23 @@ def listening_pid(url: str) -> int | None:
     return min((pid for pid in listener_pids(parsed.port or 80) if pid is not None), default=None)
 
 
+@dataclass
+class Launch:
+    """One fresh server as the session starts, measures and stops it, and the start-up record it writes."""
+
+    k: int
+    spec: engines.ServerSpec
+    arm: Allocator | None
+    server: Server
+    runner: ServerRunner
+    rec: dict[str, Any]
+    t_spawn: float | None = None
+    t_ready: float | None = None
+    ready: Readiness | None = None
+    model: str = ""
+    profiler: StackSampler | None = None
+
+
 class _Session:
     """State of one run_serve call."""
 
@@ -110,6 +128,7 @@ class _Session:
         self.has_metrics = True  # switched off after the first scrape finds no TTFT histogram
         self.request_tags: dict[str, Any] = {"allocator": None}  # the arm of the server being measured
         self.failed_arms: dict[str, str] = {}  # allocator -> why its server did not run under it
+        self.server_build: dict[str, Any] | None = None  # the vLLM build the servers run (CPU or CUDA)
 
     # --- requests -----------------------------------------------------------------------------
     def one_request(self, client: httpx.Client, base_url: str, model: str, server: int, index: int, kind: str,
@@ -176,80 +195,107 @@ class _Session:
                    round_: int | None = None, position: int | None = None) -> None:
         """One fresh server: start, ready, (its allocator checked,) the request sequence, stop. Appends its
         start-up record whatever happens; raises ServerError / RequestError after recording a fault."""
+        launch = self.new_server(k, spec, arm, round_, position)
+        self.request_tags = {"allocator": launch.rec["allocator"], **({"round": round_} if arm is not None else {})}
+        try:
+            self.spawn(launch)
+            self.await_ready(launch)
+            self.request_sequence(launch.server.base_url, launch.model, k, launch.t_ready,
+                                  alive=lambda: launch.server.check_serving("the measured requests"))
+            launch.rec.update(status="ok", failure=None)
+        except (ServerError, RequestError) as exc:
+            self.record_fault(launch, exc)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: what this server measured so far is still its own
+            launch.rec.update(status="interrupted", failure="interrupted (Ctrl-C / SIGTERM)", fault="Interrupted")
+            raise
+        finally:
+            self.shut_down(launch)
+        if launch.server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
+            raise KeyboardInterrupt
+
+    def new_server(self, k: int, spec: engines.ServerSpec, arm: Allocator | None, round_: int | None = None,
+                   position: int | None = None, runner: ServerRunner | None = None) -> Launch:
+        """Server k, not started yet, and the start-up record it will write (`runner`: another than the
+        session's, as the duet design's, which places each server of a set)."""
         cfg = self.config
-        server = self.runner.server(k, spec, arm, self.results.path(f"serve/server-{k}.log"))
+        runner = runner or self.runner
+        server = runner.server(k, spec, arm, self.results.path(f"serve/server-{k}.log"))
         rec: dict[str, Any] = {"schema": "serve-startup/1", "server": k, "engine": cfg.engine,
                                "runner": cfg.runner, "argv": spec.argv, "started_at": _now_iso(),
                                "log": f"serve/server-{k}.log", "allocator": arm.name if arm else None}
         if arm is not None:
             rec.update(round=round_, position=position, allocator_library=arm.library, allocator_env=arm.env)
-        self.request_tags = {"allocator": rec["allocator"], **({"round": round_} if arm is not None else {})}
-        ready = None
-        t_spawn: float | None = None
-        profiler: StackSampler | None = None
-        try:
-            under = f" under {arm.name}" if arm is not None else ""
-            self.log(f"server {k}: starting {cfg.engine}{under}{self.runner.where(arm)} on {cfg.host}:{cfg.port}")
-            t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
-            server.start()
-            rec["pid"] = server.pid
-            self.runner.started(server, rec, self.sampler)
-            if cfg.profile_startup and server.pid:
-                profiler = StackSampler(server.pid, server.t_spawn, self.results.path(startup.stacks_file(k)),
-                                        hz=cfg.stack_hz).start()
-                if profiler.reason:
-                    self.log(f"server {k}: no start-up stacks: {profiler.reason}")
-            ready = server.wait_ready(cfg.health_timeout_s, spec.served_model)
-            t_ready = self.sampler.mark(f"s{k} ready", "ready")
-            self._stop_profiler(profiler, k)
-            model = spec.served_model or ready.models[0]
-            pids = server.pids()
-            maps = mapped_allocators(pids)
-            rec.update(spawn_to_health_s=ready.health_s, spawn_to_models_s=ready.models_s,
-                       models=ready.models, allocators_mapped=maps, processes=process_facts(pids),
-                       server_preload=cfg.server_preload,
-                       preload_verified=preload_verified(cfg.server_preload, maps))
-            self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
-            if arm is not None:
-                self._check_allocator(k, arm, server, pids, rec)
-            self.request_sequence(server.base_url, model, k, t_ready,
-                                  alive=lambda: server.check_serving("the measured requests"))
-            rec.update(status="ok", failure=None)
-        except ServerError as exc:
+        return Launch(k, spec, arm, server, runner, rec)
+
+    def spawn(self, launch: Launch) -> None:
+        """Starts the server (in the calling thread: the server dies with it) and, if asked, its stack sampler."""
+        cfg, k, arm, server = self.config, launch.k, launch.arm, launch.server
+        under = f" under {arm.name}" if arm is not None else ""
+        self.log(f"server {k}: starting {cfg.engine}{under}{launch.runner.where(arm)} on "
+                 f"{cfg.host}:{getattr(server, 'port', cfg.port)}")
+        launch.t_spawn = self.sampler.mark(f"s{k} spawn", "spawn")
+        server.start()
+        launch.rec["pid"] = server.pid
+        launch.runner.started(server, launch.rec, self.sampler)
+        if cfg.profile_startup and server.pid:
+            launch.profiler = StackSampler(server.pid, server.t_spawn, self.results.path(startup.stacks_file(k)),
+                                           hz=cfg.stack_hz).start()
+            if launch.profiler.reason:
+                self.log(f"server {k}: no start-up stacks: {launch.profiler.reason}")
+
+    def await_ready(self, launch: Launch) -> None:
+        """/health 200 and /v1/models, what the tree maps, and (in a comparison) its allocator checked."""
+        k, server, rec = launch.k, launch.server, launch.rec
+        launch.ready = ready = server.wait_ready(self.config.health_timeout_s, launch.spec.served_model)
+        launch.t_ready = self.sampler.mark(f"s{k} ready", "ready")
+        self._stop_profiler(launch.profiler, k)
+        launch.model = launch.spec.served_model or ready.models[0]
+        pids = server.pids()
+        maps = mapped_allocators(pids)
+        rec.update(spawn_to_health_s=ready.health_s, spawn_to_models_s=ready.models_s,
+                   models=ready.models, allocators_mapped=maps, processes=process_facts(pids),
+                   server_preload=self.config.server_preload,
+                   preload_verified=preload_verified(self.config.server_preload, maps))
+        self.log(f"server {k}: /health 200 after {ready.health_s:.1f} s")
+        if launch.arm is not None:
+            self._check_allocator(k, launch.arm, server, pids, rec)
+
+    def record_fault(self, launch: Launch, exc: Exception) -> None:
+        """The fault that ended the server's measurement, into its start-up record."""
+        rec = launch.rec
+        if isinstance(exc, ServerError):
             rec.update(status="failed", failure=str(exc), exit_code=exc.server_exit_code,
                        exit=describe_exit(exc.server_exit_code) if exc.server_exit_code is not None else None,
                        log_tail=exc.log_tail, fault=type(exc).__name__)
-            raise
-        except RequestError as exc:
-            rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=server.log_tail(15))
-            raise
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: what this server measured so far is still its own
-            rec.update(status="interrupted", failure="interrupted (Ctrl-C / SIGTERM)", fault="Interrupted")
-            raise
-        finally:
-            self._stop_profiler(profiler, k)
-            first = self._first_token_s(k, t_spawn)
-            if first is not None:  # measured by its cold request, however the server's sequence ended
-                rec["spawn_to_first_token_s"] = first
-            t_stop = self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
-            server.stop(log=self.log)
-            if t_spawn is not None:
-                rec["memory_peaks"] = timeline.peaks(self.sampler.rows, t_spawn, t_stop)
-            new_caches = self.runner.finished(server, rec, self.sampler)  # started with empty compile caches
-            rec.setdefault("exit_code", server.exit_code)
-            rec["stopped_exit"] = describe_exit(server.exit_code)
-            samples = startup.stacks.load(self.results.root / startup.stacks_file(k)) if profiler else []
-            analysis = startup.analyse(server.lines, ready.health_s if ready else server.since_spawn(), samples,
-                                       profiler.reason if profiler else "not asked for (--profile-startup)")
-            vllm_cache = cfg.compile_cache if cfg.engine == "vllm" else None
-            rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
-                                                "triton": ("fresh" if new_caches else "shared") if vllm_cache
-                                                else None})
-            typed = StartupRecord.load(rec)  # the record as built, through the model
-            self.results.append_record(STARTUP_FILE, typed)
-            self.startups.append(typed)
-        if server.stop_signalled:  # Ctrl-C / SIGTERM while a finished server was stopped: stop here
-            raise KeyboardInterrupt
+        elif isinstance(exc, RequestError):
+            rec.update(status="failed", failure=str(exc), fault=exc.kind, log_tail=launch.server.log_tail(15))
+
+    def shut_down(self, launch: Launch) -> None:
+        """Stops the server and appends its start-up record, with the analysis of its log."""
+        cfg, k, server, rec, ready = self.config, launch.k, launch.server, launch.rec, launch.ready
+        profiler = launch.profiler
+        self._stop_profiler(profiler, k)
+        first = self._first_token_s(k, launch.t_spawn)
+        if first is not None:  # measured by its cold request, however the server's sequence ended
+            rec["spawn_to_first_token_s"] = first
+        t_stop = self.sampler.mark(f"s{k} stop", "stop")  # the serving window ends when the stop is asked
+        server.stop(log=self.log)
+        if launch.t_spawn is not None:
+            rec["memory_peaks"] = timeline.peaks(self.sampler.rows, launch.t_spawn, t_stop)
+        new_caches = launch.runner.finished(server, rec, self.sampler)  # started with empty compile caches
+        rec.setdefault("exit_code", server.exit_code)
+        rec["stopped_exit"] = describe_exit(server.exit_code)
+        samples = startup.stacks.load(self.results.root / startup.stacks_file(k)) if profiler else []
+        analysis = startup.analyse(server.lines, ready.health_s if ready else server.since_spawn(), samples,
+                                   profiler.reason if profiler else "not asked for (--profile-startup)")
+        vllm_cache = cfg.compile_cache if cfg.engine == "vllm" else None
+        rec.update(analysis, compile_cache={"mode": vllm_cache, "use": analysis.pop("compile_cache_use"),
+                                            "triton": ("fresh" if new_caches else "shared") if vllm_cache
+                                            else None})
+        typed = StartupRecord.load(rec)  # the record as built, through the model
+        self.results.append_record(STARTUP_FILE, typed)
+        self.startups.append(typed)
 
     def _first_token_s(self, k: int, t_spawn: float | None) -> float | None:
         """Spawn → first token of server `k`: from its cold request, once that was measured."""
@@ -334,6 +380,18 @@ class _Session:
         return comparison.ServeStopper(rule, self.results, [a.name for a in arms], cfg.baseline, self.requests,
                                        on_check=on_check)
 
+    def compare_duet(self, arms: list[Allocator]) -> str | None:
+        """Sets of one server per arm up at once, warm requests alternating (harness.serve.duet)."""
+        cfg = self.config
+        rule: allocation.FixedRounds | duet_stats.DuetServeStopper = allocation.FixedRounds(cfg.cold_starts)
+        if cfg.open_ended:
+            assert cfg.baseline is not None
+            stop = StopRule(target=cfg.target_ci, metric=cfg.metric, max_time_s=cfg.max_time_s,
+                            min_rounds=cfg.cold_starts, max_rounds=cfg.max_rounds)
+            rule = duet_stats.DuetServeStopper(stop, self.results, [a.name for a in arms], cfg.baseline,
+                                               self.requests, on_check=duet_stats.on_check_line(self.log))
+        return duet.run_sets(self, arms, rule, self.server_build)
+
     def _stop_profiler(self, profiler: StackSampler | None, k: int) -> None:
         if profiler is None or not profiler.running:
             return
@@ -390,6 +448,7 @@ def choose_runner(config: ServeConfig) -> RunnerChoice:
     local_only = ("attached to a running server (--url): nothing is started" if config.attach
                   else f"the docker runner serves --engine vllm only, not {config.engine}" if config.engine != "vllm"
                   else "--allocator-lib or --server-preload names libraries of this host" if host_libraries
+                  else "the duet design (--design duet) runs its servers locally for now" if config.design == "duet"
                   else None)
 
     def docker_usable() -> tuple[bool, str]:
@@ -484,12 +543,15 @@ def _run(config: ServeConfig, results: ResultsDir, spec: engines.ServerSpec | No
     extra.update(runner.environment(log))
     results.write_record("serve/environment.json", environment.collect(extra))
     session = _Session(config, results, log, runner)
+    session.server_build = extra.get("server_vllm")
     error = None
     code = EXIT_OK
     session.sampler.start()
     try:
         if spec is None:
             session.attach()
+        elif arms and config.design == "duet":
+            error = session.compare_duet(arms)
         elif arms:
             error = session.compare_allocators(spec, arms, session.stopping_rule(arms))
         else:

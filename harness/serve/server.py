@@ -289,6 +289,7 @@ class LocalServer(ReadinessMixin):
     exit_code: int | None = None
     stop_signalled: int | None = None  # a SIGINT/SIGTERM that arrived while stopping (it killed at once)
     watchdog: lifetime.GroupWatchdog | None = None  # kills the group if this process dies before stop()
+    cpus: tuple[int, ...] | None = None  # the CPUs the server tree may run on (None: this process's)
 
     @property
     def pid(self) -> int | None:
@@ -303,11 +304,22 @@ class LocalServer(ReadinessMixin):
         try:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=lifetime.owned_env(self.env),
-                                         start_new_session=True, preexec_fn=lifetime.dies_with_me())
+                                         start_new_session=True, preexec_fn=self._preexec())
         except OSError as exc:
             raise ServerError(f"cannot start server {self.argv[0]!r}: {exc.strerror}") from exc
         self.watchdog = lifetime.GroupWatchdog(self.proc.pid)
         threading.Thread(target=self._pump, name="server-log", daemon=True).start()
+
+    def _preexec(self) -> Callable[[], None]:
+        """The child dies with this thread; with `cpus`, it runs on those CPUs only (its children inherit them)."""
+        dies, cpus = lifetime.dies_with_me(), self.cpus
+
+        def preexec() -> None:
+            dies()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        return preexec
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
