@@ -30,6 +30,7 @@ BENCH_ALLOC_TIME = "2m"
 BENCH_MEASURE_S = 3.0
 BENCH_MIN_ROUNDS = 3
 BENCH_DESIGN = "duet"
+BENCH_WINDOWS_PER_SET = 20  # shorter sets than alloc's default: more of them fit the budget (the CI is over sets)
 
 
 class OneLineErrors(click.Group):
@@ -148,7 +149,7 @@ def run_bench(model: str | None, device: str, runner: str, allocators: str, runs
         **options.defaults_of(alloc_command.alloc_command), "runner": runner, "model": model_name, "device": dev,
         "allocators": allocators, "runs": runs, "out": out, "target_ci": target_ci, "max_time": max_time,
         "design": design, "measure_s": BENCH_MEASURE_S if measure_s is None and design == "sequential" else measure_s,
-        "sets": runs if design == "duet" else None}))
+        "sets": runs if design == "duet" else None, "windows_per_set": BENCH_WINDOWS_PER_SET}))
     if isinstance(alloc_error, Interrupted):
         raise alloc_error
     serve_error = _error_of(lambda: run_serve(serve_command.config_from_options(**{
