@@ -127,3 +127,18 @@ def test_a_read_only_runs_jsonl_is_refused_before_a_resume_starts(tmp_path: Path
     assert str(failed.value) == (f"cannot append to {runs}: Operation not permitted; the record just measured is "
                                  f"kept in {runs}.unsaved; the records before it are kept")
     assert json.loads((tmp_path / "alloc/runs.jsonl.unsaved").read_text()) == {"round": 1}
+
+
+def test_serve_on_a_nearly_full_out_is_refused_before_anything_is_built(small_fs: Path) -> None:
+    """Refused in one line before the synthetic model is written or a server is started."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    _fill(small_fs, leave=2 * 2**20)
+    fake = Path(__file__).with_name("fake_openai_server.py")
+    result = CliRunner().invoke(main, ["serve", "--server-cmd", f"python {fake} --port {{port}}",
+                                       "--out", str(small_fs / "serve")])
+    assert result.exit_code == 2, result.output
+    assert "MiB free" in result.output and "Writing model shards" not in result.output
+    assert not [p for p in (small_fs / "serve").rglob("*") if p.name != ".lock"]
