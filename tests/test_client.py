@@ -242,3 +242,16 @@ def test_an_html_error_page_is_one_line_with_status_and_content_type(html_error_
     assert "\n" not in message and "\r" not in message and len(message) < 260, message
     assert message.startswith("HTTP 502 (text/html): <html> <head><title>502 Bad Gateway</title></head> <body>")
     assert message.endswith("…") and err.value.status == 502
+
+
+@pytest.mark.fast
+def test_a_closing_chunk_with_the_usage_is_not_a_token() -> None:
+    """transformers serve ends its stream with an empty-text chunk that carries finish_reason and usage: the
+    token count then matches the usage; a last token that comes with the usage is still a token."""
+    from harness.serve.client import is_closing_chunk, is_token_event
+
+    closing = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": {"completion_tokens": 4}}
+    last = {"choices": [{"index": 0, "text": "w19", "finish_reason": "length"}], "usage": {"completion_tokens": 4}}
+    special = {"choices": [{"index": 0, "text": ""}]}  # an empty-text token (a special token) without usage
+    assert is_token_event(closing) and is_closing_chunk(closing)
+    assert not is_closing_chunk(last) and not is_closing_chunk(special) and is_token_event(special)

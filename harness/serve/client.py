@@ -10,7 +10,8 @@ vllm/benchmarks/lib/endpoint_request_func.py and serve.py), so that the two comp
 - A token event is an SSE event whose `choices` carry a token: a completions chunk with a `text` field
   (also "", as for a special token), or a chat delta with content other than the role-only opener
   (vLLM's chat client counts that opener as the first token; it carries none). The trailing usage chunk
-  (`choices: []`) and `[DONE]` are not token events. An event is timed when the read that completes it
+  (`choices: []`), a closing chunk that carries the usage with an empty text and a finish reason (transformers
+  serve's), and `[DONE]` are not token events. An event is timed when the read that completes it
   returns, before the client buffers, splits and parses it: the client's own work is not server time.
 - `ttft_s`: t0 to the first token event. `itl_s`: the gaps between consecutive token events.
 - `e2e_s`: t0 to the last token event (vLLM's request latency, its E2EL).
@@ -266,13 +267,21 @@ class _StreamState:
         if error:
             raise RequestError(f"the server reported an error after {len(self.times)} tokens: {error}",
                                "server_error")
-        if is_token_event(event):
+        if is_token_event(event) and not is_closing_chunk(event):
             self.times.append(arrival - t0)
             self.texts.append(event_text(event))
         for choice in event.get("choices") or []:
             self.finish = choice.get("finish_reason") or self.finish
         if event.get("usage"):
             self.usage = event["usage"]
+
+
+def is_closing_chunk(event: dict[str, Any]) -> bool:
+    """A chunk that ends the stream and carries the usage, with an empty text and a finish reason (transformers
+    serve sends one after its last token): no token of its own, so not timed as one."""
+    choices = event.get("choices") or []
+    return bool(event.get("usage")) and bool(choices) and all(
+        c.get("text") == "" and c.get("finish_reason") for c in choices)
 
 
 def stream_request(client: httpx.Client, base_url: str, model: str, prompt: str | list[int], max_tokens: int,
