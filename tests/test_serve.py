@@ -602,8 +602,10 @@ def test_server_cmd_keeps_literal_braces(tmp_path: Path, model_cache: str) -> No
 @pytest.mark.parametrize("args, message", [
     (["--server-cmd", "python server.py --port {port} 'unbalanced"], "--server-cmd: No closing quotation"),
     (["--url", "127.0.0.1:8000"], "--url must start with http:// or https://"),
-    (["--health-timeout", "-1", "--server-cmd", "x {port}"], "--health-timeout must be positive"),
-    (["--request-timeout", "0", "--server-cmd", "x {port}"], "--request-timeout must be positive"),
+    (["--health-timeout", "-1", "--server-cmd", "x {port}"],
+     "Invalid value for '--health-timeout': -1.0 is not in the range x>0"),
+    (["--request-timeout", "0", "--server-cmd", "x {port}"],
+     "Invalid value for '--request-timeout': 0.0 is not in the range x>0"),
 ])
 def test_bad_serve_options_give_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     code, text = _run_serve_cli([*args, "--out", str(tmp_path / "r")], tmp_path)
