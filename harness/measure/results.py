@@ -95,7 +95,21 @@ class ResultsDir:
             where = exc.filename or self.root
             raise ResultsError(f"output directory {str(self.root)!r} cannot be written ({where}: "
                                f"{exc.strerror}): make it writable or choose another --out") from exc
-        free = os.statvfs(self.root).f_bavail * os.statvfs(self.root).f_frsize
+        self._check_free(self.root)
+
+    def check_room(self) -> None:
+        """ensure_writable's checks where they can be made without creating the directory: its nearest existing
+        parent is writable and has room (before a command builds anything it would have to clean up)."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not os.access(existing, os.W_OK):
+            raise ResultsError(f"output directory {str(self.root)!r} cannot be written ({existing}: permission "
+                               "denied): make it writable or choose another --out")
+        self._check_free(existing)
+
+    def _check_free(self, where: Path) -> None:
+        free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
         if free < MIN_FREE_BYTES:
             raise ResultsError(f"output directory {str(self.root)!r} has only {free / 2**20:.1f} MiB free (a run "
                                f"needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB for its records, reports and "

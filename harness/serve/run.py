@@ -471,9 +471,9 @@ def run_serve(config: ServeConfig, log: Callable[[str], None] = _stderr) -> Serv
     if config.port is None and not config.attach:  # a free port: no other server answers in this run's place
         config = dataclasses.replace(config, port=free_port(config.host))
     results = ResultsDir(config.out)
-    results.ensure_writable()  # before anything is built or started (a synthetic model is written to disk)
-    results.lock()  # another command writing the same directory would mix two runs' results
+    results.check_room()  # before anything is built (a synthetic model is written to disk) or created
     spec = None if config.attach else engines.build(config, choice.kind)
+    results.lock()  # another command writing the same directory would mix two runs' results
     if requested == "auto" and not config.attach:  # said once the command line proved usable
         log(choice.line())
     for left in lifetime.leftovers():  # what a harness killed hard left running (it may hold memory or a port)
