@@ -113,7 +113,8 @@ model_option = options.option(
 device_option = options.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 DEFAULT_ALLOCATORS = "glibc,jemalloc"
 runs_option = options.option("--runs", default=5, show_default=True, type=click.IntRange(1),
-                             help="Measured runs per allocator; with --target-ci, the rounds before its first check.")
+                             help="sequential: measured runs per allocator; with --target-ci, the rounds before its "
+                                  "first check.")
 measure_s_option = options.option(
     "--measure-s", default=None, type=options.Number(0, min_open=True), metavar="S",
     help="The measured window in seconds instead: warm generates until S seconds of generation are "
@@ -139,9 +140,9 @@ design_option = options.option(
 @options.allocator_env()
 @runs_option()
 @click.option("--warmup-runs", default=1, show_default=True, type=click.IntRange(0),
-              help="Discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
+              help="sequential: discarded warm-up runs per allocator (page cache, bytecode) before measuring.")
 @click.option("--warm-gens", default=None, type=click.IntRange(1),
-              help="Warm generate calls per run after the cold one; gen_latency_s is their median "
+              help="Warm generate calls per run after the cold one (duet: per window); gen_latency_s is their median "
                    f"[default: {alloc.DEFAULT_WARM_GENS}].")
 @measure_s_option()
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
