@@ -115,7 +115,7 @@ def rebuild_duet(results: ResultsDir) -> bool:
 @alloc_command.device_option()
 @options.runner(help="Runner of both experiments (probes and the server): " + options.RUNNER_HELP)
 @options.allocators(alloc_command.DEFAULT_ALLOCATORS, "The allocator part's allocators (as alloc --allocators).")
-@alloc_command.runs_option(default=BENCH_MIN_ROUNDS, help="Allocator rounds (duet: sets) before the first precision check.")
+@alloc_command.runs_option(default=BENCH_MIN_ROUNDS, help="Allocator sets (duet) or rounds before the first check.")
 @options.target_ci(default=alloc_report.PRECISION_TARGET * 100, show_default=True,
                    help="The allocator part stops once every ratio CI is ±PCT % wide or narrower, or --alloc-time "
                         "is up.")
