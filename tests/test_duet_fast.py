@@ -308,3 +308,21 @@ def test_fewer_cpus_than_arms_share_the_cpus_asked_for(tmp_path: Path) -> None:
     _run(config, runner, tmp_path)
     assert {r.placement.cpus for r in runner.requests} == {(3, 5)}  # --affinity is kept, never dropped
     assert "fewer CPUs than arms" in duet_report.design_line(_loaded(tmp_path))
+
+
+def test_a_cut_last_window_line_is_skipped_and_resume_goes_on(tmp_path: Path) -> None:
+    """A crash mid-append leaves half a line: the windows before it still load, the report says so, and
+    --resume appends after it without losing or miscounting anything."""
+    runner = SessionRunner()
+    config = _config(runner, ["glibc", "jemalloc"], sets=1, steps=3)
+    _run(config, runner, tmp_path)
+    before = len(_windows(tmp_path))
+    with open(tmp_path / duet.WINDOWS_FILE, "a") as fh:
+        fh.write('{"schema": "alloc-window/1", "set_index": 1, "st')  # cut short
+    results = ResultsDir(tmp_path)
+    assert len(results.read_records(duet.WINDOWS_FILE, AllocWindow)) == before
+    assert results.skipped_note(duet.WINDOWS_FILE)
+    sets = _run(alloc.AllocConfig(**{**config.__dict__, "sets": 2}), SessionRunner(), tmp_path, resume=True)
+    assert [s.set_index for s in sets] == [0, 1] and all(s.counted for s in sets)
+    assert len(results.read_records(duet.WINDOWS_FILE, AllocWindow)) == before + 2 * 4
+    assert {w.set_index for w in _loaded(tmp_path).counted} == {0, 1}
